@@ -1,0 +1,34 @@
+# `make run`: the pipeline on the embedded default. `make test`: set-up, then the suite.
+# Both build .venv from nothing on a fresh machine and reuse it afterwards.
+PYTHON ?= python3
+VENV   := .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.installed
+
+.PHONY: run test test-fast bench lock clean
+
+$(STAMP): requirements/cpu.txt pyproject.toml tools/tvfix.py
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --disable-pip-version-check -r requirements/cpu.txt
+	$(PY) -m pip install -q --disable-pip-version-check --no-deps --no-build-isolation -e .
+	$(PY) tools/tvfix.py install
+	touch $(STAMP)
+
+run: $(STAMP)
+	$(VENV)/bin/parapipe run --out runs/default
+
+test: $(STAMP)
+	$(PY) -m pytest -q
+
+test-fast: $(STAMP)
+	$(PY) -m pytest -q -m "not slow"
+
+bench: $(STAMP)
+	$(PY) benchmarks/sampler.py
+
+lock: $(STAMP)
+	(echo "# CPU lock for the embedded default: pip freeze of a working venv (make lock regenerates it)."; \
+	 $(PY) -m pip freeze --exclude-editable | grep -vi '^parapipe') > requirements/cpu.txt
+
+clean:
+	rm -rf $(VENV) runs .pytest_cache

@@ -1,0 +1,287 @@
+"""Parallel text + image decoding with dual schedulers, its sequential baseline, and LLaDA text mode.
+
+Parallel (paper §3, upstream-facts §3.1-3.2): one shared timeline of S steps, one forward pass
+over the whole sequence per step. Text unmasks on a linear schedule in semi-autoregressive blocks
+with low-confidence remasking; on a subset of steps (from S//4 to S-1) the image is re-predicted
+MaskGIT-style and the least confident codes are re-masked along a cosine schedule. Because
+attention is bidirectional, every step's text sees the partial image and vice versa.
+Sequential: text to completion first, then the image conditioned on the finished text.
+Unlike upstream, the last image step re-masks nothing, so no image slot is left masked.
+Randomness comes only from the `generator` argument: same seed, same samples.
+Shapes: B rows (prompts x samples), M output length, N image slots, T text slots, V vocab.
+"""
+import math
+from dataclasses import dataclass, field
+
+import torch
+
+from model.layout import IMAGE, TEXT, OutputShape, left_pad, output_regions, output_template
+from model.tokens import Vocab
+
+
+@dataclass(frozen=True)
+class SamplerConfig:
+    """Knobs of the parallel / sequential sampler (defaults follow the released PM inference)."""
+
+    steps: int = 128
+    """S: text steps on the shared timeline, one conditional forward pass each."""
+    image_steps: int = 30
+    """Image decoding events placed on the timeline (parallel) or run after the text (sequential)."""
+    image_start: float = 0.25
+    """Parallel mode: first image step at floor(S * image_start) (S//4 upstream)."""
+    text_block_length: int = 32
+    """Semi-autoregressive block length; set it to the text length for one global block."""
+    text_temperature: float = 0.0
+    """Gumbel temperature of text token choice; 0 is greedy."""
+    image_temperature: float = 1.0
+    """Temperature of image code sampling; 0 is greedy."""
+    image_noise: float = 1.0
+    """Scale of the annealed Gumbel jitter on image confidences before re-masking."""
+    text_cfg: float = 0.0
+    """Guidance scale on text logits: u + (w + 1)(c - u). 0 costs no extra pass."""
+    image_cfg: float = 0.0
+    """Guidance scale on image logits; extra passes only on image steps."""
+    text_remasking: str = "low_confidence"
+    """low_confidence (keep the most confident predictions) or random."""
+    mode: str = "parallel"
+    """parallel (joint timeline) or sequential (text first, then image)."""
+
+    def __post_init__(self):
+        if self.mode not in ("parallel", "sequential"):
+            raise ValueError(f"SamplerConfig.mode={self.mode!r}; use 'parallel' or 'sequential'")
+        if self.text_remasking not in ("low_confidence", "random"):
+            raise ValueError(f"SamplerConfig.text_remasking={self.text_remasking!r}; use 'low_confidence' or 'random'")
+        if self.steps < 1 or self.image_steps < 1:
+            raise ValueError(f"steps={self.steps} and image_steps={self.image_steps} must be >= 1")
+        if self.mode == "parallel" and self.image_steps > self.steps:
+            raise ValueError(f"image_steps={self.image_steps} > steps={self.steps}: in parallel mode "
+                             f"image steps sit on the text timeline; lower image_steps or raise steps")
+
+
+# ---------------------------------------------------------------------------------------------
+# schedules (pure)
+
+def transfer_counts(n_masked: int, steps: int) -> list[int]:
+    """LLaDA even split: n // steps per step, +1 on the first n % steps steps (sums to n)."""
+    base, rem = divmod(n_masked, steps)
+    return [base + (1 if i < rem else 0) for i in range(steps)]
+
+
+def text_schedule(text_tokens: int, block_length: int, steps: int) -> list[tuple[int, int]]:
+    """Per step: (block index, tokens to unmask). Blocks are decoded left to right."""
+    if text_tokens % block_length:
+        raise ValueError(f"text length {text_tokens} is not a multiple of text_block_length={block_length}")
+    n_blocks = text_tokens // block_length
+    if steps % n_blocks:
+        raise ValueError(f"steps={steps} is not a multiple of the {n_blocks} text blocks; "
+                         f"choose steps divisible by text_tokens / text_block_length")
+    per_block = steps // n_blocks
+    return [(b, c) for b in range(n_blocks) for c in transfer_counts(block_length, per_block)]
+
+
+def image_step_indices(steps: int, image_steps: int, start: int) -> list[int]:
+    """Distinct timeline steps that decode the image: round(linspace(start, S-1, image_steps))."""
+    grid = torch.linspace(start, steps - 1, image_steps, dtype=torch.float64).round().long()
+    return sorted(set(grid.tolist()))
+
+
+def image_keep_count(n_image: int, ratio: float, unknown: int, last: bool) -> int:
+    """Image slots left masked after a step: floor(N cos(pi/2 r)) clamped to [1, unknown-1].
+
+    The final image step keeps 0 (upstream keeps 1 and fills it with a random code).
+    """
+    if last or unknown <= 1:
+        return 0
+    return max(1, min(unknown - 1, math.floor(n_image * math.cos(math.pi / 2 * ratio))))
+
+
+def add_gumbel_noise(logits: torch.Tensor, temperature: float, generator: torch.Generator | None) -> torch.Tensor:
+    """LLaDA's Gumbel-max in float64: exp(l) / (-log u)^T; argmax of it samples softmax(l / T)."""
+    if temperature == 0:
+        return logits
+    logits = logits.to(torch.float64)
+    u = torch.rand(logits.shape, generator=generator, device=logits.device, dtype=torch.float64)
+    return logits.exp() / (-torch.log(u)) ** temperature
+
+
+def _gumbel(shape, generator, device) -> torch.Tensor:
+    u = torch.rand(shape, generator=generator, device=device).clamp(1e-20, 1 - 1e-7)
+    return -torch.log(-torch.log(u))
+
+
+# ---------------------------------------------------------------------------------------------
+# steps (pure given logits)
+
+def unmask_text(x: torch.Tensor, logits: torch.Tensor, allowed: torch.Tensor, k: int, mask_id: int,
+                temperature: float, remasking: str, generator: torch.Generator | None) -> torch.Tensor:
+    """Commits the k best predictions among the allowed masked slots of each row.
+
+    x (B, T) ids; logits (B, T, V); allowed (T,) bool (the current block). Returns new x.
+    """
+    if k == 0:
+        return x
+    x0 = add_gumbel_noise(logits, temperature, generator).argmax(-1)  # (B, T)
+    if remasking == "low_confidence":
+        p = torch.softmax(logits.to(torch.float64), dim=-1)
+        conf = p.gather(-1, x0[..., None]).squeeze(-1)  # (B, T)
+    else:
+        conf = torch.rand(x0.shape, generator=generator, device=x.device, dtype=torch.float64)
+    eligible = (x == mask_id) & allowed[None]
+    conf = conf.masked_fill(~eligible, -math.inf)
+    idx = conf.topk(k, dim=-1).indices  # (B, k)
+    return x.scatter(1, idx, x0.gather(1, idx))
+
+
+def decode_image(codes: torch.Tensor, logits: torch.Tensor, keep: int, ratio: float, cfg: SamplerConfig,
+                 generator: torch.Generator | None) -> torch.Tensor:
+    """One MaskGIT step over image codes.
+
+    codes (B, N) with -1 at masked slots; logits (B, N, K) over the codebook. Samples every
+    masked slot, then re-masks the `keep` least confident of them. Returns new codes.
+    """
+    B, N, K = logits.shape
+    known = codes >= 0
+    logp = torch.log_softmax(logits.float(), dim=-1)  # (B, N, K)
+    if cfg.image_temperature > 0:
+        probs = torch.softmax(logits.float() / cfg.image_temperature, dim=-1)
+        sampled = torch.multinomial(probs.view(-1, K), 1, generator=generator).view(B, N)
+    else:
+        sampled = logits.argmax(-1)
+    sampled = torch.where(known, codes, sampled)
+    conf = logp.gather(-1, sampled[..., None]).squeeze(-1)  # (B, N)
+    conf = conf + cfg.image_noise * (1 - ratio) * _gumbel(conf.shape, generator, conf.device)
+    conf = conf.masked_fill(known, math.inf)
+    if keep > 0:
+        remask = conf.topk(keep, dim=-1, largest=False).indices  # (B, keep)
+        sampled = sampled.scatter(1, remask, -1)
+    return sampled
+
+
+# ---------------------------------------------------------------------------------------------
+# the samplers
+
+@dataclass
+class SampleResult:
+    tokens: torch.Tensor
+    """(B, M) finished output parts (ids in the joint vocabulary)."""
+    snapshots: dict[int, torch.Tensor] = field(default_factory=dict)
+    """step -> (B, M) output part after that step (steps counted over the whole run)."""
+    nfe: int = 0
+    """Forward passes per row, unconditional ones included."""
+
+
+class _Forward:
+    """Runs the model on prompt + output part; joins cond and uncond rows in one pass."""
+
+    def __init__(self, model, prompts, uncond_prompts, pad_id: int, M: int):
+        self.model, self.M = model, M
+        dev = next(model.parameters()).device
+        rows = prompts + (uncond_prompts or [])
+        ids, mask = left_pad(rows, pad_id)
+        self.ids, self.mask, self.B = ids.to(dev), mask.to(dev), len(prompts)
+
+    @torch.no_grad()
+    def __call__(self, y: torch.Tensor, with_uncond: bool):
+        k = 2 if with_uncond else 1
+        ids = torch.cat([self.ids[:k * self.B], y.repeat(k, 1)], dim=1)
+        mask = torch.cat([self.mask[:k * self.B], torch.ones(ids.shape[0], self.M, dtype=torch.bool,
+                                                             device=ids.device)], dim=1)
+        logits = self.model(ids, mask, last_n=self.M).float()  # (k*B, M, V)
+        return (logits[:self.B], logits[self.B:]) if with_uncond else (logits, None)
+
+
+def _guided(c: torch.Tensor, u: torch.Tensor | None, w: float) -> torch.Tensor:
+    return c if u is None or w == 0 else u + (w + 1) * (c - u)
+
+
+@torch.no_grad()
+def generate(model, vocab: Vocab, shape: OutputShape, prompts: list[list[int]], cfg: SamplerConfig,
+             uncond_prompts: list[list[int]] | None = None, num_samples: int = 1,
+             generator: torch.Generator | None = None, record_steps: tuple[int, ...] = ()) -> SampleResult:
+    """Samples output parts (image + reasoning text) for B prompts x G samples each.
+
+    Args:
+        prompts: B prompt id lists (model.layout.edit_prompt / generation_prompt).
+        uncond_prompts: B unconditional prompts, needed when a CFG scale is > 0.
+        num_samples: G samples per prompt; rows are prompt-major (row = b * G + g).
+        record_steps: timeline steps after which to keep a copy of the output part.
+    Returns:
+        SampleResult with tokens (B*G, M).
+    """
+    if (cfg.text_cfg > 0 or cfg.image_cfg > 0) and uncond_prompts is None:
+        raise ValueError("text_cfg/image_cfg > 0 need uncond_prompts (see model.layout for building them)")
+    rep = lambda rows: [r for r in rows for _ in range(num_samples)]  # noqa: E731
+    prompts, uncond_prompts = rep(prompts), rep(uncond_prompts) if uncond_prompts else None
+    regions = torch.tensor(output_regions(shape))
+    img_cols, txt_cols = (regions == IMAGE).nonzero().squeeze(1), (regions == TEXT).nonzero().squeeze(1)
+    fwd = _Forward(model, prompts, uncond_prompts, vocab.pad_id, shape.length)
+    dev = fwd.ids.device
+    img_cols, txt_cols = img_cols.to(dev), txt_cols.to(dev)
+    y = torch.tensor(output_template(vocab, shape), device=dev).repeat(len(prompts), 1)  # (B, M)
+    codes = torch.full((len(prompts), shape.image_tokens), -1, dtype=torch.long, device=dev)  # (B, N)
+    text_plan = text_schedule(shape.text_tokens, min(cfg.text_block_length, shape.text_tokens), cfg.steps)
+    if cfg.mode == "parallel":
+        img_steps = image_step_indices(cfg.steps, cfg.image_steps, int(cfg.steps * cfg.image_start))
+        plan = [(text_plan[k], k in img_steps, (k + 1) / cfg.steps, k == img_steps[-1]) for k in range(cfg.steps)]
+    else:
+        J = cfg.image_steps
+        plan = [(t, False, 0.0, False) for t in text_plan] + [(None, True, (j + 1) / J, j == J - 1) for j in range(J)]
+    block_len = min(cfg.text_block_length, shape.text_tokens)
+    result = SampleResult(tokens=y)
+    for step, (text_step, image_step, ratio, last_image) in enumerate(plan):
+        uncond = (cfg.text_cfg > 0 and text_step is not None) or (cfg.image_cfg > 0 and image_step)
+        c, u = fwd(y, with_uncond=bool(uncond))
+        result.nfe += 2 if uncond else 1
+        if text_step is not None:
+            block, k = text_step
+            lt = _guided(c[:, txt_cols], None if u is None else u[:, txt_cols], cfg.text_cfg)  # (B, T, V)
+            lt = lt.clone()
+            lt[..., vocab.image_offset:] = -math.inf
+            lt[..., vocab.mask_id] = -math.inf
+            allowed = torch.zeros(shape.text_tokens, dtype=torch.bool, device=dev)
+            allowed[block * block_len:(block + 1) * block_len] = True
+            y[:, txt_cols] = unmask_text(y[:, txt_cols], lt, allowed, k, vocab.mask_id, cfg.text_temperature,
+                                         cfg.text_remasking, generator)
+        if image_step:
+            sl = slice(vocab.image_offset, vocab.image_offset + vocab.codebook_size)
+            li = _guided(c[:, img_cols, sl], None if u is None else u[:, img_cols, sl], cfg.image_cfg)  # (B, N, K)
+            unknown = int((codes[0] < 0).sum())
+            keep = image_keep_count(shape.image_tokens, ratio, unknown, last_image)
+            codes = decode_image(codes, li, keep, ratio, cfg, generator)
+            y[:, img_cols] = torch.where(codes >= 0, codes + vocab.image_offset, vocab.mask_id)
+        if step in record_steps:
+            result.snapshots[step] = y.clone()
+    assert not (y[:, torch.cat([img_cols, txt_cols])] == vocab.mask_id).any(), "sampler left masked slots"
+    result.tokens = y
+    return result
+
+
+@torch.no_grad()
+def generate_text(model, prompt_ids: torch.Tensor, mask_id: int, gen_length: int = 128, steps: int = 128,
+                  block_length: int = 128, temperature: float = 0.0, cfg_scale: float = 0.0,
+                  remasking: str = "low_confidence", generator: torch.Generator | None = None) -> torch.Tensor:
+    """LLaDA-compatible text generation (LLaDA generate.py): semi-AR blocks, low-confidence remasking.
+
+    prompt_ids (B, Lp) unpadded prompts of equal length. Returns (B, Lp + gen_length).
+    CFG re-masks the whole prompt for the unconditional pass: un + (w + 1)(cond - un).
+    """
+    B, Lp = prompt_ids.shape
+    x = torch.cat([prompt_ids, torch.full((B, gen_length), mask_id, device=prompt_ids.device)], dim=1)
+    plan = text_schedule(gen_length, block_length, steps)
+    per_block = steps // (gen_length // block_length)
+    for i, (block, _) in enumerate(plan):
+        if i % per_block == 0:  # LLaDA recounts the block's masks at its first step
+            counts = transfer_counts(int((x[0, Lp + block * block_length:Lp + (block + 1) * block_length]
+                                          == mask_id).sum()), per_block)
+        if cfg_scale > 0:
+            un = x.clone()
+            un[:, :Lp] = mask_id
+            c, u = model(torch.cat([x, un])).float().chunk(2)
+            logits = u + (cfg_scale + 1) * (c - u)
+        else:
+            logits = model(x).float()
+        allowed = torch.zeros(gen_length, dtype=torch.bool, device=x.device)
+        allowed[block * block_length:(block + 1) * block_length] = True
+        x[:, Lp:] = unmask_text(x[:, Lp:], logits[:, Lp:], allowed, counts[i % per_block], mask_id,
+                                temperature, remasking, generator)
+    return x

@@ -1,0 +1,109 @@
+"""Inference from a checkpoint folder to files, and the tiny random checkpoint of the embedded default.
+
+A checkpoint folder holds config.json + safetensors (model/checkpoint.py), tokenizer.json
+(tasks/tokenizer.py) and optionally image_tokenizer/ (model/image_tokenizer.py). Without an image
+tokenizer the image is written as its code grid (image_codes.txt) instead of a PNG.
+"""
+import json
+import os
+from dataclasses import asdict
+
+import torch
+
+from model.checkpoint import CONFIG_FILE, from_pretrained, save_pretrained
+from model.layout import IMAGE, TEXT, OutputShape, edit_prompt, generation_prompt, output_regions
+from model.sampling import SamplerConfig, generate
+from model.tokens import tiny_vocab
+from model.transformer import DiffusionLM, ModelConfig
+from tasks.tokenizer import TextTokenizer, build_tiny_tokenizer
+
+IMAGE_TOKENIZER_DIR = "image_tokenizer"
+GRID_KEY = "parapipe_image_grid"
+DEFAULT_GRID = (32, 32)  # MAGVIT-v2 at 512 x 512 (released checkpoints)
+TINY_MODEL = dict(d_model=128, n_layers=4, n_heads=4, mlp_hidden_size=384, rope_theta=10000.0,
+                  max_sequence_length=512)
+
+
+def make_tiny_checkpoint(folder: str, codebook_size: int = 16, grid: tuple[int, int] = (4, 4),
+                         corpus: list[str] = (), seed: int = 0, image_tokenizer=None) -> str:
+    """A randomly initialised tiny model + offline tokenizer (+ image tokenizer if given)."""
+    tok = build_tiny_tokenizer(list(corpus))
+    vocab = tiny_vocab(len(tok), codebook_size)
+    cfg = ModelConfig(**TINY_MODEL, vocab_size=vocab.vocab_size, embedding_size=vocab.vocab_size)
+    model = DiffusionLM(cfg).init_weights(seed)
+    save_pretrained(model, vocab, folder, extra={GRID_KEY: list(grid)})
+    tok.save(folder)
+    if image_tokenizer is not None:
+        image_tokenizer.save(os.path.join(folder, IMAGE_TOKENIZER_DIR))
+    return folder
+
+
+def load_image_tokenizer(folder: str):
+    path = os.path.join(folder, IMAGE_TOKENIZER_DIR)
+    if not os.path.isdir(path):
+        return None
+    from model.image_tokenizer import PatchVQ
+
+    return PatchVQ.load(path)
+
+
+def image_grid(folder: str, image_tokenizer) -> tuple[int, int]:
+    if image_tokenizer is not None:
+        return tuple(image_tokenizer.grid)
+    with open(os.path.join(folder, CONFIG_FILE)) as f:
+        return tuple(json.load(f).get(GRID_KEY, DEFAULT_GRID))
+
+
+def read_png(path: str) -> torch.Tensor:
+    """PNG/JPEG file -> uint8 (H, W, 3)."""
+    import numpy as np
+    from PIL import Image
+
+    with Image.open(path) as im:
+        return torch.from_numpy(np.asarray(im.convert("RGB")).copy())
+
+
+def write_png(image: torch.Tensor, path: str) -> None:
+    from PIL import Image
+
+    Image.fromarray(image.cpu().numpy()).save(path)
+
+
+def generate_to_files(checkpoint: str, prompt: str, out_dir: str, sampler: SamplerConfig,
+                      text_tokens: int = 64, image_path: str | None = None, seed: int = 0,
+                      device: str = "cpu") -> dict:
+    """Samples one (image, reasoning text) for a prompt (and input image for editing) and writes
+    text.txt, image.png or image_codes.txt, and meta.json into out_dir. Returns the meta dict."""
+    model, vocab = from_pretrained(checkpoint, device=device)
+    tok = TextTokenizer.load(checkpoint)
+    img_tok = load_image_tokenizer(checkpoint)
+    h, w = image_grid(checkpoint, img_tok)
+    shape = OutputShape(image_tokens=h * w, text_tokens=text_tokens)
+    instruction = tok.encode(prompt)
+    if image_path is not None:
+        if img_tok is None:
+            raise ValueError(f"{checkpoint!r} has no {IMAGE_TOKENIZER_DIR}/, so the input image "
+                             f"{image_path!r} cannot be encoded; add the image tokenizer or drop --image")
+        codes = img_tok.encode(read_png(image_path)[None])[0].flatten().tolist()
+        cond, uncond = edit_prompt(vocab, codes, instruction), edit_prompt(vocab, None, None)
+    else:
+        cond, uncond = generation_prompt(vocab, instruction), generation_prompt(vocab, None)
+    gen = torch.Generator(device=device).manual_seed(seed)
+    out = generate(model, vocab, shape, [cond], sampler, uncond_prompts=[uncond], generator=gen)
+    regions = torch.tensor(output_regions(shape))
+    y = out.tokens[0].cpu()
+    text = tok.decode(y[regions == TEXT].tolist())
+    grid = (y[regions == IMAGE] - vocab.image_offset).view(h, w)
+    os.makedirs(out_dir, exist_ok=True)
+    with open(os.path.join(out_dir, "text.txt"), "w") as f:
+        f.write(text + "\n")
+    if img_tok is not None:
+        write_png(img_tok.decode(grid[None])[0], os.path.join(out_dir, "image.png"))
+    else:
+        with open(os.path.join(out_dir, "image_codes.txt"), "w") as f:
+            f.write("\n".join(" ".join(str(c) for c in row) for row in grid.tolist()) + "\n")
+    meta = {"checkpoint": checkpoint, "prompt": prompt, "input_image": image_path, "seed": seed,
+            "nfe": out.nfe, "text": text, "sampler": asdict(sampler), "grid": [h, w]}
+    with open(os.path.join(out_dir, "meta.json"), "w") as f:
+        json.dump(meta, f, indent=2)
+    return meta

@@ -1,0 +1,127 @@
+"""The LLaDA backbone: bidirectionality, padding, RoPE, checkpoints, the 8B layout on meta."""
+import json
+import math
+
+import pytest
+import torch
+
+from model.checkpoint import INDEX_FILE, build_meta, from_pretrained, save_pretrained
+from model.tokens import MMADA_VOCAB
+from model.transformer import ModelConfig, RMSNorm, apply_rope, rope_cos_sin
+from tests.helpers import VOCAB, tiny_model
+
+
+def test_logits_shape_and_bidirectional_attention():
+    m = tiny_model()
+    x = torch.randint(0, VOCAB.vocab_size, (2, 12))
+    logits = m(x)
+    assert logits.shape == (2, 12, VOCAB.vocab_size)
+    y = x.clone()
+    y[:, -1] = (y[:, -1] + 1) % VOCAB.vocab_size  # change only the LAST token
+    delta = (m(y)[:, 0] - logits[:, 0]).abs().max()
+    assert delta > 1e-4, "position 0 must see a later token: attention is not bidirectional"
+
+
+def test_pad_contents_do_not_change_real_positions():
+    m = tiny_model()
+    real = torch.randint(8, VOCAB.vocab_size, (1, 9))
+    mask = torch.tensor([[False] * 3 + [True] * 9])
+    a = m(torch.cat([torch.full((1, 3), 0), real], 1), mask)
+    b = m(torch.cat([torch.randint(0, VOCAB.vocab_size, (1, 3)), real], 1), mask)
+    alone = m(real)
+    torch.testing.assert_close(a[:, 3:], b[:, 3:])
+    # left padding skips positions too, so a padded row equals the row alone
+    torch.testing.assert_close(a[:, 3:], alone, atol=1e-5, rtol=1e-5)
+
+
+def test_last_n_matches_full_logits():
+    m = tiny_model()
+    x = torch.randint(0, VOCAB.vocab_size, (2, 10))
+    torch.testing.assert_close(m(x, last_n=4), m(x)[:, -4:])
+
+
+def test_rope_scores_depend_only_on_relative_position():
+    hd = 8
+    q, k = torch.randn(1, 1, 1, hd), torch.randn(1, 1, 1, hd)
+
+    def score(i, j):
+        cos, sin = rope_cos_sin(torch.tensor([[i, j]]), hd, 10000.0)
+        qi = apply_rope(q, cos[:, :, :1], sin[:, :, :1])
+        kj = apply_rope(k, cos[:, :, 1:], sin[:, :, 1:])
+        return (qi * kj).sum().item()
+
+    assert score(3, 7) == pytest.approx(score(10, 14), abs=1e-5)
+    assert score(3, 7) != pytest.approx(score(3, 8), abs=1e-3)
+
+
+def test_rope_rotate_half_on_first_pair():
+    # NeoX layout: dims i and i + hd/2 rotate together with frequency theta^(-2i/hd)
+    hd, pos = 4, 5
+    x = torch.tensor([1.0, 0.0, 0.0, 0.0]).view(1, 1, 1, hd)
+    cos, sin = rope_cos_sin(torch.tensor([[pos]]), hd, 10000.0)
+    out = apply_rope(x, cos, sin).flatten()
+    torch.testing.assert_close(out, torch.tensor([math.cos(pos), 0.0, math.sin(pos), 0.0]))
+
+
+def test_rmsnorm_computes_in_fp32():
+    n = RMSNorm(4, 1e-5)
+    x = torch.tensor([[1.0, 2.0, 3.0, 4.0]])
+    expected = x / torch.sqrt((x ** 2).mean() + 1e-5)
+    torch.testing.assert_close(n(x), expected)
+    assert n(x.bfloat16()).dtype == torch.bfloat16
+
+
+def test_save_load_round_trip_single_and_sharded(tmp_path):
+    m = tiny_model(seed=3)
+    x = torch.randint(0, VOCAB.vocab_size, (1, 8))
+    save_pretrained(m, VOCAB, tmp_path / "single")
+    save_pretrained(m, VOCAB, tmp_path / "sharded", max_shard_bytes=20_000)
+    index = json.loads((tmp_path / "sharded" / INDEX_FILE).read_text())
+    assert len(set(index["weight_map"].values())) > 3
+    for folder in ("single", "sharded"):
+        loaded, vocab = from_pretrained(str(tmp_path / folder))
+        assert vocab == VOCAB
+        torch.testing.assert_close(loaded(x), m(x))
+    bf16, _ = from_pretrained(str(tmp_path / "single"), dtype=torch.bfloat16)
+    assert next(bf16.parameters()).dtype == torch.bfloat16
+
+
+def test_load_errors_name_the_problem(tmp_path):
+    m = tiny_model()
+    save_pretrained(m, VOCAB, tmp_path)
+    cfg = json.loads((tmp_path / "config.json").read_text())
+    cfg["n_layers"] = 3
+    (tmp_path / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(ValueError, match="parameters missing"):
+        from_pretrained(str(tmp_path))
+    cfg["n_layers"], cfg["d_model"] = 2, 64
+    (tmp_path / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(ValueError, match="has shape"):
+        from_pretrained(str(tmp_path))
+    with pytest.raises(FileNotFoundError, match="no config.json"):
+        from_pretrained(str(tmp_path / "nowhere"))
+    with pytest.raises(ValueError, match="n_heads"):
+        ModelConfig(d_model=30, n_heads=4)
+
+
+def test_8b_config_on_meta_has_released_names_and_shapes():
+    # LLaDA-8B / MMaDA-8B config.json values (upstream-facts §1.1, §1.2)
+    cfg = ModelConfig.from_dict({"model_type": "llada", "d_model": 4096, "n_layers": 32, "n_heads": 32,
+                                 "n_kv_heads": 32, "mlp_hidden_size": 12288, "vocab_size": 126464,
+                                 "embedding_size": 134656, "rope_theta": 500000.0, "rms_norm_eps": 1e-5,
+                                 "weight_tying": False, "include_bias": False, "use_cache": False})
+    m = build_meta(cfg)
+    shapes = {k: tuple(v.shape) for k, v in m.state_dict().items()}
+    assert shapes["model.transformer.wte.weight"] == (134656, 4096)
+    assert shapes["model.transformer.ff_out.weight"] == (134656, 4096)
+    assert shapes["model.transformer.ln_f.weight"] == (4096,)
+    per_block = {"q_proj": (4096, 4096), "k_proj": (4096, 4096), "v_proj": (4096, 4096),
+                 "attn_out": (4096, 4096), "ff_proj": (12288, 4096), "up_proj": (12288, 4096),
+                 "ff_out": (4096, 12288), "attn_norm": (4096,), "ff_norm": (4096,)}
+    for i in (0, 31):
+        for name, shape in per_block.items():
+            assert shapes[f"model.transformer.blocks.{i}.{name}.weight"] == shape
+    assert len(shapes) == 3 + 32 * 9
+    assert next(m.parameters()).is_meta
+    assert m.num_params() == 8_082_690_048  # 2*134656*4096 + 4096 + 32*(4*4096^2 + 3*4096*12288 + 2*4096)
+    assert MMADA_VOCAB.image_offset + MMADA_VOCAB.codebook_size <= cfg.rows
