@@ -51,6 +51,31 @@ def cmd_run(a) -> None:
     print(f"run finished in {a.out}: nfe={meta['nfe']} text={meta['text']!r}")
 
 
+def cmd_aggregate(a) -> None:
+    import json
+
+    from flows.aggregate import aggregate
+
+    sources = json.loads(open(a.sources).read()) if a.sources else None
+    summary = aggregate(sources=sources, root=a.root, dataset=a.dataset, resolution=a.resolution, resize=a.resize)
+    print(json.dumps({k: v for k, v in summary.items() if k != "sources"}, indent=2))
+
+
+def cmd_query(a) -> None:
+    from storage.query import format_table, query
+
+    print(format_table(query(a.root, a.sql), max_rows=a.max_rows))
+
+
+def cmd_inspect(a) -> None:
+    from storage.query import interactive, write_views_sql
+
+    if a.write_sql:
+        print(f"wrote {write_views_sql(a.root, a.write_sql)}")
+        return
+    interactive(a.root)
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="parapipe", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -73,6 +98,25 @@ def main(argv: list[str] | None = None) -> None:
     r.add_argument("--out", default="runs/default")
     _sampler_args(r)
     r.set_defaults(fn=cmd_run)
+
+    ag = sub.add_parser("aggregate", help="aggregate sources into a validated, deduplicated samples table")
+    ag.add_argument("--sources", default=None, help="JSON file: a list of source dicts (default: the toy world)")
+    ag.add_argument("--root", default="data", help="storage root: a folder or s3://bucket/prefix")
+    ag.add_argument("--dataset", default="toy-tiny", help="dataset name (the run partition)")
+    ag.add_argument("--resolution", type=int, default=32)
+    ag.add_argument("--resize", choices=("squash", "center_crop"), default="squash")
+    ag.set_defaults(fn=cmd_aggregate)
+
+    q = sub.add_parser("query", help="run one SQL statement over the tables and canned views")
+    q.add_argument("sql")
+    q.add_argument("--root", default="data")
+    q.add_argument("--max-rows", type=int, default=40)
+    q.set_defaults(fn=cmd_query)
+
+    i = sub.add_parser("inspect", help="interactive DuckDB session over the tables (read-only)")
+    i.add_argument("--root", default="data")
+    i.add_argument("--write-sql", default=None, help="write the view definitions to this .sql file and exit")
+    i.set_defaults(fn=cmd_inspect)
 
     a = parser.parse_args(argv)
     a.fn(a)

@@ -1,0 +1,128 @@
+"""Prefect tasks of the aggregation flow: ingest one source into the samples table, summarise.
+
+`ingest_source` streams a source in chunks: normalise + validate (tasks/curate.py), deduplicate
+against everything already committed to the dataset (any source), then commit the chunk's samples
+and quarantine rows. Every chunk is committed before the next is read, and writes skip keys that
+are already committed, so a crashed or retried ingest resumes without duplicates or loss.
+"""
+import json
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+
+from prefect import task
+from prefect.artifacts import create_table_artifact, update_progress_artifact
+
+from storage.parquet import read_table, write_rows
+from tasks.curate import CurateConfig, Deduper, Rejected, normalise, quarantine_row
+from tasks.sources import SourceSpec, read_source
+
+CHUNK_ROWS = 512
+INDEX_COLUMNS = ["sample_id", "source", "instruction", "content_hash", "phash", "extra_json"]
+
+
+@dataclass
+class SourceStats:
+    source: str
+    read: int = 0
+    accepted: int = 0
+    already_present: int = 0
+    quarantined: Counter = field(default_factory=Counter)
+    seconds: float = 0.0
+
+    def row(self) -> dict:
+        return {"source": self.source, "read": self.read, "accepted": self.accepted,
+                "already_present": self.already_present, "quarantined": sum(self.quarantined.values()),
+                "reasons": ", ".join(f"{k}={v}" for k, v in sorted(self.quarantined.items())) or "-",
+                "samples_per_s": round(self.read / self.seconds, 1) if self.seconds else 0.0}
+
+
+def _committed_index(root: str, dataset: str, near_bits: int) -> tuple[Deduper, set[tuple[str, str]]]:
+    """A deduper over the committed samples, and the (source, ref) pairs already ingested."""
+    dedupe, refs = Deduper(near_bits), set()
+    for r in read_table(root, "samples", run=dataset, columns=INDEX_COLUMNS).to_pylist():
+        dedupe.check_add(r)
+        refs.add((r["source"], json.loads(r["extra_json"] or "{}").get("source_ref")))
+    return dedupe, refs
+
+
+def _commit(root: str, dataset: str, rows: list[dict], rejects: list[dict]) -> None:
+    if rows:
+        write_rows(root, "samples", rows, run=dataset)
+    if rejects:
+        write_rows(root, "quarantine", rejects, run=dataset)
+
+
+def _ingest_chunk(records, cfg: CurateConfig, dedupe: Deduper, refs: set, stats: SourceStats, near: bool):
+    """Returns (new sample rows, quarantine rows) of one chunk; updates dedupe, refs and stats."""
+    rows, rejects = [], []
+    for rec in records:
+        stats.read += 1
+        if (rec.source, rec.ref) in refs:
+            stats.already_present += 1
+            continue
+        try:
+            row = normalise(rec, cfg)
+        except Rejected as r:
+            rejects.append(quarantine_row(rec, r.reason, r.detail))
+            stats.quarantined[r.reason] += 1
+            continue
+        hit = dedupe.check_add(row, near)
+        if hit is not None:
+            rejects.append(quarantine_row(rec, hit[0], f"same as sample {hit[1]}"))
+            stats.quarantined[hit[0]] += 1
+            continue
+        rows.append(row)
+        refs.add((rec.source, rec.ref))
+    stats.accepted += len(rows)
+    return rows, rejects
+
+
+@task(retries=2, retry_delay_seconds=[2, 10], task_run_name="ingest-{spec[name]}")
+def ingest_source(spec: dict, root: str, dataset: str, curate: dict, progress_id=None,
+                  progress_span: tuple[float, float] = (0.0, 100.0)) -> dict:
+    """Reads one source into `{root}/samples/run={dataset}` and `{root}/quarantine/run={dataset}`."""
+    source = SourceSpec.from_dict(spec)
+    cfg = CurateConfig(**curate)
+    dedupe, refs = _committed_index(root, dataset, cfg.near_duplicate_bits)
+    stats, chunk, t0 = SourceStats(source.name), [], time.perf_counter()
+    expected = source.n or None
+    for rec in read_source(source):
+        chunk.append(rec)
+        if len(chunk) == CHUNK_ROWS:
+            _commit(root, dataset, *_ingest_chunk(chunk, cfg, dedupe, refs, stats, source.check_near_duplicates))
+            chunk = []
+            _report(progress_id, progress_span, stats, expected)
+    _commit(root, dataset, *_ingest_chunk(chunk, cfg, dedupe, refs, stats, source.check_near_duplicates))
+    stats.seconds = time.perf_counter() - t0
+    _report(progress_id, progress_span, stats, stats.read)
+    return stats.row()
+
+
+def _report(progress_id, span: tuple[float, float], stats: SourceStats, expected: int | None) -> None:
+    if progress_id is None:
+        return
+    frac = min(1.0, stats.read / expected) if expected else 0.5
+    update_progress_artifact(progress_id, span[0] + (span[1] - span[0]) * frac,
+                             description=f"{stats.source}: {stats.read} read, {stats.accepted} accepted")
+
+
+@task
+def summarise(root: str, dataset: str, per_source: list[dict]) -> dict:
+    """Totals of the committed dataset plus the per-source table, published as a table artifact."""
+    samples = read_table(root, "samples", run=dataset, columns=["split", "category"])
+    quarantine = read_table(root, "quarantine", run=dataset, columns=["reason"])
+    summary = {"dataset": dataset, "samples": samples.num_rows, "quarantined": quarantine.num_rows,
+               "by_split": dict(Counter(samples.column("split").to_pylist())),
+               "by_category": dict(Counter(samples.column("category").to_pylist())),
+               "quarantine_reasons": dict(Counter(quarantine.column("reason").to_pylist())),
+               "sources": per_source}
+    create_table_artifact(per_source + [{"source": "TOTAL (dataset)", "read": "", "accepted": samples.num_rows,
+                                         "already_present": "", "quarantined": quarantine.num_rows,
+                                         "reasons": json.dumps(summary["quarantine_reasons"]), "samples_per_s": ""}],
+                          key=f"aggregate-{_artifact_key(dataset)}", description=f"aggregation of {dataset}")
+    return summary
+
+
+def _artifact_key(name: str) -> str:
+    return "".join(c if c.isalnum() else "-" for c in name.lower())
