@@ -40,15 +40,13 @@ def cmd_init_tiny(a) -> None:
 
 
 def cmd_run(a) -> None:
-    """The most complete pipeline that exists: a tiny random checkpoint, then one generation."""
-    import os
+    """The whole pipeline on the embedded default (the toy world, tiny models, local storage)."""
+    from flows.pipeline import pipeline
 
-    from tasks.generate import generate_to_files, make_tiny_checkpoint
-
-    ckpt = make_tiny_checkpoint(os.path.join(a.out, "tiny-random"), seed=a.seed)
-    meta = generate_to_files(ckpt, "turn the red circle blue", os.path.join(a.out, "generate"),
-                             _sampler_config(a), text_tokens=a.text_length, seed=a.seed)
-    print(f"run finished in {a.out}: nfe={meta['nfe']} text={meta['text']!r}")
+    result = pipeline(out=a.out, toy_samples=a.toy_samples, seed=a.seed, steps=a.steps,
+                      image_steps=a.image_steps, text_tokens=a.text_length)
+    print(f"run finished in {a.out}: {result['samples']} samples, {result['quarantined']} quarantined, "
+          f"checkpoint {result['checkpoint']}, {len(result['examples'])} examples in {a.out}/examples")
 
 
 def cmd_aggregate(a) -> None:
@@ -73,7 +71,7 @@ def cmd_inspect(a) -> None:
     if a.write_sql:
         print(f"wrote {write_views_sql(a.root, a.write_sql)}")
         return
-    interactive(a.root)
+    sys.exit(interactive(a.root))
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -96,6 +94,7 @@ def main(argv: list[str] | None = None) -> None:
 
     r = sub.add_parser("run", help="the whole pipeline on the embedded default")
     r.add_argument("--out", default="runs/default")
+    r.add_argument("--toy-samples", type=int, default=2000, help="toy-world samples to aggregate")
     _sampler_args(r)
     r.set_defaults(fn=cmd_run)
 
@@ -115,7 +114,8 @@ def main(argv: list[str] | None = None) -> None:
 
     i = sub.add_parser("inspect", help="interactive DuckDB session over the tables (read-only)")
     i.add_argument("--root", default="data")
-    i.add_argument("--write-sql", default=None, help="write the view definitions to this .sql file and exit")
+    i.add_argument("--write-sql", default=None, help="write the view definitions to this .sql file and exit "
+                   "(open the same views from any DuckDB client: duckdb -init FILE)")
     i.set_defaults(fn=cmd_inspect)
 
     a = parser.parse_args(argv)

@@ -107,3 +107,48 @@ def generate_to_files(checkpoint: str, prompt: str, out_dir: str, sampler: Sampl
     with open(os.path.join(out_dir, "meta.json"), "w") as f:
         json.dump(meta, f, indent=2)
     return meta
+
+
+# ---------------------------------------------------------------------------------------------
+# Prefect tasks of the pipeline
+
+def _corpus(root: str, dataset: str) -> list[str]:
+    import pyarrow.compute as pc
+
+    from storage.parquet import read_table
+
+    tbl = read_table(root, "samples", run=dataset, filter=pc.field("split") == "train",
+                     columns=["instruction", "reference_trace"])
+    return [t for col in tbl.columns for t in col.to_pylist() if t]
+
+
+def init_tiny_checkpoint_fn(folder: str, root: str, dataset: str, image_tokenizer_dir: str, seed: int = 0) -> str:
+    """Tiny random checkpoint whose tokenizer is trained on the dataset's text and whose image
+    tokenizer is the one fitted on its images."""
+    from model.image_tokenizer import PatchVQ
+
+    vq = PatchVQ.load(image_tokenizer_dir)
+    return make_tiny_checkpoint(folder, codebook_size=vq.codebook_size, grid=vq.grid,
+                                corpus=_corpus(root, dataset), seed=seed, image_tokenizer=vq)
+
+
+def generate_examples_fn(checkpoint: str, root: str, dataset: str, out_dir: str, sampler: SamplerConfig,
+                         n: int = 4, split: str = "val", text_tokens: int = 32, seed: int = 0) -> list[dict]:
+    """Generates for the first n editing samples of a split; writes input/target PNGs beside each output."""
+    import pyarrow.compute as pc
+
+    from storage.parquet import read_table
+
+    tbl = read_table(root, "samples", run=dataset, filter=(pc.field("split") == split) & (pc.field("kind") == "edit"),
+                     columns=["sample_id", "instruction", "input_image", "output_image"]).slice(0, n)
+    results = []
+    for row in tbl.to_pylist():
+        folder = os.path.join(out_dir, row["sample_id"])
+        os.makedirs(folder, exist_ok=True)
+        for name in ("input_image", "output_image"):
+            with open(os.path.join(folder, f"{name}.png"), "wb") as f:
+                f.write(row[name])
+        meta = generate_to_files(checkpoint, row["instruction"], folder, sampler, text_tokens=text_tokens,
+                                 image_path=os.path.join(folder, "input_image.png"), seed=seed)
+        results.append({"sample_id": row["sample_id"], "instruction": row["instruction"], "text": meta["text"]})
+    return results

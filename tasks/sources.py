@@ -60,6 +60,8 @@ class SourceSpec:
     """toy: sampling seed."""
     trace_error_rate: float = 0.0
     """toy: fraction of teacher traces with an injected error."""
+    compact_traces: bool = True
+    """toy: short traces (facts + result, ~15 words) that a tiny model can learn; False adds the changes."""
     near_duplicates: bool | None = None
     """Check perceptual near-duplicates; default on, except for the toy world (exact ground truth,
     where two distinct small scenes can share most hash bits)."""
@@ -118,7 +120,8 @@ def _read_toy(spec: SourceSpec) -> Iterator[RawRecord]:
     for split in spec.splits:
         n = max(1, round(spec.n * SPLIT_FRACTIONS[split])) if spec.n else 0
         for task in sample_tasks(preset, n, split, spec.seed):
-            trace = write_trace(task, preset, seed=spec.seed, error_rate=spec.trace_error_rate)
+            trace = write_trace(task, preset, seed=spec.seed, error_rate=spec.trace_error_rate,
+                                compact=spec.compact_traces)
             yield RawRecord(
                 source=spec.name, ref=task.sample_id, instruction=task.instruction,
                 input_image=None if task.input_scene is None else _png(render(task.input_scene, preset)),

@@ -24,10 +24,32 @@ def test_generate_from_a_tiny_checkpoint(tmp_path, capsys):
     assert "wrote" in capsys.readouterr().out
 
 
-def test_console_script_runs(tmp_path):
-    exe = subprocess.run([sys.executable, "-m", "flows.cli", "run", "--out", str(tmp_path), "--steps", "8",
-                          "--image-steps", "4", "--text-length", "16", "--block-length", "16"],
+def test_run_pipeline_then_query_and_inspect(tmp_path):
+    """`parapipe run` (its own ephemeral Prefect server), then DuckDB over what it wrote."""
+    run = subprocess.run([sys.executable, "-m", "flows.cli", "run", "--out", str(tmp_path), "--toy-samples", "120",
+                          "--steps", "8", "--image-steps", "4", "--text-length", "32", "--block-length", "32"],
                          capture_output=True, text=True)
-    assert exe.returncode == 0, exe.stderr
-    assert "run finished" in exe.stdout
-    assert (tmp_path / "generate" / "meta.json").exists()
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert "run finished" in run.stdout and "120 samples" in run.stdout
+    examples = sorted((tmp_path / "examples").iterdir())
+    assert len(examples) == 4
+    for ex in examples:
+        assert {"image.png", "text.txt", "meta.json", "input_image.png", "output_image.png"} <= \
+            {p.name for p in ex.iterdir()}
+    root = str(tmp_path / "data")
+    q = subprocess.run([sys.executable, "-m", "flows.cli", "query", "--root", root,
+                        "SELECT split, sum(n) AS n FROM samples_by_source GROUP BY split ORDER BY split"],
+                       capture_output=True, text=True, check=True)
+    counts = {line.split("|")[0].strip(): int(line.split("|")[1]) for line in q.stdout.splitlines()[2:-1]}
+    assert counts == {"test": 6, "train": 108, "val": 6}
+    sql = tmp_path / "views.sql"
+    subprocess.run([sys.executable, "-m", "flows.cli", "inspect", "--root", root, "--write-sql", str(sql)],
+                   check=True, capture_output=True)
+    import duckdb
+
+    con = duckdb.connect()
+    con.execute(sql.read_text())
+    assert con.sql("SELECT count(*) FROM samples").fetchall() == [(120,)]
+    session = subprocess.run([sys.executable, "-m", "flows.cli", "inspect", "--root", root],
+                             input="SELECT count(*) AS n FROM quarantine;\n.quit\n", capture_output=True, text=True)
+    assert session.returncode == 0 and "0" in session.stdout

@@ -1,0 +1,183 @@
+"""Arrow schemas for every ParaPipe table, one place.
+
+Holds: one `pyarrow.Schema` per table in `TABLES`, each carrying its table name and schema version in the schema
+metadata (`parapipe.table`, `parapipe.schema_version`), the default row key per table (`KEYS`, used by
+`storage.parquet.write_rows` for idempotent writes) and the allowed values of enum-like string columns (`CHOICES`).
+Leaves out: reading and writing (storage/parquet.py), queries (storage/query.py), any migration between versions.
+
+Conventions: images are PNG bytes (`binary`) next to their width/height (`int32`); free-form structured data is a
+JSON string (`*_json` columns are plain `string`); times are UTC microsecond timestamps; a run id is a string.
+Bump a table's version in `VERSIONS` whenever its fields change.
+"""
+import pyarrow as pa
+
+META_TABLE = b"parapipe.table"
+META_VERSION = b"parapipe.schema_version"
+
+VERSIONS = {
+    "samples": 1,
+    "quarantine": 1,
+    "traces": 1,
+    "train_metrics": 1,
+    "trajectories": 1,
+    "rewards": 1,
+    "eval_results": 1,
+    "runs": 1,
+}
+
+TIME = pa.timestamp("us", tz="UTC")
+
+
+def _schema(name: str, fields: list[pa.Field]) -> pa.Schema:
+    meta = {META_TABLE: name.encode(), META_VERSION: str(VERSIONS[name]).encode()}
+    return pa.schema(fields, metadata=meta)
+
+
+def _f(name: str, type_: pa.DataType, nullable: bool = True) -> pa.Field:
+    return pa.field(name, type_, nullable=nullable)
+
+
+# One row per training example: an instruction, an optional input image (edit) and the target image.
+SAMPLES = _schema("samples", [
+    _f("sample_id", pa.string(), False),
+    _f("source", pa.string(), False),          # dataset or generator the sample came from
+    _f("kind", pa.string(), False),            # "edit" | "generate"
+    _f("category", pa.string()),
+    _f("split", pa.string(), False),           # "train" | "val" | "test"
+    _f("instruction", pa.string(), False),
+    _f("input_image", pa.binary()),            # PNG bytes; null for generation
+    _f("input_width", pa.int32()),
+    _f("input_height", pa.int32()),
+    _f("output_image", pa.binary(), False),    # PNG bytes
+    _f("output_width", pa.int32(), False),
+    _f("output_height", pa.int32(), False),
+    _f("reference_trace", pa.string()),        # reasoning text shipped with the source, if any
+    _f("content_hash", pa.string(), False),    # hex digest over instruction + image bytes
+    _f("phash", pa.string()),                  # perceptual hash of the output image, hex
+    _f("extra_json", pa.string()),
+])
+
+# Raw records rejected at ingestion, kept for inspection instead of silently dropped.
+QUARANTINE = _schema("quarantine", [
+    _f("source", pa.string(), False),
+    _f("source_ref", pa.string(), False),      # row index, file name or URL within the source
+    _f("reason", pa.string(), False),          # short machine-readable reason, e.g. "decode_error"
+    _f("detail", pa.string()),
+    _f("raw_json", pa.string()),               # the offending record's fields (images replaced by sizes)
+])
+
+# One reasoning trace per (sample, generator): what the teacher model wrote and how it went.
+TRACES = _schema("traces", [
+    _f("sample_id", pa.string(), False),
+    _f("generator", pa.string(), False),       # hash of (model, revision, template, sampling params)
+    _f("template_hash", pa.string(), False),
+    _f("text", pa.string()),
+    _f("status", pa.string(), False),          # "ok" | "failed" | "filtered"
+    _f("error", pa.string()),
+    _f("filter_reason", pa.string()),
+    _f("model", pa.string(), False),
+    _f("revision", pa.string()),
+    _f("seed", pa.int64()),
+    _f("run_id", pa.string(), False),
+    _f("latency_s", pa.float64()),
+    _f("prompt_tokens", pa.int32()),
+    _f("output_tokens", pa.int32()),
+])
+
+# One row per logged optimiser step (SFT or RL).
+TRAIN_METRICS = _schema("train_metrics", [
+    _f("run_id", pa.string(), False),
+    _f("step", pa.int64(), False),
+    _f("loss", pa.float64(), False),
+    _f("loss_text", pa.float64()),
+    _f("loss_image", pa.float64()),
+    _f("tokens_per_s", pa.float64()),
+    _f("lr", pa.float64()),
+    _f("grad_norm", pa.float64()),
+    _f("time", TIME, False),
+])
+
+# One row per sampled denoising step of one RL rollout: the partially unmasked text and image.
+TRAJECTORIES = _schema("trajectories", [
+    _f("run_id", pa.string(), False),
+    _f("round", pa.int32(), False),
+    _f("sample_id", pa.string(), False),
+    _f("group_index", pa.int32(), False),      # member of the GRPO group, 0..G-1
+    _f("step", pa.int32(), False),             # denoising step, 0..T-1
+    _f("text_tokens", pa.list_(pa.int32())),   # text ids so far, MASK_ID where still masked
+    _f("text", pa.string()),                   # decoded text so far
+    _f("image_codes", pa.list_(pa.int32())),   # image codebook ids so far, MASK_ID where still masked
+    _f("text_mask_frac", pa.float32(), False),
+    _f("image_mask_frac", pa.float32(), False),
+])
+
+# One row per finished rollout: its reward terms and group-relative advantage.
+REWARDS = _schema("rewards", [
+    _f("run_id", pa.string(), False),
+    _f("round", pa.int32(), False),
+    _f("sample_id", pa.string(), False),
+    _f("group_index", pa.int32(), False),
+    _f("reward", pa.float64(), False),         # total scalar reward used by the update
+    _f("clip_score", pa.float64()),
+    _f("advantage", pa.float64()),
+    _f("terms_json", pa.string()),             # named reward components, {"clip": .., "format": ..}
+])
+
+# One row per (checkpoint, eval suite, metric).
+EVAL_RESULTS = _schema("eval_results", [
+    _f("run_id", pa.string(), False),
+    _f("checkpoint", pa.string(), False),      # checkpoint URI
+    _f("step", pa.int64()),
+    _f("suite", pa.string(), False),           # eval set name
+    _f("metric", pa.string(), False),
+    _f("value", pa.float64(), False),
+    _f("num_samples", pa.int64()),
+    _f("time", TIME),
+])
+
+# One row per stage run: what ran, with which config and code, and how long each part took.
+RUNS = _schema("runs", [
+    _f("run_id", pa.string(), False),
+    _f("stage", pa.string(), False),           # "synthesize" | "sft" | "rl" | "eval" | ...
+    _f("config_json", pa.string(), False),
+    _f("code_version", pa.string()),           # git commit or package version
+    _f("start_time", TIME, False),
+    _f("end_time", TIME),
+    _f("timings_json", pa.string()),           # {"phase": seconds}
+])
+
+TABLES = {
+    "samples": SAMPLES,
+    "quarantine": QUARANTINE,
+    "traces": TRACES,
+    "train_metrics": TRAIN_METRICS,
+    "trajectories": TRAJECTORIES,
+    "rewards": REWARDS,
+    "eval_results": EVAL_RESULTS,
+    "runs": RUNS,
+}
+
+# Columns that identify a row within one run partition; write_rows skips keys already committed.
+KEYS = {
+    "samples": ("sample_id",),
+    "quarantine": ("source", "source_ref", "reason"),
+    "traces": ("sample_id", "generator"),
+    "train_metrics": ("run_id", "step"),
+    "trajectories": ("run_id", "round", "sample_id", "group_index", "step"),
+    "rewards": ("run_id", "round", "sample_id", "group_index"),
+    "eval_results": ("run_id", "checkpoint", "suite", "metric"),
+    "runs": ("run_id", "stage"),
+}
+
+# Allowed values of enum-like string columns, checked on write.
+CHOICES = {
+    ("samples", "kind"): ("edit", "generate"),
+    ("samples", "split"): ("train", "val", "test"),
+    ("traces", "status"): ("ok", "failed", "filtered"),
+}
+
+
+def schema_version(schema: pa.Schema) -> int | None:
+    """The version stamped in a schema's metadata, or None for a schema ParaPipe did not write."""
+    meta = schema.metadata or {}
+    return int(meta[META_VERSION]) if META_VERSION in meta else None
