@@ -13,6 +13,7 @@ import tasks.aggregate as agg
 from storage.parquet import read_table
 from tasks.curate import CurateConfig, Rejected, normalise
 from tasks.sources import RawRecord, SourceSpec, read_source
+from tests.s3server import s3_root, s3_server  # noqa: F401  (pytest fixtures)
 
 CFG = dict(resolution=32, resize="squash", min_side=16, max_aspect=3.0, near_duplicate_bits=2)
 
@@ -174,3 +175,16 @@ def test_aggregate_flow_end_to_end(tmp_path, prefect_harness):
     with get_client(sync_client=True) as client:
         keys = {a.key for a in client.read_artifacts()}
     assert {"aggregate-progress", "aggregate-mix"} <= keys
+
+
+def test_ingest_to_s3_then_duckdb(tmp_path, s3_server, s3_root, monkeypatch):
+    from storage.query import query
+
+    for name, value in s3_server.env().items():
+        monkeypatch.setenv(name, value)
+    spec = {"type": "toy", "name": "toy", "preset": "tiny", "n": 60, "seed": 5}
+    first = _ingest(spec, s3_root)
+    assert first["accepted"] == first["read"] == 60
+    assert _ingest(spec, s3_root)["already_present"] == 60
+    rows = query(s3_root, "SELECT kind, count(*) AS n FROM samples GROUP BY kind ORDER BY kind").to_pylist()
+    assert sum(r["n"] for r in rows) == 60 and {r["kind"] for r in rows} == {"edit", "generate"}
