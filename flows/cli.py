@@ -59,6 +59,17 @@ def cmd_aggregate(a) -> None:
     print(json.dumps({k: v for k, v in summary.items() if k != "sources"}, indent=2))
 
 
+def cmd_traces(a) -> None:
+    import json
+
+    from flows.traces import traces
+
+    generator = json.loads(a.generator) if a.generator.lstrip().startswith("{") else json.load(open(a.generator))
+    filters = json.loads(a.filters) if a.filters else None
+    print(json.dumps(traces(root=a.root, dataset=a.dataset, generator=generator, batch_size=a.batch_size,
+                            filters=filters), indent=2))
+
+
 def cmd_query(a) -> None:
     from storage.query import format_table, query
 
@@ -75,6 +86,11 @@ def cmd_inspect(a) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
+    import os
+
+    # Prefect's ephemeral server: allow a slow first start on a fresh database, send no telemetry
+    os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "300")
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     parser = argparse.ArgumentParser(prog="parapipe", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
 
@@ -105,6 +121,15 @@ def main(argv: list[str] | None = None) -> None:
     ag.add_argument("--resolution", type=int, default=32)
     ag.add_argument("--resize", choices=("squash", "center_crop"), default="squash")
     ag.set_defaults(fn=cmd_aggregate)
+
+    tr = sub.add_parser("traces", help="write a reasoning trace for every sample (resumable)")
+    tr.add_argument("--root", default="data")
+    tr.add_argument("--dataset", default="toy-tiny")
+    tr.add_argument("--generator", default='{"kind": "teacher"}',
+                    help='JSON object or file: {"kind": "vllm", "model": FOLDER, ...} (tasks/generators.py)')
+    tr.add_argument("--filters", default=None, help="JSON object of FilterConfig fields (tasks/traces.py)")
+    tr.add_argument("--batch-size", type=int, default=16)
+    tr.set_defaults(fn=cmd_traces)
 
     q = sub.add_parser("query", help="run one SQL statement over the tables and canned views")
     q.add_argument("sql")

@@ -17,7 +17,7 @@ META_VERSION = b"parapipe.schema_version"
 VERSIONS = {
     "samples": 1,
     "quarantine": 1,
-    "traces": 1,
+    "traces": 2,
     "train_metrics": 1,
     "trajectories": 1,
     "rewards": 1,
@@ -70,6 +70,7 @@ QUARANTINE = _schema("quarantine", [
 TRACES = _schema("traces", [
     _f("sample_id", pa.string(), False),
     _f("generator", pa.string(), False),       # hash of (model, revision, template, sampling params)
+    _f("attempt", pa.int32(), False),          # 1 for the first try; failed rows are retried as attempt + 1
     _f("template_hash", pa.string(), False),
     _f("text", pa.string()),
     _f("status", pa.string(), False),          # "ok" | "failed" | "filtered"
@@ -161,7 +162,7 @@ TABLES = {
 KEYS = {
     "samples": ("sample_id",),
     "quarantine": ("source", "source_ref", "reason"),
-    "traces": ("sample_id", "generator"),
+    "traces": ("sample_id", "generator", "attempt"),
     "train_metrics": ("run_id", "step"),
     "trajectories": ("run_id", "round", "sample_id", "group_index", "step"),
     "rewards": ("run_id", "round", "sample_id", "group_index"),

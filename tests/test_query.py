@@ -20,7 +20,7 @@ TABLE_COUNTS = {"samples": 6, "quarantine": 4, "traces": 4, "trajectories": 4, "
 
 
 def trace(sample_id: str, generator: str, status: str, text: str | None, latency: float, out_tokens: int | None):
-    return dict(sample_id=sample_id, generator=generator, template_hash="t", text=text, status=status, model="m",
+    return dict(sample_id=sample_id, generator=generator, attempt=1, template_hash="t", text=text, status=status, model="m",
                 run_id="syn1", latency_s=latency, output_tokens=out_tokens)
 
 

@@ -58,7 +58,7 @@ def test_every_table_is_versioned_with_keys_and_choices_in_schema():
     assert set(TABLES) == set(VERSIONS) == set(KEYS) == {
         "samples", "quarantine", "traces", "train_metrics", "trajectories", "rewards", "eval_results", "runs"}
     for name, schema in TABLES.items():
-        assert schema_version(schema) == VERSIONS[name] == 1
+        assert schema_version(schema) == VERSIONS[name] == (2 if name == "traces" else 1)
         assert schema.metadata[b"parapipe.table"] == name.encode()
         assert all(k in schema.names for k in KEYS[name]), name
         assert all(not schema.field(k).nullable for k in KEYS[name]), name
@@ -124,7 +124,7 @@ def test_composite_and_explicit_keys(tmp_path):
     root = str(tmp_path)
     trace = make_rows("traces", 1)[0]
     other_gen = dict(trace, generator="g2")
-    assert write_rows(root, "traces", [trace, other_gen, trace], run="r").written == 2  # key (sample_id, generator)
+    assert write_rows(root, "traces", [trace, other_gen, trace], run="r").written == 2  # key (sample_id, generator, attempt)
     assert write_rows(root, "traces", [dict(trace, generator="g3")], run="r", key="sample_id").written == 0
     with pytest.raises(ValueError, match=r"key column\(s\) \['nope'\] are not in table 'traces'"):
         write_rows(root, "traces", [trace], run="r", key="nope")

@@ -1,4 +1,4 @@
-"""Make the published (CUDA-built) torchvision importable beside a CPU torch.
+"""Make the published CUDA-built torchvision and torchaudio wheels importable beside a CPU torch.
 
 torchvision's `_C` extension links libtorch_cuda and fails to load on a CPU torch; its
 `_meta_registrations.py` then calls `register_fake("torchvision::nms")` on an operator that was
@@ -9,7 +9,10 @@ interpreter start, so every process in the venv (pytest, Ray workers, vLLM's spa
 On the first `import torchvision` it tries to load `_C`; only if that fails does it define the two
 operator schemas torchvision expects (as a FRAGMENT, never DEF). A no-op where `_C` loads.
 
-    python tools/tvfix.py install     # copy into the active interpreter's site-packages
+The published torchaudio wheel is a CUDA build too: its C++ extension cannot load, and transformers
+(imported by vLLM) fails on it. `install` deletes that extension; torchaudio then imports without it.
+
+    python tools/cpu_fixes.py install     # into the active interpreter's site-packages
 """
 import importlib.abc
 import importlib.util
@@ -57,7 +60,15 @@ def _define_missing_ops(package_dir: str) -> None:
     _TorchvisionFinder.library = lib
 
 
+def _torchaudio_loads(purelib: str) -> bool:
+    import subprocess
+
+    probe = "import torch, torchaudio, torchaudio.lib._torchaudio"
+    return subprocess.run([sys.executable, "-c", probe], capture_output=True, cwd=purelib).returncode == 0
+
+
 def install() -> None:
+    import glob
     import shutil
     import sysconfig
 
@@ -66,11 +77,16 @@ def install() -> None:
     with open(os.path.join(purelib, "zz_parapipe_tvfix.pth"), "w") as f:
         f.write("import _parapipe_tvfix\n")
     print(f"torchvision import hook installed in {purelib}")
+    cuda_ext = glob.glob(os.path.join(purelib, "torchaudio", "lib", "*.so"))
+    if cuda_ext and not _torchaudio_loads(purelib):
+        for path in cuda_ext:
+            os.remove(path)
+        print(f"removed torchaudio's CUDA-only extension ({len(cuda_ext)} files)")
 
 
 if __name__ == "__main__":
     if sys.argv[1:] != ["install"]:
-        sys.exit("usage: python tools/tvfix.py install")
+        sys.exit("usage: python tools/cpu_fixes.py install")
     install()
 elif not any(isinstance(f, _TorchvisionFinder) for f in sys.meta_path):
     sys.meta_path.insert(0, _TorchvisionFinder())

@@ -1,0 +1,124 @@
+"""Trace stage without vLLM: teacher generator, filters, failure rows, retries, resume."""
+import json
+import threading
+from http.server import BaseHTTPRequestHandler, HTTPServer
+
+import pytest
+
+import tasks.aggregate as agg
+from storage.parquet import read_table
+from tasks.generators import GeneratorSpec, HTTPGenerator
+from tasks.traces import FilterConfig, TraceRequest, filter_reason, find_pending, generate_traces, generator_key
+
+CURATE = dict(resolution=32, resize="squash", min_side=16, max_aspect=3.0, near_duplicate_bits=2)
+
+
+@pytest.fixture
+def lake(tmp_path):
+    root = str(tmp_path / "lake")
+    agg.ingest_source.fn({"type": "toy", "name": "toy", "preset": "tiny", "n": 40, "seed": 2}, root, "d", CURATE)
+    return root
+
+
+def _run(root, generator, **kw):
+    spec = {**GeneratorSpec().__dict__, **generator}
+    pending = find_pending.fn(root, "d", generator_key(spec))
+    return pending, generate_traces.fn(root, "d", spec, pending, "run-1", **kw)
+
+
+def test_teacher_traces_resume_without_duplicates(lake):
+    pending, stats = _run(lake, {"kind": "teacher"}, batch_size=7)
+    assert len(pending) == 40 and stats["ok"] == 40 and stats["failed"] == 0
+    again, stats2 = _run(lake, {"kind": "teacher"})
+    assert again == {} and stats2["ok"] == 0
+    rows = read_table(lake, "traces").to_pylist()
+    assert len(rows) == 40 and len({r["sample_id"] for r in rows}) == 40
+    r = rows[0]
+    assert r["model"] == "toy-teacher" and r["attempt"] == 1 and r["run_id"] == "run-1" and len(r["template_hash"]) == 12
+    assert r["text"].startswith(tuple("abcdefghijklmnopqrstuvwxyz")) and "result:" in r["text"]
+    # another generator (different sampling parameters) makes its own set
+    other, _ = _run(lake, {"kind": "teacher", "error_rate": 0.5})
+    assert len(other) == 40
+    assert len(read_table(lake, "traces").to_pylist()) == 80
+
+
+def test_failures_are_rows_and_are_retried_next_run(lake, tmp_path):
+    # a JSONL sample has no toy task: the teacher cannot explain it -> a failed row, never an empty trace
+    d = tmp_path / "j"
+    d.mkdir()
+    (d / "o.png").write_bytes(read_table(lake, "samples").column("output_image")[0].as_py())
+    (d / "manifest.jsonl").write_text(json.dumps({"instruction": "draw a cat", "output_image": "o.png"}) + "\n")
+    agg.ingest_source.fn({"type": "jsonl", "name": "j", "path": str(d)}, lake, "d", CURATE)
+    _, stats = _run(lake, {"kind": "teacher"})
+    assert (stats["ok"], stats["failed"]) == (40, 1)
+    failed = [r for r in read_table(lake, "traces").to_pylist() if r["status"] == "failed"]
+    assert failed[0]["text"] is None and "toy task" in failed[0]["error"] and failed[0]["attempt"] == 1
+    pending, stats = _run(lake, {"kind": "teacher"})
+    assert list(pending.values()) == [2] and stats["failed"] == 1  # retried as attempt 2
+
+
+def test_filters_mark_rows_with_a_reason():
+    cfg = FilterConfig(min_words=3, max_words=10, min_object_words=1)
+    assert filter_reason("ok.", "paint the red circle", cfg).startswith("too_short")
+    assert filter_reason("word " * 11, "paint the red circle", cfg).startswith("too_long")
+    assert filter_reason("nothing relevant here", "paint the red circle", cfg).startswith("misses_objects")
+    assert filter_reason("the circle becomes blue", "paint the red circle", cfg) is None
+
+
+def test_clip_filter_uses_a_real_open_clip_model(lake, tmp_path):
+    from rl.reward import ClipScorer, register_tiny_clip
+
+    name = register_tiny_clip(str(tmp_path / "clip"))
+    scorer = ClipScorer(name)
+    from PIL import Image
+
+    s = scorer.score([Image.new("RGB", (32, 32), "red")] * 2, ["a red square", "a blue circle"])
+    assert len(s) == 2 and all(-1.0 <= v <= 1.0 for v in s) and s[0] != s[1]
+    _, stats = _run(lake, {"kind": "teacher"}, filters={"min_clip_score": 2.0, "clip_model": name})
+    assert stats["filtered"] == 40  # a cosine similarity never reaches 2
+    rows = read_table(lake, "traces").to_pylist()
+    assert all(r["status"] == "filtered" and r["filter_reason"].startswith("low_clip_score") for r in rows)
+
+
+class _Flaky(BaseHTTPRequestHandler):
+    """503 on every other request, else an OpenAI-style completion."""
+
+    calls = 0
+
+    def do_POST(self):  # noqa: N802
+        type(self).calls += 1
+        self.rfile.read(int(self.headers["Content-Length"]))
+        if type(self).calls % 2:
+            self.send_response(503)
+            self.end_headers()
+            return
+        body = json.dumps({"choices": [{"message": {"content": "the red circle turns blue"}}],
+                           "usage": {"prompt_tokens": 30, "completion_tokens": 6}}).encode()
+        self.send_response(200)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, *args):
+        pass
+
+
+def test_http_generator_retries_and_reports_unreachable_servers(lake):
+    server = HTTPServer(("127.0.0.1", 0), _Flaky)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    png = read_table(lake, "samples").column("output_image")[0].as_py()
+    req = TraceRequest("s1", "paint the red circle blue", png, png)
+    try:
+        gen = HTTPGenerator(GeneratorSpec(kind="http", base_url=f"http://127.0.0.1:{server.server_port}/v1",
+                                          concurrency=2, retries=2))
+        out = gen.generate([req, req, req])
+        gen.close()
+    finally:
+        server.shutdown()
+    assert [o.text for o in out] == ["the red circle turns blue"] * 3
+    assert all(o.error is None and o.output_tokens == 6 for o in out)
+    assert _Flaky.calls == 6  # each request saw one 503, backed off, then got a 200
+    _, stats = _run(lake, {"kind": "http", "base_url": "http://127.0.0.1:9/v1", "retries": 0, "timeout_s": 2})
+    assert stats["failed"] == 40
+    assert all("Connect" in r["error"] for r in read_table(lake, "traces").to_pylist())
