@@ -191,10 +191,28 @@ class HTTPGenerator:
 
 
 class RayDataGenerator:
-    """`ray.data.llm` vLLM processor over a Ray dataset of the requests (CPU bundles unless GPUs exist)."""
+    """`ray.data.llm` vLLM processor over a Ray dataset of the requests (CPU bundles unless GPUs exist).
+
+    Prompts are rendered here with the model's own chat template and images travel as PNG bytes:
+    Ray 2.60's chat-template and multimodal stages import vLLM modules that newer vLLM moved.
+    """
 
     def __init__(self, spec: GeneratorSpec):
+        from transformers import AutoTokenizer
+
         self.spec = spec
+        self.tokenizer = AutoTokenizer.from_pretrained(spec.model, revision=spec.revision)
+
+    def _row(self, req: TraceRequest) -> dict:
+        images = request_images(req, self.spec.max_pixels)
+        messages = _message(req, self.spec, lambda im: {"type": "image"})
+        prompt = self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        pngs = []
+        for im in images:
+            buf = io.BytesIO()
+            im.save(buf, format="PNG")
+            pngs.append(buf.getvalue())
+        return {"sample_id": req.sample_id, "seed": req.seed, "prompt": prompt, "images": pngs}
 
     def generate(self, requests: list[TraceRequest]) -> list[TraceResult]:
         import ray
@@ -208,13 +226,10 @@ class RayDataGenerator:
                                tensor_parallel_size=spec.tensor_parallel_size, enforce_eager=True,
                                limit_mm_per_prompt={"image": 2, "video": 0}),
             placement_group_config=None if use_gpu else {"bundles": [{"CPU": 1}]},
-            prepare_multimodal_stage={"enabled": True}, chat_template_stage=True, tokenize_stage=True,
-            detokenize_stage=True, should_continue_on_error=True)
-        rows = [{"sample_id": r.sample_id, "seed": r.seed,
-                 "messages": _message(r, spec, lambda im: {"type": "image_url", "image_url": {"url": _data_url(im)}})}
-                for r in requests]
+            chat_template_stage=False, tokenize_stage=False, detokenize_stage=False,
+            should_continue_on_error=True, log_engine_metrics=False)
         processor = build_processor(config, preprocess=lambda row: dict(
-            messages=row["messages"], sample_id=row["sample_id"],
+            prompt=row["prompt"], sample_id=row["sample_id"], multimodal_data={"image": [_pil(b) for b in row["images"]]},
             sampling_params=dict(temperature=spec.temperature, top_p=spec.top_p, max_tokens=spec.max_tokens,
                                  seed=row["seed"])),
             postprocess=lambda row: dict(sample_id=row["sample_id"], text=row.get("generated_text"),
@@ -222,7 +237,7 @@ class RayDataGenerator:
                                          prompt_tokens=row.get("num_input_tokens"),
                                          output_tokens=row.get("num_generated_tokens")))
         t0 = time.perf_counter()
-        got = {r["sample_id"]: r for r in processor(ray.data.from_items(rows)).take_all()}
+        got = {r["sample_id"]: r for r in processor(ray.data.from_items([self._row(r) for r in requests])).take_all()}
         latency = (time.perf_counter() - t0) / max(1, len(requests))
         return [TraceResult(r.sample_id, got[r.sample_id]["text"], got[r.sample_id]["error"], latency,
                             got[r.sample_id]["prompt_tokens"], got[r.sample_id]["output_tokens"])
@@ -231,6 +246,12 @@ class RayDataGenerator:
 
     def close(self) -> None:
         pass
+
+
+def _pil(png: bytes):
+    from PIL import Image
+
+    return Image.open(io.BytesIO(png)).convert("RGB")
 
 
 def make_generator(spec: GeneratorSpec):

@@ -125,3 +125,23 @@ def test_http_generator_against_vllm_serve_survives_a_kill(tmp_path, vllm_server
     assert len(after) == len(rows) + len(unfinished)
     retried = {(r["sample_id"], r["attempt"]) for r in after} - {(r["sample_id"], r["attempt"]) for r in rows}
     assert retried == {(s, a + 1) for s, a in unfinished.items()}
+
+
+def test_ray_data_llm_generator_writes_the_same_table(tmp_path, tiny_qwen):
+    import ray
+
+    from tasks.generators import GeneratorSpec
+    from tasks.traces import find_pending, generate_traces, generator_key
+
+    root, n = _lake(tmp_path, n=6)
+    spec = {**GeneratorSpec().__dict__, "kind": "ray", "model": tiny_qwen, "max_tokens": 16, "max_model_len": 1024,
+            "max_num_seqs": 4, "dtype": "bfloat16"}
+    ray.init(num_cpus=2, include_dashboard=False, ignore_reinit_error=True)
+    try:
+        pending = find_pending.fn(root, "d", generator_key(spec))
+        stats = generate_traces.fn(root, "d", spec, pending, "ray-run", batch_size=n,
+                                   filters={"min_object_words": 0})
+    finally:
+        ray.shutdown()
+    assert stats["ok"] + stats["filtered"] + stats["failed"] == n
+    _check_rows(root, n, tiny_qwen)
