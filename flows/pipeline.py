@@ -1,7 +1,8 @@
 """`pipeline`: the whole ParaPipe job on one dataset, stage by stage.
 
-Stages so far: aggregate -> fit the image tokenizer -> (SFT lands in a later issue: until then a
-tiny random checkpoint) -> generate reasoning + images for held-out edits. The embedded default is
+Stages so far: aggregate -> reasoning traces (the toy teacher by default) -> fit the image tokenizer
+-> (SFT lands in a later issue: until then a tiny random checkpoint) -> generate reasoning + images
+for held-out edits. The embedded default is
 the toy world's tiny preset on local storage.
 """
 import os
@@ -9,6 +10,7 @@ import os
 from prefect import flow, task
 
 from flows.aggregate import aggregate
+from flows.traces import traces
 from model.sampling import SamplerConfig
 from tasks.generate import generate_examples_fn, init_tiny_checkpoint_fn
 from tasks.image_codes import fit_image_tokenizer
@@ -23,6 +25,7 @@ def pipeline(out: str = "runs/default", dataset: str = "toy-tiny", toy_samples: 
     root = os.path.join(out, "data")
     sources = [{"type": "toy", "name": dataset, "preset": "tiny", "n": toy_samples, "seed": seed}]
     summary = aggregate(sources=sources, root=root, dataset=dataset, resolution=32)
+    trace_stats = traces(root=root, dataset=dataset, generator={"kind": "teacher", "seed": seed})
     vq_dir = fit_image_tokenizer(root, dataset, os.path.join(out, "image_tokenizer"), patch_size=8,
                                  codebook_size=16, seed=seed)
     checkpoint = init_tiny_checkpoint(os.path.join(out, "checkpoints", "tiny-random"), root, dataset, vq_dir, seed)
@@ -31,5 +34,6 @@ def pipeline(out: str = "runs/default", dataset: str = "toy-tiny", toy_samples: 
                                  text_tokens=text_tokens, seed=seed)
     for e in examples:
         print(f"{e['sample_id']}: {e['instruction']!r} -> {e['text']!r}")
-    return {"samples": summary["samples"], "quarantined": summary["quarantined"], "checkpoint": checkpoint,
+    return {"samples": summary["samples"], "quarantined": summary["quarantined"], "traces": trace_stats,
+            "checkpoint": checkpoint,
             "examples": examples}

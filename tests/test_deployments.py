@@ -4,7 +4,9 @@ import pathlib
 import yaml
 from prefect.flows import load_flow_from_entrypoint
 
+from tasks.generators import GeneratorSpec
 from tasks.sources import SourceSpec
+from tasks.traces import FilterConfig
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
@@ -19,4 +21,8 @@ def test_deployments_resolve_and_parameters_validate(monkeypatch):
         params = flow.validate_parameters(d.get("parameters", {}))
         for source in params.get("sources") or []:
             SourceSpec.from_dict(source)  # raises on an unknown key or type
+        if params.get("generator"):
+            GeneratorSpec(**params["generator"])
+        if params.get("filters"):
+            FilterConfig(**params["filters"])
         assert d["work_pool"]["name"]

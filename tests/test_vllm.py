@@ -145,3 +145,20 @@ def test_ray_data_llm_generator_writes_the_same_table(tmp_path, tiny_qwen):
         ray.shutdown()
     assert stats["ok"] + stats["filtered"] + stats["failed"] == n
     _check_rows(root, n, tiny_qwen)
+
+
+def test_structured_output_over_http(tmp_path, vllm_server):
+    from tasks.generators import GeneratorSpec, HTTPGenerator
+    from tasks.traces import TraceRequest
+
+    root, _ = _lake(tmp_path, n=4)
+    rows = read_table(root, "samples").slice(0, 3).to_pylist()
+    schema = {"type": "object", "properties": {"reasoning": {"type": "string"}}, "required": ["reasoning"]}
+    gen = HTTPGenerator(GeneratorSpec(kind="http", model="tiny-qwen", base_url=vllm_server, max_tokens=48,
+                                      json_schema=schema))
+    out = gen.generate([TraceRequest(r["sample_id"], r["instruction"], r["output_image"], r["input_image"], seed=i)
+                        for i, r in enumerate(rows)])
+    gen.close()
+    assert all(o.error is None for o in out), [o.error for o in out]
+    # grammar-constrained decoding: even a random model starts the required JSON object
+    assert all(o.text.lstrip().startswith("{") and '"reasoning"' in o.text for o in out), [o.text for o in out]
