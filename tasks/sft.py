@@ -117,6 +117,20 @@ def _mean_over_ranks(row: dict, world: int) -> dict:
     return out
 
 
+def _distinct_shards(batch, world: int) -> int:
+    """How many ranks hold a different first batch (== world size when the data is sharded)."""
+    import hashlib
+
+    digest = hashlib.sha256(batch.input_ids.numpy().tobytes()).hexdigest()
+    if world == 1:
+        return 1
+    import torch.distributed as dist
+
+    got = [None] * world
+    dist.all_gather_object(got, digest)
+    return len(set(got))
+
+
 def _metric_rows(rows: list[dict], run_id: str) -> list[dict]:
     import datetime as dt
 
@@ -168,6 +182,8 @@ def train_loop_per_worker(cfg: dict) -> None:
     gen = torch.Generator(device=device)
     stop = min(sft.total_steps, start + cfg.get("max_steps_this_run", sft.total_steps))
     every, pending, t_run = cfg["checkpoint_every"], [], time.perf_counter()
+    probe = batch_stream(data, vocab, seq, sft.batch_size, sft.seed, rank, world, sft.cond_dropout, start * sft.grad_accum)
+    distinct = _distinct_shards(next(probe), world)
     for step in range(start, stop):
         if step == cfg.get("crash_at_step") and rank == world - 1 and not os.path.exists(cfg["crash_marker"]):
             open(cfg["crash_marker"], "w").close()
@@ -183,6 +199,7 @@ def train_loop_per_worker(cfg: dict) -> None:
         if (step + 1) % every and not last:
             continue
         metrics = {k: row[k] for k in ("step", "loss", "loss_text", "loss_image", "lr", "grad_norm", "tokens_per_s")}
+        metrics["distinct_rank_batches"] = distinct
         evals = []
         if rank == 0 and cfg.get("eval") and (last or (step + 1) % cfg["eval"]["interval"] == 0):
             evals = _evaluate(model, cfg, vocab, step + 1)
