@@ -122,6 +122,7 @@ def parse_args() -> argparse.Namespace:
     ap.add_argument("--batch", type=int, default=r.sft.batch_size)
     ap.add_argument("--warmup", type=int, default=r.sft.warmup_steps)
     ap.add_argument("--objective", default=r.sft.objective)
+    ap.add_argument("--image-coeff", type=float, default=r.sft.image_coeff)
     ap.add_argument("--dropout", type=float, default=r.sft.cond_dropout)
     ap.add_argument("--text-tokens", type=int, default=r.seq.text_tokens)
     ap.add_argument("--instr-tokens", type=int, default=r.seq.instruction_tokens, help="0 = unpadded prompts")
@@ -143,8 +144,8 @@ def main() -> None:
         seq=SequenceConfig(text_tokens=a.text_tokens, instruction_tokens=a.instr_tokens),
         model={**r.model, "d_model": a.d_model, "n_layers": a.layers, "n_heads": a.heads, "mlp_hidden_size": a.mlp},
         sft=dataclasses.replace(r.sft, lr=a.lr, batch_size=a.batch, total_steps=a.steps, warmup_steps=a.warmup,
-                                objective=a.objective, cond_dropout=a.dropout, bf16=not a.fp32, seed=a.seed,
-                                eval_interval=a.eval_every))
+                                objective=a.objective, image_coeff=a.image_coeff, cond_dropout=a.dropout,
+                                bf16=not a.fp32, seed=a.seed, eval_interval=a.eval_every))
     preset, tok, vq, vocab, train_set, val_set, scenes = build_data(recipe, a.cache_dir, a.seed)
     model_cfg = ModelConfig(**recipe.model, vocab_size=vocab.vocab_size, embedding_size=vocab.vocab_size)
     cfg, seq = recipe.sft, recipe.seq

@@ -43,10 +43,15 @@ def cmd_run(a) -> None:
     """The whole pipeline on the embedded default (the toy world, tiny models, local storage)."""
     from flows.pipeline import pipeline
 
-    result = pipeline(out=a.out, toy_samples=a.toy_samples, seed=a.seed, steps=a.steps,
-                      image_steps=a.image_steps, text_tokens=a.text_length)
+    result = pipeline(out=a.out, toy_samples=a.toy_samples, seed=a.seed, sft_steps=a.sft_steps,
+                      num_workers=a.workers)
+    exact = result["eval"]["exact_image"]
     print(f"run finished in {a.out}: {result['samples']} samples, {result['quarantined']} quarantined, "
           f"checkpoint {result['checkpoint']}, {len(result['examples'])} examples in {a.out}/examples")
+    print("held-out exact output images (model / copy input / most common output):")
+    for category, m in sorted(exact.items()):
+        print(f"  {category:>12s}: {m.get('model', 0):.2f} / {m.get('copy_input', 0):.2f} / "
+              f"{m.get('common_output', 0):.2f}")
 
 
 def cmd_aggregate(a) -> None:
@@ -57,6 +62,17 @@ def cmd_aggregate(a) -> None:
     sources = json.loads(open(a.sources).read()) if a.sources else None
     summary = aggregate(sources=sources, root=a.root, dataset=a.dataset, resolution=a.resolution, resize=a.resize)
     print(json.dumps({k: v for k, v in summary.items() if k != "sources"}, indent=2))
+
+
+def cmd_sft(a) -> None:
+    import json
+
+    from flows.sft import sft
+
+    out = sft(root=a.root, dataset=a.dataset, out=a.out, run_id=a.run_id, total_steps=a.steps,
+              num_workers=a.workers, use_gpu=a.gpu, init_from=a.init_from, checkpoint_every=a.checkpoint_every,
+              fsdp=a.fsdp)
+    print(json.dumps({k: v for k, v in out.items() if k != "eval"}, indent=2, default=str))
 
 
 def cmd_traces(a) -> None:
@@ -110,8 +126,10 @@ def main(argv: list[str] | None = None) -> None:
 
     r = sub.add_parser("run", help="the whole pipeline on the embedded default")
     r.add_argument("--out", default="runs/default")
-    r.add_argument("--toy-samples", type=int, default=2000, help="toy-world samples to aggregate")
-    _sampler_args(r)
+    r.add_argument("--toy-samples", type=int, default=None, help="toy-world samples (default: the recipe's)")
+    r.add_argument("--sft-steps", type=int, default=None, help="SFT optimiser steps (default: the recipe's)")
+    r.add_argument("--workers", type=int, default=2, help="Ray Train workers")
+    r.add_argument("--seed", type=int, default=0)
     r.set_defaults(fn=cmd_run)
 
     ag = sub.add_parser("aggregate", help="aggregate sources into a validated, deduplicated samples table")
@@ -130,6 +148,19 @@ def main(argv: list[str] | None = None) -> None:
     tr.add_argument("--filters", default=None, help="JSON object of FilterConfig fields (tasks/traces.py)")
     tr.add_argument("--batch-size", type=int, default=16)
     tr.set_defaults(fn=cmd_traces)
+
+    sf = sub.add_parser("sft", help="supervised fine-tuning on Ray Train (re-run the same --run-id to resume)")
+    sf.add_argument("--root", default="data")
+    sf.add_argument("--dataset", default="toy-tiny")
+    sf.add_argument("--out", default="runs/sft")
+    sf.add_argument("--run-id", default="sft-toy-tiny")
+    sf.add_argument("--steps", type=int, default=None, help="optimiser steps (default: the recipe's)")
+    sf.add_argument("--workers", type=int, default=2)
+    sf.add_argument("--gpu", action="store_true", help="one GPU per worker (NCCL)")
+    sf.add_argument("--fsdp", action="store_true", help="FSDP2 per block with bf16 compute (GPUs)")
+    sf.add_argument("--init-from", default=None, help="released / earlier checkpoint folder to fine-tune")
+    sf.add_argument("--checkpoint-every", type=int, default=100)
+    sf.set_defaults(fn=cmd_sft)
 
     q = sub.add_parser("query", help="run one SQL statement over the tables and canned views")
     q.add_argument("sql")

@@ -20,7 +20,7 @@ def default_recipe() -> dict:
             "sampler": {"steps": r.sampler_steps, "image_steps": r.sampler_image_steps,
                         "text_block_length": r.seq.text_tokens, "text_temperature": 0.0,
                         "image_temperature": 0.0, "image_noise": 0.0},
-            "eval_per_category": r.eval_per_category}
+            "eval_per_category": r.eval_per_category, "train_samples": r.train_samples}
 
 
 @flow(name="sft", log_prints=True)
@@ -30,7 +30,8 @@ def sft(root: str = "data", dataset: str = "toy-tiny", out: str = "runs/sft", ru
         eval_interval: int = 500, max_failures: int = 2, fsdp: bool = False) -> dict:
     recipe = recipe or default_recipe()
     if total_steps:
-        recipe = {**recipe, "sft": {**recipe["sft"], "total_steps": total_steps}}
+        warmup = min(recipe["sft"]["warmup_steps"], total_steps // 5)  # short runs keep a proportionate warm-up
+        recipe = {**recipe, "sft": {**recipe["sft"], "total_steps": total_steps, "warmup_steps": warmup}}
     if not init_from and not image_tokenizer_dir:
         image_tokenizer_dir = fit_image_tokenizer(root, dataset, os.path.join(out, "image_tokenizer"))
     paths = prepare_sft(root, dataset, out, recipe, init_from, image_tokenizer_dir,

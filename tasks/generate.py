@@ -112,26 +112,6 @@ def generate_to_files(checkpoint: str, prompt: str, out_dir: str, sampler: Sampl
 # ---------------------------------------------------------------------------------------------
 # Prefect tasks of the pipeline
 
-def _corpus(root: str, dataset: str) -> list[str]:
-    import pyarrow.compute as pc
-
-    from storage.parquet import read_table
-
-    tbl = read_table(root, "samples", run=dataset, filter=pc.field("split") == "train",
-                     columns=["instruction", "reference_trace"])
-    return [t for col in tbl.columns for t in col.to_pylist() if t]
-
-
-def init_tiny_checkpoint_fn(folder: str, root: str, dataset: str, image_tokenizer_dir: str, seed: int = 0) -> str:
-    """Tiny random checkpoint whose tokenizer is trained on the dataset's text and whose image
-    tokenizer is the one fitted on its images."""
-    from model.image_tokenizer import PatchVQ
-
-    vq = PatchVQ.load(image_tokenizer_dir)
-    return make_tiny_checkpoint(folder, codebook_size=vq.codebook_size, grid=vq.grid,
-                                corpus=_corpus(root, dataset), seed=seed, image_tokenizer=vq)
-
-
 def generate_examples_fn(checkpoint: str, root: str, dataset: str, out_dir: str, sampler: SamplerConfig,
                          n: int = 4, split: str = "val", text_tokens: int = 32, seed: int = 0) -> list[dict]:
     """Generates for the first n editing samples of a split; writes input/target PNGs beside each output."""

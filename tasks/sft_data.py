@@ -49,7 +49,8 @@ class SequenceConfig:
         if self.text_tokens < 2:
             raise ValueError(f"SequenceConfig.text_tokens={self.text_tokens}; need room for a trace and its <eos>")
         if self.instruction_tokens < 0:
-            raise ValueError(f"SequenceConfig.instruction_tokens={self.instruction_tokens} must be >= 0 (0 = no padding)")
+            raise ValueError(f"SequenceConfig.instruction_tokens={self.instruction_tokens} must be >= 0 "
+                             f"(0 = no padding)")
 
 
 @dataclass
@@ -161,7 +162,8 @@ def tokenise_rows(rows: list[dict], texts: list[str | None], tokenizer, image_to
     for i, codes in zip(edits, _encode_images([keep[i][0]["input_image"] for i in edits], image_tokenizer)):
         in_codes[i] = codes
     return TokenisedSet(
-        sample_id=[r["sample_id"] for r, _, _ in keep], kind=["edit" if c is not None else "generate" for c in in_codes],
+        sample_id=[r["sample_id"] for r, _, _ in keep],
+        kind=["edit" if c is not None else "generate" for c in in_codes],
         category=[r.get("category") or "" for r, _, _ in keep], split=[r.get("split") or "" for r, _, _ in keep],
         input_codes=in_codes, instruction=[instr for _, _, instr in keep],
         output=[output_target(vocab, shape, oc, trace) for (_, trace, _), oc in zip(keep, out_codes)],

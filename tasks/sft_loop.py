@@ -9,6 +9,7 @@ built from these pieces (tests, benchmarks); resume_state() / training_state() a
 checkpoint needs (model, optimiser, step, the masking generator's state).
 Leaves out: Ray, DDP, checkpoint files, data loading (tasks/sft_data.py), evaluation (tasks/toy_eval.py).
 """
+import dataclasses
 import math
 import time
 from collections.abc import Callable, Iterator
@@ -49,8 +50,10 @@ class SFTConfig:
     """Probability of dropping the instruction, and independently the input image (CFG training)."""
     objective: str = "paper"
     """Loss / masking objective: a key of OBJECTIVES (paper, parallel_m, parallel_a)."""
+    image_coeff: float = 1.0
+    """Multiplies the objective's image loss coefficient (the toy target is exact images)."""
     bf16: bool = True
-    """Run forward and backward under torch.autocast(bfloat16); weights, grads and loss stay fp32."""
+    """Run the forward under torch.autocast(<device>, bfloat16); weights, grads and the loss stay fp32."""
     seed: int = 0
     """Seed of the model init, the data order, dropout and the masking generator."""
     eval_interval: int = 250
@@ -65,7 +68,8 @@ class SFTConfig:
             if getattr(self, name) < 1:
                 raise ValueError(f"SFTConfig.{name}={getattr(self, name)} must be >= 1")
         if not 0 <= self.warmup_steps <= self.total_steps:
-            raise ValueError(f"SFTConfig.warmup_steps={self.warmup_steps} must lie in [0, total_steps={self.total_steps}]")
+            raise ValueError(f"SFTConfig.warmup_steps={self.warmup_steps} must lie in "
+                             f"[0, total_steps={self.total_steps}]")
         if not 0 <= self.cond_dropout < 1:
             raise ValueError(f"SFTConfig.cond_dropout={self.cond_dropout} must lie in [0, 1)")
         if self.lr <= 0 or not 0 <= self.min_lr_ratio <= 1:
@@ -139,11 +143,13 @@ def micro_batch_loss(model: torch.nn.Module, batch: Batch, cfg: SFTConfig, mask_
     Logits are computed for the output part only (last M columns): the loss never looks at the prompt.
     """
     objective = OBJECTIVES[cfg.objective]
+    if cfg.image_coeff != 1.0:
+        objective = dataclasses.replace(objective, image_coeff=objective.image_coeff * cfg.image_coeff)
     dev = next(model.parameters()).device
     ids, mask, regions = batch.input_ids.to(dev), batch.attention_mask.to(dev), batch.regions.to(dev)
     noisy, masked, t_text, t_image = forward_process(ids, regions, objective, mask_id, generator)
     M = output_columns(regions)
-    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=cfg.bf16 and dev.type == "cpu"):
+    with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=cfg.bf16):
         logits = model(noisy, mask, last_n=M)  # (B, M, V)
     return diffusion_loss(logits, ids[:, -M:], masked[:, -M:], regions[:, -M:], t_text, t_image, objective)
 

@@ -1,6 +1,8 @@
 """`parapipe generate` / `init-tiny` / `run` end to end on a tiny random checkpoint."""
 import json
 import subprocess
+
+import pytest
 import sys
 
 from flows.cli import main
@@ -24,13 +26,13 @@ def test_generate_from_a_tiny_checkpoint(tmp_path, capsys):
     assert "wrote" in capsys.readouterr().out
 
 
+@pytest.mark.slow
 def test_run_pipeline_then_query_and_inspect(tmp_path):
     """`parapipe run` (its own ephemeral Prefect server), then DuckDB over what it wrote."""
-    run = subprocess.run([sys.executable, "-m", "flows.cli", "run", "--out", str(tmp_path), "--toy-samples", "120",
-                          "--steps", "8", "--image-steps", "4", "--text-length", "32", "--block-length", "32"],
-                         capture_output=True, text=True)
+    run = subprocess.run([sys.executable, "-m", "flows.cli", "run", "--out", str(tmp_path), "--toy-samples", "200",
+                          "--sft-steps", "4"], capture_output=True, text=True)
     assert run.returncode == 0, run.stderr[-3000:]
-    assert "run finished" in run.stdout and "120 samples" in run.stdout
+    assert "run finished" in run.stdout and "200 samples" in run.stdout and "held-out exact" in run.stdout
     examples = sorted((tmp_path / "examples").iterdir())
     assert len(examples) == 4
     for ex in examples:
@@ -41,7 +43,7 @@ def test_run_pipeline_then_query_and_inspect(tmp_path):
                         "SELECT split, sum(n) AS n FROM samples_by_source GROUP BY split ORDER BY split"],
                        capture_output=True, text=True, check=True)
     counts = {line.split("|")[0].strip(): int(line.split("|")[1]) for line in q.stdout.splitlines()[2:-1]}
-    assert counts == {"test": 6, "train": 108, "val": 6}
+    assert counts == {"test": 10, "train": 180, "val": 10}
     sql = tmp_path / "views.sql"
     subprocess.run([sys.executable, "-m", "flows.cli", "inspect", "--root", root, "--write-sql", str(sql)],
                    check=True, capture_output=True)
@@ -49,7 +51,8 @@ def test_run_pipeline_then_query_and_inspect(tmp_path):
 
     con = duckdb.connect()
     con.execute(sql.read_text())
-    assert con.sql("SELECT count(*) FROM samples").fetchall() == [(120,)]
+    assert con.sql("SELECT count(*) FROM samples").fetchall() == [(200,)]
+    assert con.sql("SELECT count(*) FROM train_metrics").fetchall() == [(4,)]
     session = subprocess.run([sys.executable, "-m", "flows.cli", "inspect", "--root", root],
                              input="SELECT count(*) AS n FROM quarantine;\n.quit\n", capture_output=True, text=True)
     assert session.returncode == 0 and "0" in session.stdout

@@ -110,7 +110,7 @@ def _fake_set(n: int) -> TokenisedSet:
 
 def test_shards_are_disjoint_and_cover_the_data():
     for epoch in (0, 1):
-        r0, r1 = epoch_order(10, epoch, seed=3, rank=0, world_size=2), epoch_order(10, epoch, seed=3, rank=1, world_size=2)
+        r0, r1 = (epoch_order(10, epoch, seed=3, rank=r, world_size=2) for r in (0, 1))
         assert len(r0) == len(r1) == 5 and not set(r0) & set(r1) and set(r0) | set(r1) == set(range(10))
     assert epoch_order(10, 0, 3, 0, 2) != epoch_order(10, 1, 3, 0, 2)  # reshuffled per epoch
     assert len(epoch_order(11, 0, 3, 1, 2)) == 5  # equal step counts on every rank
