@@ -32,7 +32,7 @@ MATMUL_N = 2048
 VQ_FIT_IMAGES = 2000
 
 
-def matmul_peak(dtype: torch.dtype, n: int = MATMUL_N, reps: int = 5) -> float:
+def matmul_peak(dtype: torch.dtype, n: int = MATMUL_N, reps: int = 10) -> float:
     """Best-of-reps FLOP/s of an n x n matmul."""
     a, b = torch.randn(n, n).to(dtype), torch.randn(n, n).to(dtype)
     a @ b

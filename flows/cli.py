@@ -3,11 +3,16 @@ import argparse
 import sys
 
 
+ONE_BLOCK = 1 << 30  # a block length above any text length: the whole text is one block
+
+
 def _sampler_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--steps", type=int, default=32, help="text steps on the shared timeline (S)")
     p.add_argument("--image-steps", type=int, default=16, help="image decoding steps")
-    p.add_argument("--text-length", type=int, default=32, help="output text slots")
-    p.add_argument("--block-length", type=int, default=32, help="semi-autoregressive text block length")
+    p.add_argument("--text-length", type=int, default=None,
+                   help="output text slots (default: what the checkpoint was trained with, else 64)")
+    p.add_argument("--block-length", type=int, default=None,
+                   help="semi-autoregressive text block length (default: one block over the whole text)")
     p.add_argument("--text-cfg", type=float, default=0.0, help="guidance scale on text logits")
     p.add_argument("--image-cfg", type=float, default=0.0, help="guidance scale on image logits")
     p.add_argument("--text-temperature", type=float, default=0.0, help="0 = greedy text")
@@ -19,7 +24,7 @@ def _sampler_args(p: argparse.ArgumentParser) -> None:
 def _sampler_config(a):
     from model.sampling import SamplerConfig
 
-    return SamplerConfig(steps=a.steps, image_steps=a.image_steps, text_block_length=a.block_length,
+    return SamplerConfig(steps=a.steps, image_steps=a.image_steps, text_block_length=a.block_length or ONE_BLOCK,
                          text_cfg=a.text_cfg, image_cfg=a.image_cfg, text_temperature=a.text_temperature,
                          image_temperature=a.image_temperature, mode=a.mode)
 

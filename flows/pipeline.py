@@ -24,14 +24,16 @@ def pipeline(out: str = "runs/default", dataset: str = "toy-tiny", toy_samples: 
     root = os.path.join(out, "data")
     recipe = default_recipe()
     n = toy_samples or recipe["train_samples"]
-    sources = [{"type": "toy", "name": dataset, "preset": "tiny", "n": n, "seed": seed}]
+    # the toy recipe trains the categories it can learn on 2 cores in ~15 minutes (see tasks/sft_loop.py)
+    sources = [{"type": "toy", "name": dataset, "preset": "tiny", "n": n, "seed": seed,
+                "categories": list(recipe["categories"] or [])}]
     summary = aggregate(sources=sources, root=root, dataset=dataset, resolution=32)
     trace_stats = traces(root=root, dataset=dataset, generator={"kind": "teacher", "seed": seed})
     trained = sft(root=root, dataset=dataset, out=os.path.join(out, "sft"), run_id=f"sft-{dataset}", recipe=recipe,
                   total_steps=sft_steps, num_workers=num_workers)
     sampler = SamplerConfig(**recipe["sampler"])
     shown = generate_examples(trained["checkpoint"], root, dataset, os.path.join(out, "examples"), sampler, n=examples,
-                              split="test", text_tokens=recipe["seq"]["text_tokens"], seed=seed)
+                              split="test", seed=seed)
     for e in shown:
         print(f"{e['sample_id']}: {e['instruction']!r} -> {e['text']!r}")
     return {"samples": summary["samples"], "quarantined": summary["quarantined"], "traces": trace_stats,

@@ -36,7 +36,9 @@ def sft(root: str = "data", dataset: str = "toy-tiny", out: str = "runs/sft", ru
         image_tokenizer_dir = fit_image_tokenizer(root, dataset, os.path.join(out, "image_tokenizer"))
     paths = prepare_sft(root, dataset, out, recipe, init_from, image_tokenizer_dir,
                         eval_per_category=max(4, recipe.get("eval_per_category", 16) // 4))
-    cfg = {"base": paths["base"], "train_data": paths["train_data"], "seq": recipe["seq"], "sft": recipe["sft"],
+    # the recipe's batch_size is the global batch: each data-parallel worker takes its share
+    per_worker = dict(recipe["sft"], batch_size=max(1, recipe["sft"]["batch_size"] // num_workers))
+    cfg = {"base": paths["base"], "train_data": paths["train_data"], "seq": recipe["seq"], "sft": per_worker,
            "root": root, "run_id": run_id, "out": out, "checkpoint_every": checkpoint_every, "fsdp": fsdp}
     if "val_data" in paths:
         cfg["eval"] = {"val_data": paths["val_data"], "scenes": paths["scenes"], "preset": paths["preset"],
@@ -45,7 +47,8 @@ def sft(root: str = "data", dataset: str = "toy-tiny", out: str = "runs/sft", ru
     print(f"{run_id}: {paths['train_size']} training sequences (dropped {paths['dropped']}), "
           f"final metrics {fit['metrics']}")
     tables = evaluate_checkpoint(fit["checkpoint"], root, dataset, run_id, "test",
-                                 recipe.get("eval_per_category", 32), recipe["sampler"], recipe["seq"])
+                                 recipe.get("eval_per_category", 32), recipe["sampler"], recipe["seq"],
+                                 recipe.get("categories"))
     for category, methods in sorted(tables["exact_image"].items()):
         print(f"  exact image {category:>12s}: " + "  ".join(f"{m}={v:.2f}" for m, v in methods.items()))
     return {"checkpoint": fit["checkpoint"], "fit_s": fit["fit_s"], "train_size": paths["train_size"],

@@ -19,6 +19,7 @@ from tasks.tokenizer import TextTokenizer, build_tiny_tokenizer
 
 IMAGE_TOKENIZER_DIR = "image_tokenizer"
 GRID_KEY = "parapipe_image_grid"
+SEQUENCE_KEY = "parapipe_sequence"  # the SequenceConfig a checkpoint was trained with
 DEFAULT_GRID = (32, 32)  # MAGVIT-v2 at 512 x 512 (released checkpoints)
 TINY_MODEL = dict(d_model=128, n_layers=4, n_heads=4, mlp_hidden_size=384, rope_theta=10000.0,
                   max_sequence_length=512)
@@ -69,8 +70,23 @@ def write_png(image: torch.Tensor, path: str) -> None:
     Image.fromarray(image.cpu().numpy()).save(path)
 
 
+def sequence_layout(folder: str) -> dict:
+    """The SequenceConfig fields a checkpoint was trained with (config.json), {} if none recorded."""
+    with open(os.path.join(folder, CONFIG_FILE)) as f:
+        return json.load(f).get(SEQUENCE_KEY, {})
+
+
+def pad_instruction_ids(ids: list[int], layout: dict, eos_id: int) -> list[int]:
+    """Instruction ids <eos>-padded as in training (tasks/sft_data.pad_instruction)."""
+    n = layout.get("instruction_tokens", 0)
+    if n and len(ids) > n:
+        raise ValueError(f"instruction of {len(ids)} tokens is longer than the {n} the checkpoint was trained "
+                         f"with; shorten it")
+    return ids + [eos_id] * max(n - len(ids), 0)
+
+
 def generate_to_files(checkpoint: str, prompt: str, out_dir: str, sampler: SamplerConfig,
-                      text_tokens: int = 64, image_path: str | None = None, seed: int = 0,
+                      text_tokens: int | None = None, image_path: str | None = None, seed: int = 0,
                       device: str = "cpu") -> dict:
     """Samples one (image, reasoning text) for a prompt (and input image for editing) and writes
     text.txt, image.png or image_codes.txt, and meta.json into out_dir. Returns the meta dict."""
@@ -78,16 +94,19 @@ def generate_to_files(checkpoint: str, prompt: str, out_dir: str, sampler: Sampl
     tok = TextTokenizer.load(checkpoint)
     img_tok = load_image_tokenizer(checkpoint)
     h, w = image_grid(checkpoint, img_tok)
+    layout = sequence_layout(checkpoint)
+    text_tokens = text_tokens or layout.get("text_tokens", 64)
     shape = OutputShape(image_tokens=h * w, text_tokens=text_tokens)
-    instruction = tok.encode(prompt)
+    instruction = pad_instruction_ids(tok.encode(prompt), layout, vocab.eos_id)
+    empty = pad_instruction_ids([], layout, vocab.eos_id)
     if image_path is not None:
         if img_tok is None:
             raise ValueError(f"{checkpoint!r} has no {IMAGE_TOKENIZER_DIR}/, so the input image "
                              f"{image_path!r} cannot be encoded; add the image tokenizer or drop --image")
         codes = img_tok.encode(read_png(image_path)[None])[0].flatten().tolist()
-        cond, uncond = edit_prompt(vocab, codes, instruction), edit_prompt(vocab, None, None)
+        cond, uncond = edit_prompt(vocab, codes, instruction), edit_prompt(vocab, None, empty)
     else:
-        cond, uncond = generation_prompt(vocab, instruction), generation_prompt(vocab, None)
+        cond, uncond = generation_prompt(vocab, instruction), generation_prompt(vocab, empty)
     gen = torch.Generator(device=device).manual_seed(seed)
     out = generate(model, vocab, shape, [cond], sampler, uncond_prompts=[uncond], generator=gen)
     regions = torch.tensor(output_regions(shape))
@@ -113,7 +132,7 @@ def generate_to_files(checkpoint: str, prompt: str, out_dir: str, sampler: Sampl
 # Prefect tasks of the pipeline
 
 def generate_examples_fn(checkpoint: str, root: str, dataset: str, out_dir: str, sampler: SamplerConfig,
-                         n: int = 4, split: str = "val", text_tokens: int = 32, seed: int = 0) -> list[dict]:
+                         n: int = 4, split: str = "val", text_tokens: int | None = None, seed: int = 0) -> list[dict]:
     """Generates for the first n editing samples of a split; writes input/target PNGs beside each output."""
     import pyarrow.compute as pc
 

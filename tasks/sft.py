@@ -81,7 +81,7 @@ def _save_checkpoint(model, optimizer, step: int, cfg: dict, vocab, folder: str)
     core = _unwrap(model)
     clone = type(core)(core.config)
     clone.load_state_dict(_full_state_dict(model))
-    save_pretrained(clone, vocab, folder, extra=cfg.get("config_extra"))
+    save_pretrained(clone, vocab, folder, extra={"parapipe_sequence": cfg["seq"]})
     shutil.copy(os.path.join(base, "tokenizer.json"), folder)
     if os.path.isdir(os.path.join(base, "image_tokenizer")):
         shutil.copytree(os.path.join(base, "image_tokenizer"), os.path.join(folder, "image_tokenizer"))
@@ -300,7 +300,8 @@ def prepare_sft(root: str, dataset: str, out: str, recipe: dict, init_from: str 
 
 @task
 def evaluate_checkpoint(checkpoint: str, root: str, dataset: str, run_id: str, split: str = "test",
-                        per_category: int = 32, sampler: dict | None = None, seq: dict | None = None) -> dict:
+                        per_category: int = 32, sampler: dict | None = None, seq: dict | None = None,
+                        categories: list[str] | None = None) -> dict:
     """Scores a checkpoint on held-out toy tasks next to the copy-input and most-common-output
     baselines; writes eval_results and a table artifact. Returns {metric: {category: {method: value}}}."""
     from prefect.artifacts import create_table_artifact
@@ -317,9 +318,11 @@ def evaluate_checkpoint(checkpoint: str, root: str, dataset: str, run_id: str, s
     tok, vq = TextTokenizer.load(checkpoint), PatchVQ.load(os.path.join(checkpoint, "image_tokenizer"))
     seq_cfg = SequenceConfig(**(seq or {}))
     cache = os.path.join(root, "cache", "sft")
-    rows, traces = read_samples(root, dataset, split, traces_run=dataset)
+    rows, traces = read_samples(root, dataset, split, traces_run=dataset,
+                                categories=tuple(categories) if categories else None)
     data = select_per_category(load_or_tokenise(rows, tok, vq, vocab, seq_cfg, cache, traces), per_category)
-    train_rows, train_traces = read_samples(root, dataset, "train", traces_run=dataset)
+    train_rows, train_traces = read_samples(root, dataset, "train", traces_run=dataset,
+                                            categories=tuple(categories) if categories else None)
     train = load_or_tokenise(train_rows, tok, vq, vocab, seq_cfg, cache, train_traces)
     scenes = toy_scenes([r for r in rows if r["sample_id"] in set(data.sample_id)])
     preset = PRESETS[json.loads(rows[0]["extra_json"])["toy"]["preset"]]

@@ -16,6 +16,7 @@ input image slot j in every sequence; sampling must then build prompts with buil
 Leaves out: reading Parquet datasets beyond the samples/traces tables, training, evaluation.
 """
 import hashlib
+import io
 import json
 import os
 from collections import Counter
@@ -124,12 +125,18 @@ def pick_traces(rows: list[dict], traces: list[dict] | None = None) -> list[str 
     return [best[r["sample_id"]][1] if r["sample_id"] in best else r.get("reference_trace") for r in rows]
 
 
-def _encode_images(blobs: list[bytes], image_tokenizer) -> list[list[int]]:
-    from tasks.image_codes import png_to_tensor
+def _png_to_tensor(data: bytes) -> torch.Tensor:
+    """PNG bytes -> uint8 (H, W, 3); tasks/image_codes.png_to_tensor without its Prefect import (train workers)."""
+    from PIL import Image
 
+    with Image.open(io.BytesIO(data)) as im:
+        return torch.from_numpy(np.asarray(im.convert("RGB")).copy())
+
+
+def _encode_images(blobs: list[bytes], image_tokenizer) -> list[list[int]]:
     if not blobs:
         return []
-    images = torch.stack([png_to_tensor(b) for b in blobs])  # (N, H, W, 3)
+    images = torch.stack([_png_to_tensor(b) for b in blobs])  # (N, H, W, 3)
     return image_tokenizer.encode(images).flatten(1).tolist()  # (N, h*w)
 
 

@@ -1,14 +1,16 @@
 """Supervised fine-tuning, single process: config, lr schedule, one optimiser step, a plain loop.
 
 train_step() is one optimiser step over a list of micro-batches (gradient accumulation): the
-forward (masking) process and the re-weighted loss of model/diffusion.py, optional bf16 autocast
-on CPU, gradient clipping, the lr of lr_at(). It holds no state besides its arguments, so a Ray
+forward (masking) process and the re-weighted loss of model/diffusion.py, optional bf16 autocast,
+gradient clipping, the lr of lr_at(). It holds no state besides its arguments, so a Ray
 TorchTrainer `train_loop_per_worker` can call it on a DDP-wrapped model with its own shard of
 batches (tasks/sft_data.batch_stream with rank / world_size). train() is the single-process loop
 built from these pieces (tests, benchmarks); resume_state() / training_state() are what a
-checkpoint needs (model, optimiser, step, the masking generator's state).
+checkpoint needs (model, optimiser, step, the masking generator's state). TOY_TINY_RECIPE is the
+measured recipe for the toy world's tiny preset on a 2-core CPU (model, SFT, data and eval settings).
 Leaves out: Ray, DDP, checkpoint files, data loading (tasks/sft_data.py), evaluation (tasks/toy_eval.py).
 """
+import contextlib
 import dataclasses
 import math
 import time
@@ -28,7 +30,7 @@ OBJECTIVES = {"paper": PAPER, "parallel_m": PARALLEL_M, "parallel_a": PARALLEL_A
 class SFTConfig:
     """Optimisation settings of one SFT run (defaults: the toy tiny recipe, see benchmarks/sft_recipe.py)."""
 
-    lr: float = 2e-3
+    lr: float = 3e-3
     """Peak learning rate of AdamW."""
     min_lr_ratio: float = 0.1
     """The cosine decays to lr * min_lr_ratio at total_steps."""
@@ -38,7 +40,7 @@ class SFTConfig:
     """AdamW betas."""
     warmup_steps: int = 50
     """Linear warm-up from lr / warmup_steps to lr over the first warmup_steps optimiser steps."""
-    total_steps: int = 2000
+    total_steps: int = 3400
     """Optimiser steps of the run; the cosine ends here."""
     batch_size: int = 64
     """Sequences per micro-batch (per worker under data parallelism)."""
@@ -50,13 +52,13 @@ class SFTConfig:
     """Probability of dropping the instruction, and independently the input image (CFG training)."""
     objective: str = "paper"
     """Loss / masking objective: a key of OBJECTIVES (paper, parallel_m, parallel_a)."""
-    image_coeff: float = 1.0
+    image_coeff: float = 3.0
     """Multiplies the objective's image loss coefficient (the toy target is exact images)."""
     bf16: bool = True
     """Run the forward under torch.autocast(<device>, bfloat16); weights, grads and the loss stay fp32."""
     seed: int = 0
     """Seed of the model init, the data order, dropout and the masking generator."""
-    eval_interval: int = 250
+    eval_interval: int = 400
     """Optimiser steps between evaluations in train() (0 = none)."""
     log_interval: int = 25
     """Optimiser steps between log lines in train() (0 = silent)."""
@@ -106,9 +108,9 @@ class ToyRecipe:
 
 TOY_TINY_RECIPE = ToyRecipe(
     model=dict(d_model=128, n_layers=4, n_heads=4, mlp_hidden_size=384, rope_theta=10000.0, max_sequence_length=256),
-    sft=SFTConfig(), seq=SequenceConfig(text_tokens=40, instruction_tokens=26), tokenizer_vocab=512,
-    train_samples=10000, categories=None, eval_categories=None, eval_per_category=32, sampler_steps=20,
-    sampler_image_steps=10, time_budget_s=900.0)
+    sft=SFTConfig(), seq=SequenceConfig(text_tokens=32, instruction_tokens=16), tokenizer_vocab=512,
+    train_samples=20000, categories=("recolour", "remove", "replace"), eval_categories=None, eval_per_category=32,
+    sampler_steps=20, sampler_image_steps=10, time_budget_s=900.0)
 
 
 def lr_at(step: int, cfg: SFTConfig) -> float:
@@ -173,9 +175,12 @@ def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, batches
         group["lr"] = lr
     totals = {"loss": 0.0, "loss_text": 0.0, "loss_image": 0.0}
     tokens = 0
-    for batch in batches:
-        parts = micro_batch_loss(model, batch, cfg, mask_id, generator)
-        (parts.total / len(batches)).backward()
+    for i, batch in enumerate(batches):
+        # under DDP, all-reduce the gradients only once, on the last micro-batch
+        sync = i == len(batches) - 1 or not hasattr(model, "no_sync")
+        with contextlib.nullcontext() if sync else model.no_sync():
+            parts = micro_batch_loss(model, batch, cfg, mask_id, generator)
+            (parts.total / len(batches)).backward()
         for name, value in (("loss", parts.total), ("loss_text", parts.text), ("loss_image", parts.image)):
             totals[name] += float(value.detach()) / len(batches)
         tokens += int(batch.attention_mask.sum())

@@ -60,6 +60,8 @@ class SourceSpec:
     """toy: sampling seed."""
     trace_error_rate: float = 0.0
     """toy: fraction of teacher traces with an injected error."""
+    categories: tuple[str, ...] = ()
+    """toy: draw only these categories (default: all)."""
     compact_traces: bool = True
     """toy: short traces (facts + result, ~15 words) that a tiny model can learn; False adds the changes."""
     near_duplicates: bool | None = None
@@ -82,8 +84,9 @@ class SourceSpec:
         d.setdefault("name", d.get("type", "?"))
         if "columns" in d and isinstance(d["columns"], dict):
             d["columns"] = tuple(d["columns"].items())
-        if "splits" in d:
-            d["splits"] = tuple(d["splits"])
+        for key in ("splits", "categories"):
+            if key in d and d[key] is not None:
+                d[key] = tuple(d[key])
         unknown = set(d) - set(cls.__dataclass_fields__)
         if unknown:
             raise ValueError(f"source {d['name']!r} has unknown keys {sorted(unknown)}; "
@@ -119,7 +122,7 @@ def _read_toy(spec: SourceSpec) -> Iterator[RawRecord]:
     preset = PRESETS[spec.preset]
     for split in spec.splits:
         n = max(1, round(spec.n * SPLIT_FRACTIONS[split])) if spec.n else 0
-        for task in sample_tasks(preset, n, split, spec.seed):
+        for task in sample_tasks(preset, n, split, spec.seed, spec.categories or None):
             trace = write_trace(task, preset, seed=spec.seed, error_rate=spec.trace_error_rate,
                                 compact=spec.compact_traces)
             yield RawRecord(

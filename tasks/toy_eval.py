@@ -10,6 +10,7 @@ Parquet dataset. Result rows are (method, metric, category, value, n), with cate
 over all evaluated samples; to_eval_results() maps them onto the eval_results table.
 Leaves out: training, the Parquet pipeline, CFG (the toy recipe samples without guidance).
 """
+import io
 import json
 from collections import Counter, defaultdict
 
@@ -23,17 +24,19 @@ from tasks.sft_data import SequenceConfig, TokenisedSet, build_prompt
 from tasks.toy import parse_image, render, sample_tasks, text_correct, text_image_agreement, write_trace
 from tasks.toy.scene import Scene, ToyPreset, parse_description
 
-METRICS = ("exact_image", "text_correct", "agreement")
 OVERALL = "overall"
+METRICS = ("exact_image", "text_correct", "agreement")
 
 
 # ---------------------------------------------------------------------------------------------
 # data
 
 def _png(image: np.ndarray) -> bytes:
-    from tasks.image_codes import tensor_to_png
+    from PIL import Image
 
-    return tensor_to_png(torch.from_numpy(np.ascontiguousarray(image)))
+    buf = io.BytesIO()
+    Image.fromarray(image).save(buf, format="PNG")
+    return buf.getvalue()
 
 
 def toy_rows(preset: ToyPreset, n: int, split: str, seed: int = 0, categories: tuple[str, ...] | None = None,

@@ -1,4 +1,6 @@
 """SFT core: sequences, drops, cache, sharding, dropout, lr schedule, train steps, toy evaluation."""
+import contextlib
+import copy
 import dataclasses
 import json
 
@@ -6,14 +8,15 @@ import pytest
 import torch
 
 from model.image_tokenizer import PatchVQ
-from model.layout import IMAGE, PROMPT, TEXT, OutputShape, collate, edit_prompt, output_target
+from model.layout import IMAGE, PROMPT, TEXT, OutputShape, edit_prompt, output_target
 from model.tokens import tiny_vocab
 from model.transformer import DiffusionLM, ModelConfig
 from tasks import sft_data
 from tasks.image_codes import png_to_tensor
 from tasks.sft_data import (SequenceConfig, TokenisedSet, batch_stream, build_prompt, dropout_flags, epoch_batches,
                             epoch_order, load_or_tokenise, pick_traces, tokenise_rows)
-from tasks.sft_loop import SFTConfig, lr_at, make_optimizer, micro_batch_loss, train, train_step
+from tasks.sft_loop import (SFTConfig, lr_at, make_optimizer, micro_batch_loss, resume_state, train, train_step,
+                            training_state)
 from tasks.tokenizer import build_tiny_tokenizer
 from tasks.toy import PRESETS
 from tasks.toy_eval import (decode_outputs, evaluate, greedy_sampler, score, select_per_category, to_eval_results,
@@ -168,7 +171,7 @@ def _eval_loss(model, batch, cfg, mask_id) -> float:
 def test_train_steps_reduce_the_loss(toy):
     vocab = toy["vocab"]
     data = _tokenise(toy, toy["rows"])
-    cfg = SFTConfig(lr=3e-3, warmup_steps=2, total_steps=30, batch_size=16, grad_accum=2, bf16=False,
+    cfg = SFTConfig(lr=3e-3, warmup_steps=2, total_steps=30, batch_size=8, grad_accum=2, bf16=False,
                     eval_interval=0, log_interval=0)
     model = _tiny_model(vocab)
     probe = next(epoch_batches(data, vocab, SEQ, 48, epoch=0, seed=9))
@@ -177,7 +180,7 @@ def test_train_steps_reduce_the_loss(toy):
     history = train(model, stream, cfg, vocab.mask_id)
     after = _eval_loss(model, probe, cfg, vocab.mask_id)
     assert len(history) == 30 and history[-1]["step"] == 30
-    assert history[0]["tokens"] == 2 * 16 * (1 + 18 + 1 + 24 + 1 + 59)
+    assert history[0]["tokens"] == 2 * 8 * (1 + 18 + 1 + 24 + 1 + 59)
     assert history[-1]["lr"] == pytest.approx(lr_at(29, cfg))
     assert after < 0.6 * before, (before, after)
 
@@ -246,11 +249,61 @@ def test_toy_eval_scores_an_oracle_1_and_copy_input_0_on_recolour(toy):
     assert json.loads(toy["val"][0]["extra_json"])["toy"]["category"] in CATS
 
 
-def test_recipe_config_is_valid():
+def test_recipe_fits_its_model_and_sampler():
     from tasks.sft_loop import TOY_TINY_RECIPE
 
     r = TOY_TINY_RECIPE
-    ModelConfig(**r.model, vocab_size=600, embedding_size=600)
-    assert r.sft.bf16 and r.seq.text_tokens % 1 == 0
+    cfg = ModelConfig(**r.model, vocab_size=600, embedding_size=600)
+    prompt = 1 + 18 + 1 + r.seq.instruction_tokens + 1
+    assert prompt + OutputShape(16, r.seq.text_tokens).length <= cfg.max_sequence_length
+    sampler = greedy_sampler(r.seq.text_tokens, r.sampler_steps, r.sampler_image_steps)
+    assert sampler.image_temperature == 0 and sampler.text_block_length == r.seq.text_tokens
+    assert lr_at(r.sft.total_steps - 1, r.sft) < lr_at(r.sft.warmup_steps, r.sft) == r.sft.lr
     with pytest.raises(ValueError, match="objective"):
         dataclasses.replace(r.sft, objective="nope")
+    with pytest.raises(ValueError, match="warmup_steps"):
+        dataclasses.replace(r.sft, warmup_steps=r.sft.total_steps + 1)
+
+
+def test_image_coeff_scales_only_the_image_term(toy):
+    vocab = toy["vocab"]
+    batch = next(epoch_batches(_tokenise(toy, toy["rows"]), vocab, SEQ, 8, epoch=0, seed=0))
+    model = _tiny_model(vocab)
+    parts = {}
+    for coeff in (1.0, 3.0):
+        cfg = SFTConfig(image_coeff=coeff, bf16=False)
+        with torch.no_grad():
+            parts[coeff] = micro_batch_loss(model, batch, cfg, vocab.mask_id, torch.Generator().manual_seed(5))
+    assert float(parts[3.0].image) == pytest.approx(float(parts[1.0].image))
+    assert float(parts[3.0].total - parts[1.0].total) == pytest.approx(2 * float(parts[1.0].image), rel=1e-5)
+
+
+class NoSyncCounter(DiffusionLM):
+    """A DiffusionLM with DDP's no_sync() hook, counting how often gradient sync is skipped."""
+
+    skipped = 0
+
+    @contextlib.contextmanager
+    def no_sync(self):
+        self.skipped += 1
+        yield
+
+
+def test_resume_from_training_state_repeats_the_run_and_skips_sync_on_accumulation(toy):
+    vocab = toy["vocab"]
+    data = _tokenise(toy, toy["rows"])
+    cfg = SFTConfig(batch_size=8, grad_accum=3, warmup_steps=1, total_steps=4, bf16=False)
+    model = NoSyncCounter(_tiny_model(vocab).config).init_weights(0)
+    opt, gen = make_optimizer(model, cfg), torch.Generator().manual_seed(0)
+    stream = batch_stream(data, vocab, SEQ, 8, seed=0)
+    step = lambda m, o, g, s, k: train_step(m, o, [next(s) for _ in range(3)], cfg, g, k, vocab.mask_id)  # noqa: E731
+    step(model, opt, gen, stream, 0)
+    assert model.skipped == 2  # 3 micro-batches: the first two skip the all-reduce
+    state = copy.deepcopy(training_state(model, opt, 1, gen))
+    ref = [step(model, opt, gen, stream, k) for k in (1, 2)]
+    model2 = NoSyncCounter(model.config)
+    opt2, gen2 = make_optimizer(model2, cfg), torch.Generator()
+    start = resume_state(state, model2, opt2, gen2)
+    stream2 = batch_stream(data, vocab, SEQ, 8, seed=0, start_step=start * cfg.grad_accum)
+    got = [step(model2, opt2, gen2, stream2, k) for k in (start, start + 1)]
+    assert start == 1 and got == ref
