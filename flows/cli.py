@@ -88,7 +88,7 @@ def cmd_traces(a) -> None:
     generator = json.loads(a.generator) if a.generator.lstrip().startswith("{") else json.load(open(a.generator))
     filters = json.loads(a.filters) if a.filters else None
     print(json.dumps(traces(root=a.root, dataset=a.dataset, generator=generator, batch_size=a.batch_size,
-                            filters=filters), indent=2))
+                            filters=filters, commit_every_s=a.commit_every_s), indent=2))
 
 
 def cmd_query(a) -> None:
@@ -152,6 +152,8 @@ def main(argv: list[str] | None = None) -> None:
                     help='JSON object or file: {"kind": "vllm", "model": FOLDER, ...} (tasks/generators.py)')
     tr.add_argument("--filters", default=None, help="JSON object of FilterConfig fields (tasks/traces.py)")
     tr.add_argument("--batch-size", type=int, default=16)
+    tr.add_argument("--commit-every-s", type=float, default=10.0,
+                    help="commit finished traces at least this often (0: after every batch)")
     tr.set_defaults(fn=cmd_traces)
 
     sf = sub.add_parser("sft", help="supervised fine-tuning on Ray Train (re-run the same --run-id to resume)")

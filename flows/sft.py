@@ -28,6 +28,10 @@ def sft(root: str = "data", dataset: str = "toy-tiny", out: str = "runs/sft", ru
         recipe: dict | None = None, total_steps: int | None = None, num_workers: int = 2, use_gpu: bool = False,
         init_from: str | None = None, image_tokenizer_dir: str | None = None, checkpoint_every: int = 100,
         eval_interval: int = 500, max_failures: int = 2, fsdp: bool = False) -> dict:
+    # Ray workers run in their own working directory: local paths must be absolute
+    root = root if "://" in root else os.path.abspath(root)
+    out = os.path.abspath(out)
+    init_from = os.path.abspath(init_from) if init_from else None
     recipe = recipe or default_recipe()
     if total_steps:
         warmup = min(recipe["sft"]["warmup_steps"], total_steps // 5)  # short runs keep a proportionate warm-up

@@ -173,6 +173,8 @@ def generator_key(spec: dict) -> str:
 
 SAMPLE_COLUMNS = ["sample_id", "instruction", "input_image", "output_image", "extra_json"]
 PROGRESS_EVERY_S = 2.0  # the progress artifact is an API call: not after every small batch
+COMMIT_EVERY_S = 10.0  # at most this much finished work is uncommitted at any time
+COMMIT_ROWS = 1024  # ... or this many rows
 
 
 @task
@@ -218,8 +220,12 @@ def _apply_clip(reqs, results, statuses, scorer, cfg: FilterConfig) -> None:
 
 @task(retries=1, retry_delay_seconds=5)
 def generate_traces(root: str, dataset: str, generator: dict, pending: dict[str, int], run_id: str,
-                    batch_size: int = 16, filters: dict | None = None, progress_id=None) -> dict:
-    """Generates traces for the pending samples batch by batch; commits each batch before the next."""
+                    batch_size: int = 16, filters: dict | None = None, progress_id=None,
+                    commit_every_s: float = COMMIT_EVERY_S) -> dict:
+    """Generates traces for the pending samples batch by batch. Finished rows are committed once
+    commit_every_s has passed since the last commit (every batch when 0), at COMMIT_ROWS rows, and at
+    the end: a crash loses at most that much work, and a fast generator does not pay a Parquet
+    commit per small batch."""
     import pyarrow as pa
     import pyarrow.compute as pc
     from prefect.artifacts import update_progress_artifact
@@ -236,6 +242,7 @@ def generate_traces(root: str, dataset: str, generator: dict, pending: dict[str,
         scorer = ClipScorer(cfg.clip_model, cfg.clip_pretrained)
     gen = make_generator(spec)
     counts, out_tokens, t0, last_report = {"ok": 0, "filtered": 0, "failed": 0}, 0, time.perf_counter(), 0.0
+    buffer, last_commit = [], t0
     scanner = open_dataset(root, "samples", run=dataset).scanner(
         columns=SAMPLE_COLUMNS, filter=pc.field("sample_id").isin(pa.array(list(pending), pa.string())),
         batch_size=batch_size)
@@ -248,8 +255,10 @@ def generate_traces(root: str, dataset: str, generator: dict, pending: dict[str,
             statuses = [classify(q, r, cfg) for q, r in zip(reqs, results)]
             if scorer is not None:
                 _apply_clip(reqs, results, statuses, scorer, cfg)
-            rows = [trace_row(q, r, prov, s, why) for q, r, (s, why) in zip(reqs, results, statuses)]
-            write_rows(root, "traces", rows, run=dataset)
+            buffer += [trace_row(q, r, prov, s, why) for q, r, (s, why) in zip(reqs, results, statuses)]
+            if len(buffer) >= COMMIT_ROWS or time.perf_counter() - last_commit >= commit_every_s:
+                write_rows(root, "traces", buffer, run=dataset)
+                buffer, last_commit = [], time.perf_counter()
             for s, _ in statuses:
                 counts[s] += 1
             out_tokens += sum(r.output_tokens or 0 for r in results)
@@ -259,6 +268,8 @@ def generate_traces(root: str, dataset: str, generator: dict, pending: dict[str,
                 update_progress_artifact(progress_id, 100.0 * done / max(1, len(pending)),
                                          description=f"{done}/{len(pending)} traces, {done / secs:.1f} samples/s, "
                                                      f"{out_tokens / secs:.1f} output tokens/s")
+        if buffer:
+            write_rows(root, "traces", buffer, run=dataset)
         secs = time.perf_counter() - t0  # generation only: the engine's start and shutdown are not counted
     finally:
         gen.close()

@@ -1,11 +1,15 @@
 """`parapipe generate` / `init-tiny` / `run` end to end on a tiny random checkpoint."""
 import json
+import os
+import pathlib
 import subprocess
 
 import pytest
 import sys
 
 from flows.cli import main
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 
 def test_generate_from_a_tiny_checkpoint(tmp_path, capsys):
@@ -29,8 +33,11 @@ def test_generate_from_a_tiny_checkpoint(tmp_path, capsys):
 @pytest.mark.slow
 def test_run_pipeline_then_query_and_inspect(tmp_path):
     """`parapipe run` (its own ephemeral Prefect server), then DuckDB over what it wrote."""
-    run = subprocess.run([sys.executable, "-m", "flows.cli", "run", "--out", str(tmp_path), "--toy-samples", "200",
-                          "--sft-steps", "4"], capture_output=True, text=True)
+    # a relative --out, as `make run` passes: Ray workers run elsewhere, so the flows must resolve it
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    run = subprocess.run([sys.executable, "-m", "flows.cli", "run", "--out", "rel", "--toy-samples", "200",
+                          "--sft-steps", "4"], capture_output=True, text=True, cwd=tmp_path, env=env)
+    tmp_path = tmp_path / "rel"
     assert run.returncode == 0, run.stderr[-3000:]
     assert "run finished" in run.stdout and "200 samples" in run.stdout and "held-out exact" in run.stdout
     examples = sorted((tmp_path / "examples").iterdir())

@@ -104,7 +104,7 @@ def test_http_generator_against_vllm_serve_survives_a_kill(tmp_path, vllm_server
     gen = json.dumps({"kind": "http", "model": "tiny-qwen", "base_url": vllm_server, "max_tokens": 48,
                       "concurrency": 2, "seed": 3})
     cmd = [sys.executable, "-m", "flows.cli", "traces", "--root", root, "--dataset", "d", "--generator", gen,
-           "--batch-size", "2", "--filters", '{"min_object_words": 0}']
+           "--batch-size", "2", "--filters", '{"min_object_words": 0}', "--commit-every-s", "0"]
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     deadline, done = time.monotonic() + 240, 0
     while time.monotonic() < deadline and proc.poll() is None:
