@@ -37,7 +37,7 @@ def main() -> None:
     agg.ingest_source.fn({"type": "toy", "name": "toy", "preset": "tiny", "n": a.samples, "seed": 0}, root, "d",
                          dict(resolution=32))
     recipe = default_recipe()
-    recipe["sft"] = {**recipe["sft"], "total_steps": a.steps, "batch_size": a.batch_size, "eval_interval": 0,
+    recipe["sft"] = {**recipe["sft"], "total_steps": a.steps, "warmup_steps": a.steps // 5, "batch_size": a.batch_size, "eval_interval": 0,
                      "log_interval": 0}
     paths = prepare_sft.fn(root, "d", out, recipe, image_tokenizer_dir=fit_image_tokenizer.fn(root, "d", work + "/vq"))
     sft, seq = SFTConfig(**recipe["sft"]), SequenceConfig(**recipe["seq"])
