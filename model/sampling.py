@@ -8,6 +8,10 @@ attention is bidirectional, every step's text sees the partial image and vice ve
 Sequential: text to completion first, then the image conditioned on the finished text.
 Unlike upstream, the last image step re-masks nothing, so no image slot is left masked.
 Randomness comes only from the `generator` argument: same seed, same samples.
+For RL (rl/), generate() also records a trajectory: the step at which every output slot was
+decoded (`step_map`) and, at the recorded steps, the behaviour log-prob of each token decoded
+there under the sampler's own per-modality distribution (policy_logprobs), so a learner can
+rebuild the state before any step and score exactly what was decided at it.
 Shapes: B rows (prompts x samples), M output length, N image slots, T text slots, V vocab.
 """
 import math
@@ -160,6 +164,39 @@ def decode_image(codes: torch.Tensor, logits: torch.Tensor, keep: int, ratio: fl
 # ---------------------------------------------------------------------------------------------
 # the samplers
 
+def text_logits(logits: torch.Tensor, vocab: Vocab) -> torch.Tensor:
+    """Text-slot logits with image ids and [MASK] ruled out. (..., V) -> (..., V)."""
+    out = logits.clone()
+    out[..., vocab.image_offset:] = -math.inf
+    out[..., vocab.mask_id] = -math.inf
+    return out
+
+
+def policy_logprobs(logits: torch.Tensor, tokens: torch.Tensor, vocab: Vocab, shape: OutputShape,
+                    cfg: "SamplerConfig") -> torch.Tensor:
+    """Log-prob of each output token under the distribution the sampler draws it from.
+
+    Text slots: log softmax(text_logits / text_temperature) (the Gumbel-max of add_gumbel_noise
+    samples exactly this); image slots: log softmax(codebook logits / image_temperature). Which
+    slots are committed at a step (confidence ranking) is not part of it, as in TraceRL and
+    Mask-GRPO. Without CFG only (RL samples with text_cfg = image_cfg = 0).
+    logits (B, M, V) over the output part; tokens (B, M). Returns (B, M) float32, 0 at sentinels.
+    """
+    if cfg.text_temperature <= 0 or cfg.image_temperature <= 0:
+        raise ValueError(f"text_temperature={cfg.text_temperature} / image_temperature={cfg.image_temperature}: "
+                         f"log-probs need a stochastic sampler; set both temperatures > 0")
+    regions = torch.tensor(output_regions(shape), device=logits.device)
+    out = torch.zeros(tokens.shape, dtype=torch.float32, device=logits.device)
+    txt, img = regions == TEXT, regions == IMAGE
+    lt = torch.log_softmax(text_logits(logits[:, txt].float(), vocab) / cfg.text_temperature, dim=-1)  # (B, T, V)
+    out[:, txt] = lt.gather(-1, tokens[:, txt, None]).squeeze(-1)
+    sl = slice(vocab.image_offset, vocab.image_offset + vocab.codebook_size)
+    li = torch.log_softmax(logits[:, img, sl].float() / cfg.image_temperature, dim=-1)  # (B, N, K)
+    codes = (tokens[:, img] - vocab.image_offset).clamp(0, vocab.codebook_size - 1)
+    out[:, img] = li.gather(-1, codes[..., None]).squeeze(-1)
+    return out
+
+
 @dataclass
 class SampleResult:
     tokens: torch.Tensor
@@ -168,6 +205,10 @@ class SampleResult:
     """step -> (B, M) output part after that step (steps counted over the whole run)."""
     nfe: int = 0
     """Forward passes per row, unconditional ones included."""
+    step_map: torch.Tensor | None = None
+    """(B, M) long: the step at which each slot was decoded; -1 for sentinels (trace=True)."""
+    logp: torch.Tensor | None = None
+    """(B, M) float: behaviour log-prob of slots decoded at a recorded step, NaN elsewhere (trace=True)."""
 
 
 class _Forward:
@@ -197,7 +238,8 @@ def _guided(c: torch.Tensor, u: torch.Tensor | None, w: float) -> torch.Tensor:
 @torch.no_grad()
 def generate(model, vocab: Vocab, shape: OutputShape, prompts: list[list[int]], cfg: SamplerConfig,
              uncond_prompts: list[list[int]] | None = None, num_samples: int = 1,
-             generator: torch.Generator | None = None, record_steps: tuple[int, ...] = ()) -> SampleResult:
+             generator: torch.Generator | None = None, record_steps: tuple[int, ...] = (),
+             trace: bool = False) -> SampleResult:
     """Samples output parts (image + reasoning text) for B prompts x G samples each.
 
     Args:
@@ -205,11 +247,16 @@ def generate(model, vocab: Vocab, shape: OutputShape, prompts: list[list[int]], 
         uncond_prompts: B unconditional prompts, needed when a CFG scale is > 0.
         num_samples: G samples per prompt; rows are prompt-major (row = b * G + g).
         record_steps: timeline steps after which to keep a copy of the output part.
+        trace: also return step_map and the behaviour log-probs at record_steps (RL rollouts;
+            needs temperatures > 0 and no CFG).
     Returns:
         SampleResult with tokens (B*G, M).
     """
     if (cfg.text_cfg > 0 or cfg.image_cfg > 0) and uncond_prompts is None:
         raise ValueError("text_cfg/image_cfg > 0 need uncond_prompts (see model.layout for building them)")
+    if trace and (cfg.text_cfg > 0 or cfg.image_cfg > 0):
+        raise ValueError(f"trace=True replays log-probs without guidance; set text_cfg=image_cfg=0 "
+                         f"(got {cfg.text_cfg}, {cfg.image_cfg})")
     rep = lambda rows: [r for r in rows for _ in range(num_samples)]  # noqa: E731
     prompts, uncond_prompts = rep(prompts), rep(uncond_prompts) if uncond_prompts else None
     regions = torch.tensor(output_regions(shape))
@@ -228,16 +275,18 @@ def generate(model, vocab: Vocab, shape: OutputShape, prompts: list[list[int]], 
         plan = [(t, False, 0.0, False) for t in text_plan] + [(None, True, (j + 1) / J, j == J - 1) for j in range(J)]
     block_len = min(cfg.text_block_length, shape.text_tokens)
     result = SampleResult(tokens=y)
+    if trace:
+        result.step_map = torch.full(y.shape, -1, dtype=torch.long, device=dev)
+        result.logp = torch.full(y.shape, math.nan, dtype=torch.float32, device=dev)
     for step, (text_step, image_step, ratio, last_image) in enumerate(plan):
+        before = y.clone() if trace else None
         uncond = (cfg.text_cfg > 0 and text_step is not None) or (cfg.image_cfg > 0 and image_step)
         c, u = fwd(y, with_uncond=bool(uncond))
         result.nfe += 2 if uncond else 1
         if text_step is not None:
             block, k = text_step
             lt = _guided(c[:, txt_cols], None if u is None else u[:, txt_cols], cfg.text_cfg)  # (B, T, V)
-            lt = lt.clone()
-            lt[..., vocab.image_offset:] = -math.inf
-            lt[..., vocab.mask_id] = -math.inf
+            lt = text_logits(lt, vocab)
             allowed = torch.zeros(shape.text_tokens, dtype=torch.bool, device=dev)
             allowed[block * block_len:(block + 1) * block_len] = True
             y[:, txt_cols] = unmask_text(y[:, txt_cols], lt, allowed, k, vocab.mask_id, cfg.text_temperature,
@@ -249,6 +298,11 @@ def generate(model, vocab: Vocab, shape: OutputShape, prompts: list[list[int]], 
             keep = image_keep_count(shape.image_tokens, ratio, unknown, last_image)
             codes = decode_image(codes, li, keep, ratio, cfg, generator)
             y[:, img_cols] = torch.where(codes >= 0, codes + vocab.image_offset, vocab.mask_id)
+        if trace:
+            new = (before == vocab.mask_id) & (y != vocab.mask_id)  # (B, M) decoded at this step
+            result.step_map[new] = step
+            if step in record_steps:
+                result.logp[new] = policy_logprobs(c, y, vocab, shape, cfg)[new]
         if step in record_steps:
             result.snapshots[step] = y.clone()
     assert not (y[:, torch.cat([img_cols, txt_cols])] == vocab.mask_id).any(), "sampler left masked slots"

@@ -40,6 +40,27 @@ CANNED_VIEWS = {
         SELECT run_id, round, step, count(*) AS n,
                avg(text_mask_frac) AS mean_text_mask_frac, avg(image_mask_frac) AS mean_image_mask_frac
         FROM trajectories GROUP BY ALL ORDER BY run_id, round, step""",
+    "reward_by_step": """
+        SELECT run_id, slot, count(*) AS n, avg(step) AS mean_step, avg(reward_raw) AS mean_raw,
+               avg(reward) AS mean_reward, stddev_pop(reward) AS std_reward,
+               avg(CAST(zero_var AS INTEGER)) AS zero_var_frac
+        FROM trajectories WHERE reward IS NOT NULL GROUP BY ALL ORDER BY run_id, slot""",
+    "best_and_worst_groups": """
+        WITH g AS (
+            SELECT run_id, round, sample_id, any_value(instruction) AS instruction, avg(reward) AS mean_reward,
+                   stddev_pop(reward) AS std_reward, count(DISTINCT group_index) AS samples
+            FROM trajectories WHERE reward IS NOT NULL GROUP BY run_id, round, sample_id),
+        r AS (
+            SELECT *, row_number() OVER (PARTITION BY run_id ORDER BY mean_reward DESC, sample_id) AS best,
+                      row_number() OVER (PARTITION BY run_id ORDER BY mean_reward ASC, sample_id) AS worst
+            FROM g)
+        SELECT run_id, CASE WHEN best <= 5 THEN 'best' ELSE 'worst' END AS kind, round, sample_id, instruction,
+               mean_reward, std_reward, samples
+        FROM r WHERE best <= 5 OR worst <= 5 ORDER BY run_id, kind, mean_reward DESC""",
+    "rl_progress": """
+        SELECT run_id, round, reward_mean, zero_var_frac, kl, clip_frac, entropy, heldout_agreement,
+               heldout_exact_image, rollout_s, reward_s, learner_s
+        FROM rl_metrics ORDER BY run_id, round""",
 }
 MAX_ROWS = 40
 MAX_CELL = 40

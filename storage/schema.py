@@ -19,8 +19,9 @@ VERSIONS = {
     "quarantine": 1,
     "traces": 2,
     "train_metrics": 1,
-    "trajectories": 1,
-    "rewards": 1,
+    "trajectories": 2,
+    "rewards": 2,
+    "rl_metrics": 1,
     "eval_results": 1,
     "runs": 1,
 }
@@ -98,7 +99,8 @@ TRAIN_METRICS = _schema("train_metrics", [
     _f("time", TIME, False),
 ])
 
-# One row per sampled denoising step of one RL rollout: the partially unmasked text and image.
+# One row per sampled denoising step of one RL rollout: the partially unmasked text and image after
+# that step, its reward and the group-relative advantage credited to the tokens decoded at it.
 TRAJECTORIES = _schema("trajectories", [
     _f("run_id", pa.string(), False),
     _f("round", pa.int32(), False),
@@ -106,22 +108,61 @@ TRAJECTORIES = _schema("trajectories", [
     _f("group_index", pa.int32(), False),      # member of the GRPO group, 0..G-1
     _f("step", pa.int32(), False),             # denoising step, 0..T-1
     _f("text_tokens", pa.list_(pa.int32())),   # text ids so far, MASK_ID where still masked
-    _f("text", pa.string()),                   # decoded text so far
-    _f("image_codes", pa.list_(pa.int32())),   # image codebook ids so far, MASK_ID where still masked
+    _f("text", pa.string()),                   # decoded text so far (masked tokens dropped)
+    _f("image_codes", pa.list_(pa.int32())),   # image codebook ids so far, -1 where still masked
     _f("text_mask_frac", pa.float32(), False),
     _f("image_mask_frac", pa.float32(), False),
+    _f("instruction", pa.string()),            # the prompt's instruction
+    _f("slot", pa.int32()),                    # index of this step among the round's K sampled steps
+    _f("decoded_text", pa.int32()),            # text tokens decoded at this step (credited by the loss)
+    _f("decoded_image", pa.int32()),           # image codes decoded at this step
+    _f("reward_raw", pa.float64()),            # reward model score of the partial pair
+    _f("reward", pa.float64()),                # normalised to [0, 1] (rl/grpo.normalise_rewards)
+    _f("advantage", pa.float64()),             # standardised over the group at this step
+    _f("zero_var", pa.bool_()),                # the group's rewards at this step had no variance
 ])
 
-# One row per finished rollout: its reward terms and group-relative advantage.
+# One row per finished rollout: its final output and reward terms.
 REWARDS = _schema("rewards", [
     _f("run_id", pa.string(), False),
     _f("round", pa.int32(), False),
     _f("sample_id", pa.string(), False),
     _f("group_index", pa.int32(), False),
-    _f("reward", pa.float64(), False),         # total scalar reward used by the update
-    _f("clip_score", pa.float64()),
-    _f("advantage", pa.float64()),
-    _f("terms_json", pa.string()),             # named reward components, {"clip": .., "format": ..}
+    _f("reward", pa.float64(), False),         # mean normalised reward over the sampled steps
+    _f("clip_score", pa.float64()),            # raw reward-model score of the final output
+    _f("advantage", pa.float64()),             # mean advantage over the sampled steps
+    _f("terms_json", pa.string()),             # {"final_raw": .., "exact_agreement": .., "text": ..}
+])
+
+# One row per RL round: what the rollouts scored, what the update did, and where the time went.
+RL_METRICS = _schema("rl_metrics", [
+    _f("run_id", pa.string(), False),
+    _f("round", pa.int32(), False),
+    _f("reward_mean", pa.float64()),           # normalised reward, all sampled steps
+    _f("reward_std", pa.float64()),
+    _f("reward_by_step_json", pa.string()),    # {step: {"mean": .., "std": .., "raw_mean": ..}}
+    _f("zero_var_frac", pa.float64()),         # (prompt, step) groups dropped for zero variance
+    _f("loss", pa.float64()),
+    _f("pg_loss", pa.float64()),
+    _f("kl", pa.float64()),                    # k3 KL to the reference policy, token mean
+    _f("clip_frac", pa.float64()),
+    _f("ratio_max", pa.float64()),
+    _f("entropy", pa.float64()),               # policy entropy on credited tokens, nats
+    _f("grad_norm", pa.float64()),
+    _f("lr", pa.float64()),
+    _f("heldout_agreement", pa.float64()),     # exact toy text-image agreement (null off the toy world)
+    _f("heldout_exact_image", pa.float64()),
+    _f("heldout_text_correct", pa.float64()),
+    _f("rollouts", pa.int64()),
+    _f("reward_pairs", pa.int64()),
+    _f("learner_tokens", pa.int64()),
+    _f("text_split_rate", pa.float64()),       # reward texts longer than the CLIP context (split, not cut)
+    _f("rollout_s", pa.float64()),
+    _f("reward_s", pa.float64()),
+    _f("learner_s", pa.float64()),
+    _f("eval_s", pa.float64()),
+    _f("wall_s", pa.float64()),
+    _f("time", TIME),
 ])
 
 # One row per (checkpoint, eval suite, metric).
@@ -154,6 +195,7 @@ TABLES = {
     "train_metrics": TRAIN_METRICS,
     "trajectories": TRAJECTORIES,
     "rewards": REWARDS,
+    "rl_metrics": RL_METRICS,
     "eval_results": EVAL_RESULTS,
     "runs": RUNS,
 }
@@ -166,6 +208,7 @@ KEYS = {
     "train_metrics": ("run_id", "step"),
     "trajectories": ("run_id", "round", "sample_id", "group_index", "step"),
     "rewards": ("run_id", "round", "sample_id", "group_index"),
+    "rl_metrics": ("run_id", "round"),
     "eval_results": ("run_id", "checkpoint", "suite", "metric"),
     "runs": ("run_id", "stage"),
 }

@@ -16,7 +16,7 @@ QUARANTINE_REASONS = [("laion", "decode_error", 2), ("laion", "too_small", 1), (
 TRACE_STATS = [("g1", 3, 2, 1, 0, 5.0, 15.0, 2.0), ("g2", 1, 0, 0, 1, None, None, 4.0)]
 TRAJECTORIES_BY_STEP = [("rl1", 0, 0, 2, 0.75, 1.0), ("rl1", 0, 1, 2, 0.25, 0.5)]
 TABLE_COUNTS = {"samples": 6, "quarantine": 4, "traces": 4, "trajectories": 4, "rewards": 0, "runs": 0,
-                "train_metrics": 0, "eval_results": 0}
+                "train_metrics": 0, "eval_results": 0, "rl_metrics": 0}
 
 
 def trace(sample_id: str, generator: str, status: str, text: str | None, latency: float, out_tokens: int | None):

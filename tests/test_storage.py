@@ -56,9 +56,9 @@ def sample(i: int, source: str = "src", split: str = "train") -> dict:
 
 def test_every_table_is_versioned_with_keys_and_choices_in_schema():
     assert set(TABLES) == set(VERSIONS) == set(KEYS) == {
-        "samples", "quarantine", "traces", "train_metrics", "trajectories", "rewards", "eval_results", "runs"}
+        "samples", "quarantine", "traces", "train_metrics", "trajectories", "rewards", "rl_metrics", "eval_results", "runs"}
     for name, schema in TABLES.items():
-        assert schema_version(schema) == VERSIONS[name] == (2 if name == "traces" else 1)
+        assert schema_version(schema) == VERSIONS[name] == (2 if name in ("traces", "trajectories", "rewards") else 1)
         assert schema.metadata[b"parapipe.table"] == name.encode()
         assert all(k in schema.names for k in KEYS[name]), name
         assert all(not schema.field(k).nullable for k in KEYS[name]), name
