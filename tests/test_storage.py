@@ -38,6 +38,8 @@ def _value(table: str, field: pa.Field, i: int):
         return i + 0.5
     if pa.types.is_binary(t):
         return png(i + 1, i + 2)
+    if pa.types.is_boolean(t):
+        return i % 4 == 0
     if pa.types.is_timestamp(t):
         return T0 + dt.timedelta(seconds=i)
     if pa.types.is_list(t):
