@@ -1,0 +1,212 @@
+"""The ParaRL learner: RLConfig, rewards -> advantages, and one round's policy update.
+
+A round's rollouts arrive as arrays (rl/rollout.py): final tokens, step_map and behaviour
+log-probs, plus raw rewards at the K sampled steps. `advantages` normalises them (rl/grpo) and
+standardises each step over its group; in "output" mode (the paper's Table 4 ablation) the final
+step's advantage is credited to every sampled step instead, so both modes replay the same steps
+and differ only in where the reward is taken. `update` runs `inner_iters` optimiser steps over
+the same rollouts; each replays the state before every (rollout, sampled step) pair whose group
+had reward variance (rl/replay.py), scores the tokens decoded at that step and minimises the
+clipped-ratio surrogate minus beta * KL to the frozen reference policy (rl/grpo.policy_loss).
+No Ray, no IO: rl/loop.py feeds it. Shapes: R rollouts (B prompts x G), K sampled steps, M output.
+"""
+from dataclasses import asdict, dataclass
+
+import torch
+
+from model.layout import OutputShape
+from model.sampling import SamplerConfig
+from model.tokens import Vocab
+from rl.grpo import RewardStats, entropy_from_logits, group_advantages, normalise_rewards, policy_loss, token_weights
+from rl.replay import image_slots, replay_logprobs
+
+REWARDS = ("clip", "exact")
+MODES = ("trajectory", "output")
+
+
+@dataclass(frozen=True)
+class RLConfig:
+    """ParaRL settings. The paper publishes K = 3 only; every other value is ours (logged per run)."""
+
+    rounds: int = 30
+    """Rollout -> reward -> update rounds."""
+    prompts_per_round: int = 16
+    """B: training prompts drawn per round (seeded by (seed, round))."""
+    group_size: int = 8
+    """G: samples per prompt; advantages are standardised over them."""
+    sampled_steps: int = 3
+    """K: denoising steps rewarded per rollout (paper Table 5: 3 is best). The last step is always one."""
+    reward_mode: str = "trajectory"
+    """trajectory: reward each sampled step's partial output; output: the final output's reward only (Table 4)."""
+    reward: str = "clip"
+    """clip: CLIP text-image similarity (open_clip); exact: toy-world agreement of stated and shown facts."""
+    reward_clip: float = 3.0
+    """c: standardised rewards are clipped to [-c, c] and scaled to [0, 1]."""
+    norm_fraction: float = 0.01
+    """Share of the training prompts sampled once to fit the reward mean / std (paper: 1%)."""
+    norm_min_prompts: int = 64
+    """Lower bound on that sample (1% of a small set is too few)."""
+    clip_eps: float = 0.2
+    """PPO ratio clip (verl / dLLM-RL default)."""
+    beta: float = 0.01
+    """Weight of the k3 KL to the reference (the starting checkpoint), as dLLM-RL; 0 drops it."""
+    lr: float = 1e-4
+    """AdamW learning rate (constant). The tiny toy model needs ~1e-4; 8B full fine-tuning ~1e-6."""
+    inner_iters: int = 2
+    """Optimiser steps per round over the same rollouts (mu in GRPO; d1 uses more with LoRA)."""
+    clip_norm: float = 1.0
+    """Max gradient norm."""
+    text_weight: float = 1.0
+    """Weight of a step's text tokens (their mean) in the per-step objective."""
+    image_weight: float = 1.0
+    """Weight of a step's image tokens (their mean); UniGRPO scaled image log-probs by 0.1."""
+    text_temperature: float = 1.0
+    """Rollout text temperature (> 0 so group members differ); also the policy's temperature."""
+    image_temperature: float = 1.0
+    """Rollout image temperature; also the policy's temperature."""
+    first_step_frac: float = 0.25
+    """Sampled steps start at floor(S * this): the image starts decoding at S // 4."""
+    micro_batch: int = 96
+    """(rollout, step) states per learner forward pass."""
+    seed: int = 0
+    """Seeds prompt choice, sampled steps and rollouts."""
+    eval_every: int = 5
+    """Rounds between held-out evaluations (and the last round)."""
+    checkpoint_every: int = 5
+    """Rounds between checkpoints (and the last round)."""
+
+    def __post_init__(self):
+        if self.reward not in REWARDS or self.reward_mode not in MODES:
+            raise ValueError(f"RLConfig.reward={self.reward!r} / reward_mode={self.reward_mode!r}; "
+                             f"choose reward from {REWARDS} and reward_mode from {MODES}")
+        if self.group_size < 2:
+            raise ValueError(f"RLConfig.group_size={self.group_size}: GRPO needs >= 2 samples per prompt")
+        for name in ("rounds", "prompts_per_round", "sampled_steps", "inner_iters", "micro_batch",
+                     "eval_every", "checkpoint_every"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"RLConfig.{name}={getattr(self, name)} must be >= 1")
+        if self.text_temperature <= 0 or self.image_temperature <= 0:
+            raise ValueError(f"RLConfig temperatures ({self.text_temperature}, {self.image_temperature}) must be "
+                             f"> 0: a greedy sampler gives identical group members and no log-probs")
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    def rollout_sampler(self, base: SamplerConfig) -> SamplerConfig:
+        """The evaluation sampler with RL temperatures, jitter and no guidance."""
+        return SamplerConfig(**{**asdict(base), "text_temperature": self.text_temperature,
+                                "image_temperature": self.image_temperature, "text_cfg": 0.0, "image_cfg": 0.0})
+
+    def first_step(self, steps: int) -> int:
+        return min(int(steps * self.first_step_frac), steps - self.sampled_steps)
+
+
+def advantages(raw: torch.Tensor, stats: RewardStats, group_size: int, mode: str):
+    """Raw rewards (R, K) -> normalised rewards (R, K), advantages (R, K), zero_var (R, K) bool.
+
+    Rows are prompt-major (row = b * G + g). In output mode every step gets the final step's
+    advantage (and zero-variance flag).
+    """
+    R, K = raw.shape
+    reward = normalise_rewards(raw, stats)  # (R, K)
+    adv, zero = group_advantages(reward.view(R // group_size, group_size, K))  # (B, G, K), (B, K)
+    zero = zero[:, None, :].expand(-1, group_size, -1)
+    adv, zero = adv.reshape(R, K), zero.reshape(R, K)
+    if mode == "output":
+        adv, zero = adv[:, -1:].expand(R, K).clone(), zero[:, -1:].expand(R, K).clone()
+    return reward, adv, zero
+
+
+@dataclass
+class Rollouts:
+    """One round's rollouts as the learner needs them (tensors on the learner's device)."""
+
+    prompts: list[list[int]]
+    """R prompt id lists (each prompt repeated G times)."""
+    tokens: torch.Tensor
+    """(R, M) final output parts."""
+    step_map: torch.Tensor
+    """(R, M) step at which each slot was decoded."""
+    logp: torch.Tensor
+    """(R, M) behaviour log-probs at the sampled steps."""
+    steps: list[int]
+    """The K sampled steps."""
+    adv: torch.Tensor
+    """(R, K) advantages."""
+    zero_var: torch.Tensor
+    """(R, K) bool: dropped pairs."""
+
+
+def update(policy, ref, optimizer, batch: Rollouts, cfg: RLConfig, vocab: Vocab, shape: OutputShape,
+           sampler: SamplerConfig) -> dict:
+    """cfg.inner_iters optimiser steps on one round's rollouts. Returns averaged loss statistics."""
+    R, K = batch.adv.shape
+    pairs = [(r, k) for r in range(R) for k in range(K) if not batch.zero_var[r, k]]
+    is_img = image_slots(shape, batch.tokens.device)
+    ref_logp = _reference_logprobs(ref, batch, pairs, cfg, vocab, shape, sampler) if cfg.beta > 0 else None
+    stats = {"loss": 0.0, "pg_loss": 0.0, "kl": 0.0, "clip_frac": 0.0, "ratio_max": 0.0, "entropy": 0.0,
+             "grad_norm": 0.0, "learner_tokens": 0, "pairs": len(pairs)}
+    if not pairs:
+        return stats
+    policy.train()
+    for _ in range(cfg.inner_iters):
+        optimizer.zero_grad(set_to_none=True)
+        ent_sum, n_tok = 0.0, 0
+        for start in range(0, len(pairs), cfg.micro_batch):
+            chunk = pairs[start:start + cfg.micro_batch]
+            rows = torch.tensor([r for r, _ in chunk])
+            slots = torch.tensor([k for _, k in chunk])
+            steps = torch.tensor(batch.steps)[slots]
+            logp, credited, logits = replay_logprobs(policy, [batch.prompts[r] for r in rows.tolist()],
+                                                     batch.tokens[rows], batch.step_map[rows], steps, vocab,
+                                                     shape, sampler, return_logits=True)
+            p_idx, m_idx = credited.nonzero(as_tuple=True)  # (N,), (N,)
+            weight = token_weights(rows[p_idx.cpu()], slots[p_idx.cpu()], is_img[m_idx].cpu(), R,
+                                   cfg.image_weight, cfg.text_weight).to(logp.device)
+            ref_tok = None if ref_logp is None else ref_logp[start:start + len(chunk)][p_idx, m_idx]
+            out = policy_loss(logp[p_idx, m_idx], batch.logp[rows][p_idx, m_idx], batch.adv[rows, slots][p_idx],
+                              weight, cfg.clip_eps, cfg.beta, ref_tok)
+            out.loss.backward()
+            with torch.no_grad():
+                ent_sum += float(_entropy(logits[p_idx, m_idx], is_img[m_idx], vocab, sampler).sum())
+            n_tok += len(p_idx)
+            for key in ("pg_loss", "kl", "clip_frac"):
+                stats[key] += getattr(out, key) * (len(p_idx) if key != "pg_loss" else 1) / cfg.inner_iters
+            stats["loss"] += float(out.loss.detach()) / cfg.inner_iters
+            stats["ratio_max"] = max(stats["ratio_max"], out.ratio_max)
+        norm = torch.nn.utils.clip_grad_norm_([p for p in policy.parameters() if p.grad is not None], cfg.clip_norm)
+        optimizer.step()
+        stats["grad_norm"] += float(norm) / cfg.inner_iters
+        stats["entropy"] += ent_sum / max(n_tok, 1) / cfg.inner_iters
+        stats["learner_tokens"] += n_tok
+    for key in ("kl", "clip_frac"):  # token-weighted means over micro-batches
+        stats[key] /= max(stats["learner_tokens"] / cfg.inner_iters, 1)
+    return stats
+
+
+@torch.no_grad()
+def _reference_logprobs(ref, batch: Rollouts, pairs, cfg: RLConfig, vocab, shape, sampler) -> torch.Tensor:
+    """Reference-policy log-probs (P, M) of every kept pair, in pair order."""
+    out = []
+    for start in range(0, len(pairs), cfg.micro_batch):
+        chunk = pairs[start:start + cfg.micro_batch]
+        rows = torch.tensor([r for r, _ in chunk])
+        steps = torch.tensor(batch.steps)[torch.tensor([k for _, k in chunk])]
+        logp, _ = replay_logprobs(ref, [batch.prompts[r] for r in rows.tolist()], batch.tokens[rows],
+                                  batch.step_map[rows], steps, vocab, shape, sampler)
+        out.append(logp)
+    return torch.cat(out)
+
+
+def _entropy(logits: torch.Tensor, is_img: torch.Tensor, vocab: Vocab, sampler: SamplerConfig) -> torch.Tensor:
+    """Entropy of the sampler's distribution at credited tokens. logits (N, V), is_img (N,) -> (N,)."""
+    from model.sampling import text_logits
+
+    out = torch.zeros(len(logits))
+    sl = slice(vocab.image_offset, vocab.image_offset + vocab.codebook_size)
+    if (~is_img).any():
+        out[~is_img.cpu()] = entropy_from_logits(text_logits(logits[~is_img], vocab) / sampler.text_temperature).cpu()
+    if is_img.any():
+        out[is_img.cpu()] = entropy_from_logits(logits[is_img][:, sl] / sampler.image_temperature).cpu()
+    return out
+

@@ -1,0 +1,271 @@
+"""ParaRL runs: data, reward statistics, the round loop, tables, checkpoints and resume.
+
+`prepare_rl` tokenises the training prompts (and the held-out toy tasks) with the starting
+checkpoint's own tokenizers and layout. `run_rl` is the driver: it holds the learner (policy,
+frozen reference, AdamW) and drives rl/loop.Roles round by round:
+    fit reward stats once (1% of the training prompts) -> for each round: draw B prompts and K
+    steps -> publish weights -> rollouts + rewards -> advantages -> update -> tables -> eval -> checkpoint.
+Everything random is seeded by (seed, round), so a re-run of the same run id resumes from its
+latest checkpoint and redoes the rounds after it exactly; tables are keyed by (run, round, ...)
+and skip rows already committed, so nothing is duplicated. A checkpoint is a model folder (loads
+in `parapipe generate`) plus `learner_state.pt` (optimiser, round, reward stats, config).
+"""
+import json
+import os
+import shutil
+import time
+
+import numpy as np
+import torch
+
+from model.checkpoint import CONFIG_FILE, VOCAB_KEY, from_pretrained, save_pretrained
+from model.layout import OutputShape
+from model.sampling import SamplerConfig
+from rl.grpo import RewardStats, fit_reward_stats, sparse_steps
+from rl.learner import RLConfig, Rollouts, advantages, update
+from tasks.sft_data import SequenceConfig, build_prompt
+
+LEARNER_STATE = "learner_state.pt"
+DEFAULT_SAMPLER = dict(steps=20, image_steps=10)  # the toy recipe's timeline (tasks/sft_loop.TOY_TINY_RECIPE)
+
+
+def _seeded(*parts: int) -> torch.Generator:
+    return torch.Generator().manual_seed(int(np.random.SeedSequence(list(parts)).generate_state(1)[0]))
+
+
+def checkpoint_layout(checkpoint: str) -> tuple[SequenceConfig, OutputShape, dict]:
+    """The starting checkpoint's sequence layout, output shape and parapipe_* config extras."""
+    with open(os.path.join(checkpoint, CONFIG_FILE)) as f:
+        raw = json.load(f)
+    if "parapipe_sequence" not in raw:
+        raise ValueError(f"{checkpoint!r} records no parapipe_sequence (the layout it was fine-tuned with); "
+                         f"start RL from an SFT checkpoint written by `parapipe sft`")
+    seq = SequenceConfig(**raw["parapipe_sequence"])
+    from tasks.generate import image_grid, load_image_tokenizer
+
+    h, w = image_grid(checkpoint, load_image_tokenizer(checkpoint))
+    extras = {k: v for k, v in raw.items() if k.startswith("parapipe_") and k != VOCAB_KEY}
+    return seq, OutputShape(image_tokens=h * w, text_tokens=seq.text_tokens), extras
+
+
+def prepare_rl(checkpoint: str, root: str, dataset: str, out: str, categories: tuple[str, ...] | None = None,
+               eval_per_category: int = 32) -> dict:
+    """Tokenised train prompts (+ toy val set and scenes) saved under out/data; returns their paths."""
+    from tasks.generate import load_image_tokenizer
+    from tasks.sft import save_set
+    from tasks.sft_data import load_or_tokenise, read_samples
+    from tasks.tokenizer import TextTokenizer
+    from tasks.toy_eval import select_per_category, toy_scenes
+
+    seq, _, _ = checkpoint_layout(checkpoint)
+    _, vocab = from_pretrained(checkpoint)
+    tok, vq = TextTokenizer.load(checkpoint), load_image_tokenizer(checkpoint)
+    cache, data_dir = os.path.join(root, "cache", "sft"), os.path.join(out, "data")
+    os.makedirs(data_dir, exist_ok=True)
+    rows, traces = read_samples(root, dataset, "train", traces_run=dataset, categories=categories)
+    train = load_or_tokenise(rows, tok, vq, vocab, seq, cache, traces)
+    paths = {"train": save_set(train, os.path.join(data_dir, "train.pt")), "train_size": len(train),
+             "dropped": train.dropped}
+    val_rows, val_traces = read_samples(root, dataset, "val", traces_run=dataset, categories=categories)
+    if all('"toy"' in (r.get("extra_json") or "") for r in val_rows):
+        val = select_per_category(load_or_tokenise(val_rows, tok, vq, vocab, seq, cache, val_traces),
+                                  eval_per_category)
+        torch.save(toy_scenes([r for r in val_rows if r["sample_id"] in set(val.sample_id)]),
+                   os.path.join(data_dir, "val_scenes.pt"))
+        paths.update(val=save_set(val, os.path.join(data_dir, "val.pt")), scenes=os.path.join(data_dir, "val_scenes.pt"),
+                     preset=json.loads(val_rows[0]["extra_json"])["toy"]["preset"])
+    return paths
+
+
+# ---------------------------------------------------------------------------------------------- checkpoints
+
+def latest_checkpoint(folder: str) -> str | None:
+    """The newest complete round-NNNNN folder (learner_state.pt is written last)."""
+    if not os.path.isdir(folder):
+        return None
+    done = sorted(d for d in os.listdir(folder) if d.startswith("round-")
+                  and os.path.isfile(os.path.join(folder, d, LEARNER_STATE)))
+    return os.path.join(folder, done[-1]) if done else None
+
+
+def save_checkpoint(policy, vocab, optimizer, round_: int, stats: RewardStats, cfg: RLConfig, start: str,
+                    folder: str, extras: dict, keep: int = 2) -> str:
+    """Writes round-NNNNN (model folder + tokenizers + learner_state.pt) atomically; keeps the last `keep`."""
+    final = os.path.join(folder, f"round-{round_:05d}")
+    tmp = final + ".tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    save_pretrained(policy, vocab, tmp, extra=extras)
+    shutil.copy(os.path.join(start, "tokenizer.json"), tmp)
+    if os.path.isdir(os.path.join(start, "image_tokenizer")):
+        shutil.copytree(os.path.join(start, "image_tokenizer"), os.path.join(tmp, "image_tokenizer"))
+    torch.save({"optimizer": optimizer.state_dict(), "round": round_, "stats": stats.__dict__,
+                "config": cfg.to_dict(), "start": start}, os.path.join(tmp, LEARNER_STATE))
+    shutil.rmtree(final, ignore_errors=True)
+    os.replace(tmp, final)
+    old = sorted(d for d in os.listdir(folder) if d.startswith("round-") and not d.endswith(".tmp"))
+    for d in old[:-keep]:
+        shutil.rmtree(os.path.join(folder, d), ignore_errors=True)
+    return final
+
+
+# ---------------------------------------------------------------------------------------------- rows
+
+def trajectory_rows(run_id: str, round_: int, sample_ids: list[str], instructions: list[str], G: int,
+                    steps: list[int], got: dict, reward: torch.Tensor, adv: torch.Tensor, zero: torch.Tensor) -> list[dict]:
+    """One trajectories row per (rollout, sampled step)."""
+    rows = []
+    step_map = got["step_map"]
+    for r in range(len(got["tokens"])):
+        for k, s in enumerate(steps):
+            codes, text = got["image_codes"][r, k], got["text_ids"][r, k]
+            rows.append({"run_id": run_id, "round": round_, "sample_id": sample_ids[r // G], "group_index": r % G,
+                         "step": s, "slot": k, "instruction": instructions[r // G], "text": got["texts"][r][k],
+                         "text_tokens": text.tolist(), "image_codes": codes.tolist(),
+                         "text_mask_frac": float((got["text_ids"][r, k] == got["mask_id"]).mean()),
+                         "image_mask_frac": float((codes < 0).mean()),
+                         "decoded_text": int(((step_map[r] == s) & got["txt_cols"]).sum()),
+                         "decoded_image": int(((step_map[r] == s) & got["img_cols"]).sum()),
+                         "reward_raw": float(got["raw"][r, k]), "reward": float(reward[r, k]),
+                         "advantage": float(adv[r, k]), "zero_var": bool(zero[r, k])})
+    return rows
+
+
+def reward_rows(run_id: str, round_: int, sample_ids: list[str], G: int, got: dict, reward, adv) -> list[dict]:
+    return [{"run_id": run_id, "round": round_, "sample_id": sample_ids[r // G], "group_index": r % G,
+             "reward": float(reward[r].mean()), "clip_score": float(got["raw"][r, -1]),
+             "advantage": float(adv[r].mean()), "terms_json": json.dumps({"final_text": got["texts"][r][-1]})}
+            for r in range(len(got["tokens"]))]
+
+
+def by_step(steps: list[int], raw: np.ndarray, reward: torch.Tensor) -> dict:
+    return {str(s): {"mean": float(reward[:, k].mean()), "std": float(reward[:, k].std(unbiased=False)),
+                     "raw_mean": float(raw[:, k].mean())} for k, s in enumerate(steps)}
+
+
+# ---------------------------------------------------------------------------------------------- the driver
+
+def heldout_eval(policy, paths: dict, vocab, seq: SequenceConfig, start: str, sampler: SamplerConfig) -> dict:
+    """Exact toy metrics (overall) of greedy decoding on the held-out val tasks; {} off the toy world."""
+    if "val" not in paths:
+        return {}
+    from tasks.generate import load_image_tokenizer
+    from tasks.sft import load_set
+    from tasks.tokenizer import TextTokenizer
+    from tasks.toy.scene import PRESETS
+    from tasks.toy_eval import evaluate, greedy_sampler
+
+    val, train = load_set(paths["val"]), load_set(paths["train"])
+    greedy = greedy_sampler(seq.text_tokens, sampler.steps, sampler.image_steps)
+    rows = evaluate(policy, val, torch.load(paths["scenes"], weights_only=False), train, vocab, seq,
+                    TextTokenizer.load(start), load_image_tokenizer(start), PRESETS[paths["preset"]], greedy,
+                    baselines=False)
+    policy.train()
+    return {r["metric"]: r["value"] for r in rows if r["category"] == "overall"}
+
+
+def fit_stats(roles, prompts: list[list[int]], cfg: RLConfig, sampler: dict, S: int) -> RewardStats:
+    """Raw reward mean / std over one sample per prompt at K sampled steps (paper: a random 1%)."""
+    steps = sparse_steps(S, cfg.sampled_steps, _seeded(cfg.seed, 999_983), cfg.first_step(S))
+    got = roles.collect(prompts, 1, sampler, steps, cfg.seed, -1)
+    return fit_reward_stats(torch.from_numpy(got["raw"]).flatten(), cfg.reward_clip)
+
+
+def run_rl(start: str, paths: dict, cfg: RLConfig, out: str, root: str, run_id: str, sampler: dict | None = None,
+           reward_kwargs: dict | None = None, rollout_workers: int = 1, reward_workers: int = 1,
+           use_gpu: bool = False, crash_markers: dict | None = None, on_round=None) -> dict:
+    """The ParaRL driver; re-running the same run_id in the same `out` resumes (see module docstring)."""
+    import ray
+
+    from rl.loop import Roles
+    from storage.parquet import write_rows
+    from tasks.sft import load_set
+    from tasks.tokenizer import TextTokenizer
+
+    seq, shape, extras = checkpoint_layout(start)
+    base = SamplerConfig(**{**DEFAULT_SAMPLER, **(sampler or {}), "text_block_length": seq.text_tokens})
+    rollout_cfg = cfg.rollout_sampler(base)
+    S = rollout_cfg.steps
+    ckpt_dir = os.path.join(out, "checkpoints", run_id)
+    resume = latest_checkpoint(ckpt_dir)
+    policy, vocab = from_pretrained(resume or start)
+    ref = from_pretrained(start)[0].eval().requires_grad_(False) if cfg.beta > 0 else None
+    optimizer = torch.optim.AdamW(policy.parameters(), lr=cfg.lr, weight_decay=0.0)
+    state = torch.load(os.path.join(resume, LEARNER_STATE), weights_only=False) if resume else None
+    if state:
+        optimizer.load_state_dict(state["optimizer"])
+    first_round = state["round"] + 1 if state else 0
+    train, tok = load_set(paths["train"]), TextTokenizer.load(start)
+    prompts = [build_prompt(vocab, seq, train.input_codes[i], train.instruction[i]) for i in range(len(train))]
+    if not ray.is_initialized():
+        ray.init(num_cpus=None if use_gpu else max(2, rollout_workers + reward_workers), include_dashboard=False,
+                 ignore_reinit_error=True, log_to_driver=False)
+    roles = Roles(start, {"image_tokens": shape.image_tokens, "text_tokens": shape.text_tokens},
+                  reward_kwargs or {}, rollout_workers, reward_workers, use_gpu, crash_markers=crash_markers)
+    sampler_d = {k: getattr(rollout_cfg, k) for k in SamplerConfig.__dataclass_fields__}
+    masks = {"mask_id": vocab.mask_id, **_columns(shape)}
+    history = []
+    try:
+        roles.publish(policy.state_dict(), version=first_round)
+        if state:
+            stats = RewardStats(**state["stats"])
+        else:
+            n = max(cfg.norm_min_prompts, round(cfg.norm_fraction * len(prompts)))
+            pick = torch.randperm(len(prompts), generator=_seeded(cfg.seed, 7))[:n].tolist()
+            stats = fit_stats(roles, [prompts[i] for i in pick], cfg, sampler_d, S)
+        for round_ in range(first_round, cfg.rounds):
+            t0 = time.perf_counter()
+            pick = torch.randperm(len(prompts), generator=_seeded(cfg.seed, round_))[:cfg.prompts_per_round].tolist()
+            steps = sparse_steps(S, cfg.sampled_steps, _seeded(cfg.seed, round_, 1), cfg.first_step(S))
+            roles.publish(policy.state_dict(), version=round_)
+            got = roles.collect([prompts[i] for i in pick], cfg.group_size, sampler_d, steps, cfg.seed, round_)
+            reward, adv, zero = advantages(torch.from_numpy(got["raw"]), stats, cfg.group_size, cfg.reward_mode)
+            batch = Rollouts(prompts=[prompts[i] for i in pick for _ in range(cfg.group_size)],
+                             tokens=torch.from_numpy(got["tokens"]), step_map=torch.from_numpy(got["step_map"]),
+                             logp=torch.from_numpy(got["logp"]), steps=steps, adv=adv.float(), zero_var=zero)
+            t1 = time.perf_counter()
+            upd = update(policy, ref, optimizer, batch, cfg, vocab, shape, rollout_cfg)
+            learner_s = time.perf_counter() - t1
+            last = round_ == cfg.rounds - 1
+            t2 = time.perf_counter()
+            ev = heldout_eval(policy, paths, vocab, seq, start, base) if last or (round_ + 1) % cfg.eval_every == 0 else {}
+            eval_s = time.perf_counter() - t2 if ev else None
+            ids = [train.sample_id[i] for i in pick]
+            instr = [tok.decode(train.instruction[i]) for i in pick]
+            write_rows(root, "trajectories", trajectory_rows(run_id, round_, ids, instr, cfg.group_size, steps,
+                                                             {**got, **masks}, reward, adv, zero), run=run_id)
+            write_rows(root, "rewards", reward_rows(run_id, round_, ids, cfg.group_size, got, reward, adv), run=run_id)
+            row = metrics_row(run_id, round_, steps, got, reward, zero, upd, ev, learner_s, eval_s,
+                              time.perf_counter() - t0, cfg.lr)
+            write_rows(root, "rl_metrics", [row], run=run_id)
+            history.append(row)
+            if on_round:
+                on_round(row)
+            if last or (round_ + 1) % cfg.checkpoint_every == 0:
+                save_checkpoint(policy, vocab, optimizer, round_, stats, cfg, start, ckpt_dir, extras)
+    finally:
+        roles.shutdown()
+    final = latest_checkpoint(ckpt_dir)
+    return {"checkpoint": final, "history": history, "stats": stats.__dict__, "resumed_from": resume,
+            "first_round": first_round}
+
+
+def _columns(shape: OutputShape) -> dict:
+    from model.layout import IMAGE, TEXT, output_regions
+
+    regions = np.asarray(output_regions(shape))
+    return {"img_cols": regions == IMAGE, "txt_cols": regions == TEXT}
+
+
+def metrics_row(run_id, round_, steps, got, reward, zero, upd, ev, learner_s, eval_s, wall_s, lr) -> dict:
+    import datetime as dt
+
+    t = got["timing"]
+    return {"run_id": run_id, "round": round_, "reward_mean": float(reward.mean()),
+            "reward_std": float(reward.std(unbiased=False)), "reward_by_step_json": json.dumps(by_step(steps, got["raw"], reward)),
+            "zero_var_frac": float(zero.float().mean()), "loss": upd["loss"], "pg_loss": upd["pg_loss"], "kl": upd["kl"],
+            "clip_frac": upd["clip_frac"], "ratio_max": upd["ratio_max"], "entropy": upd["entropy"],
+            "grad_norm": upd["grad_norm"], "lr": lr, "heldout_agreement": ev.get("agreement"),
+            "heldout_exact_image": ev.get("exact_image"), "heldout_text_correct": ev.get("text_correct"),
+            "rollouts": len(got["tokens"]), "reward_pairs": t["reward_pairs"], "learner_tokens": upd["learner_tokens"],
+            "text_split_rate": t["text_split_rate"], "rollout_s": t["rollout_s"], "reward_s": t["reward_s"],
+            "learner_s": learner_s, "eval_s": eval_s, "wall_s": wall_s, "time": dt.datetime.now(dt.timezone.utc)}

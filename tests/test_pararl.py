@@ -1,0 +1,157 @@
+"""ParaRL end to end on CPU: replay ratio 1, credited tokens, rounds on Ray, killed actors, resume."""
+import dataclasses
+import os
+import shutil
+
+import numpy as np
+import pytest
+import torch
+
+import tasks.aggregate as agg
+from model.checkpoint import from_pretrained, save_pretrained
+from model.sampling import SamplerConfig, generate
+from rl.learner import RLConfig
+from rl.replay import replay_logprobs, state_before
+from storage.parquet import read_table
+from tasks.image_codes import fit_image_tokenizer
+from tasks.pararl import checkpoint_layout, prepare_rl, run_rl
+from tasks.sft import load_set, prepare_sft
+from tasks.sft_data import SequenceConfig, batch_stream, build_prompt
+from tasks.sft_loop import SFTConfig, train
+
+CURATE = dict(resolution=32, resize="squash", min_side=16, max_aspect=3.0, near_duplicate_bits=2)
+SEQ = dict(text_tokens=32, instruction_tokens=16)
+RECIPE = {"model": dict(d_model=48, n_layers=2, n_heads=2, mlp_hidden_size=96, rope_theta=10000.0),
+          "sft": dict(lr=3e-3, warmup_steps=20, total_steps=400, batch_size=16, bf16=False, seed=0),
+          "seq": SEQ, "tokenizer_vocab": 400, "categories": ("recolour", "remove", "replace")}
+SAMPLER = dict(steps=8, image_steps=4)
+FAST = dict(rounds=2, prompts_per_round=4, group_size=3, sampled_steps=2, norm_min_prompts=6, inner_iters=2,
+            eval_every=1, checkpoint_every=1, micro_batch=8, lr=1e-3)
+
+
+@pytest.fixture(scope="module")
+def sft_checkpoint(tmp_path_factory):
+    """A toy dataset and a briefly fine-tuned tiny checkpoint folder (what `parapipe sft` writes)."""
+    work = tmp_path_factory.mktemp("rl")
+    root, out = str(work / "lake"), str(work / "sft")
+    src = {"type": "toy", "name": "toy", "preset": "tiny", "n": 240, "seed": 0, "categories": list(RECIPE["categories"])}
+    agg.ingest_source.fn(src, root, "d", CURATE)
+    vq = fit_image_tokenizer.fn(root, "d", str(work / "vq"))
+    paths = prepare_sft.fn(root, "d", out, RECIPE, image_tokenizer_dir=vq, eval_per_category=2)
+    model, vocab = from_pretrained(paths["base"])
+    data, cfg = load_set(paths["train_data"]), SFTConfig(**RECIPE["sft"])
+    train(model, batch_stream(data, vocab, SequenceConfig(**SEQ), cfg.batch_size, cfg.seed), cfg, vocab.mask_id)
+    ckpt = str(work / "ckpt")
+    save_pretrained(model, vocab, ckpt, extra={"parapipe_sequence": SEQ, "parapipe_image_grid": [4, 4]})
+    shutil.copy(os.path.join(paths["base"], "tokenizer.json"), ckpt)
+    shutil.copytree(os.path.join(paths["base"], "image_tokenizer"), os.path.join(ckpt, "image_tokenizer"))
+    return root, ckpt, work
+
+
+@pytest.fixture(scope="module")
+def random_clip(sft_checkpoint):
+    """A randomly initialised tiny open_clip model saved as a reward folder (continuous scores)."""
+    import open_clip
+
+    from rl.reward import TINY_CLIP_CONFIG, register_tiny_clip, save_clip_folder
+
+    work = sft_checkpoint[2]
+    name = register_tiny_clip(str(work / "clip-config"))
+    torch.manual_seed(0)
+    return save_clip_folder(str(work / "clip"), open_clip.create_model(name), name, TINY_CLIP_CONFIG)
+
+
+@pytest.fixture(scope="module")
+def ray_local():
+    import ray
+
+    ray.init(num_cpus=2, include_dashboard=False, ignore_reinit_error=True, log_to_driver=False)
+    yield
+    ray.shutdown()
+
+
+def _rollout(ckpt, root, seed=0):
+    seq, shape, _ = checkpoint_layout(ckpt)
+    model, vocab = from_pretrained(ckpt)
+    data = load_set(prepare_rl(ckpt, root, "d", os.path.join(os.path.dirname(ckpt), "prep"))["train"])
+    prompts = [build_prompt(vocab, seq, data.input_codes[i], data.instruction[i]) for i in range(3)]
+    cfg = SamplerConfig(**SAMPLER, text_block_length=seq.text_tokens, text_temperature=1.0, image_temperature=1.0)
+    steps = (2, 5, 7)
+    res = generate(model, vocab, shape, prompts, cfg, num_samples=2, generator=torch.Generator().manual_seed(seed),
+                   record_steps=tuple(range(SAMPLER["steps"])), trace=True)
+    return model, vocab, shape, cfg, [p for p in prompts for _ in range(2)], res, steps
+
+
+def test_replayed_logprobs_equal_behaviour_and_credit_exactly_the_step(sft_checkpoint):
+    root, ckpt, _ = sft_checkpoint
+    model, vocab, shape, cfg, prompts, res, steps = _rollout(ckpt, root)
+    total = 0
+    for s in steps:
+        rows = [0, 3, 5]  # a different batch (and padding) than the rollout's
+        logp, credited = replay_logprobs(model, [prompts[r] for r in rows], res.tokens[rows], res.step_map[rows],
+                                         torch.tensor([s] * 3), vocab, shape, cfg)
+        # the tokens credited at s are exactly the slots that went from [MASK] to a token at s
+        before, after = res.snapshots[s - 1], res.snapshots[s]
+        assert torch.equal(credited, (before[rows] == vocab.mask_id) & (after[rows] != vocab.mask_id))
+        assert torch.equal(state_before(res.tokens[rows], res.step_map[rows], s + 1, vocab.mask_id), after[rows])
+        ratio = torch.exp(logp[credited] - res.logp[rows][credited])
+        assert credited.sum() > 0 and torch.allclose(ratio, torch.ones_like(ratio), atol=1e-5)
+        assert not torch.isnan(res.logp[rows][credited]).any()
+    # every output slot is decoded exactly once: the per-step credits partition the slots
+    decoded = torch.stack([(res.step_map == s) for s in range(SAMPLER["steps"])]).sum(0)
+    assert torch.equal(decoded, (res.step_map >= 0).long())
+
+
+def _run(sft_checkpoint, clip, run_id, out_name, crash=None, **overrides):
+    root, ckpt, work = sft_checkpoint
+    out = str(work / out_name)
+    paths = prepare_rl(ckpt, root, "d", out, eval_per_category=4)
+    cfg = RLConfig(**{**FAST, **overrides})
+    return run_rl(ckpt, paths, cfg, out, root, run_id, sampler=SAMPLER,
+                  reward_kwargs={"kind": "clip", "clip_folder": clip}, crash_markers=crash), root
+
+
+STABLE = ("round", "reward_mean", "reward_std", "zero_var_frac", "loss", "pg_loss", "kl", "clip_frac", "entropy",
+          "heldout_agreement", "heldout_exact_image", "rollouts", "learner_tokens")
+
+
+def _metrics(root, run_id):
+    rows = sorted(read_table(root, "rl_metrics", run=run_id).to_pylist(), key=lambda r: r["round"])
+    assert len({r["round"] for r in rows}) == len(rows), "a round was logged twice"
+    return [{k: r[k] for k in STABLE} for r in rows]
+
+
+@pytest.mark.slow
+def test_two_rounds_on_ray_then_killed_actors_and_resume_reproduce_them(sft_checkpoint, random_clip, ray_local,
+                                                                        tmp_path):
+    result, root = _run(sft_checkpoint, random_clip, "plain", "rl-plain")
+    ref = _metrics(root, "plain")
+    assert [r["round"] for r in ref] == [0, 1] and result["first_round"] == 0
+    assert all(r["rollouts"] == 4 * 3 and r["learner_tokens"] > 0 for r in ref)
+    assert all(r["heldout_agreement"] is not None for r in ref) and 0 <= ref[1]["heldout_exact_image"] <= 1
+    traj = read_table(root, "trajectories", run="plain").to_pylist()
+    assert len(traj) == 2 * 4 * 3 * 2  # rounds x prompts x group x sampled steps
+    assert all(0 <= t["reward"] <= 1 and t["slot"] in (0, 1) for t in traj)
+    assert {t["step"] for t in traj if t["slot"] == 1} == {SAMPLER["steps"] - 1}  # the last step is always rewarded
+    # advantages are standardised within each (round, prompt, step) group
+    groups = {}
+    for t in traj:
+        groups.setdefault((t["round"], t["sample_id"], t["slot"]), []).append(t["advantage"])
+    assert all(abs(sum(a)) < 1e-5 and len(a) == 3 for a in groups.values())
+    ckpt = result["checkpoint"]
+    assert ckpt.endswith("round-00001") and from_pretrained(ckpt)[0] is not None
+
+    # a rollout actor and a reward actor each die once, mid-call: Ray restarts them, the lost calls are redone
+    crash = {"rollout": str(tmp_path / "rollout.crashed"), "reward": str(tmp_path / "reward.crashed")}
+    _run(sft_checkpoint, random_clip, "crashed", "rl-crashed", crash=crash)
+    assert all(os.path.exists(p) for p in crash.values())
+    assert _metrics(root, "crashed") == ref
+    assert len(read_table(root, "trajectories", run="crashed")) == len(traj)
+
+    # resume: the same run id after its round-0 checkpoint redoes only round 1, identically
+    out = sft_checkpoint[2] / "rl-resume"
+    _run(sft_checkpoint, random_clip, "resume", "rl-resume", rounds=1)
+    resumed, _ = _run(sft_checkpoint, random_clip, "resume", "rl-resume")
+    assert resumed["first_round"] == 1 and resumed["resumed_from"].endswith("round-00000")
+    assert _metrics(root, "resume") == ref
+    assert os.path.isdir(out / "checkpoints" / "resume" / "round-00001")
