@@ -91,6 +91,32 @@ def cmd_traces(a) -> None:
                             filters=filters, commit_every_s=a.commit_every_s), indent=2))
 
 
+def cmd_rl(a) -> None:
+    import json
+
+    from flows.pararl import pararl
+
+    config = json.loads(a.config) if a.config else {}
+    for flag, field in (("rounds", "rounds"), ("prompts", "prompts_per_round"), ("group_size", "group_size"),
+                        ("k", "sampled_steps"), ("reward", "reward"), ("mode", "reward_mode"), ("lr", "lr"),
+                        ("beta", "beta"), ("seed", "seed")):
+        if getattr(a, flag) is not None:
+            config[field] = getattr(a, flag)
+    out = pararl(checkpoint=a.checkpoint, root=a.root, dataset=a.dataset, out=a.out, run_id=a.run_id, config=config,
+                 sampler=json.loads(a.sampler) if a.sampler else None, clip_folder=a.clip_folder,
+                 clip_model=a.clip_model, clip_pretrained=a.clip_pretrained, rollout_workers=a.rollout_workers,
+                 reward_workers=a.reward_workers, use_gpu=a.gpu)
+    print(json.dumps(out, indent=2, default=str))
+
+
+def cmd_fit_reward(a) -> None:
+    import json
+
+    from tasks.fit_reward import fit_tiny_clip
+
+    print(json.dumps(fit_tiny_clip(a.out, preset=a.preset, seed=a.seed), indent=2, default=str))
+
+
 def cmd_query(a) -> None:
     from storage.query import format_table, query
 
@@ -168,6 +194,40 @@ def main(argv: list[str] | None = None) -> None:
     sf.add_argument("--init-from", default=None, help="released / earlier checkpoint folder to fine-tune")
     sf.add_argument("--checkpoint-every", type=int, default=100)
     sf.set_defaults(fn=cmd_sft)
+
+    rl = sub.add_parser("rl", help="ParaRL from an SFT checkpoint (re-run the same --run-id to resume)",
+                        description="Fields not given keep rl/learner.RLConfig's defaults; --config sets any of them.")
+    rl.add_argument("--checkpoint", required=True, help="SFT checkpoint folder (e.g. runs/default/sft/checkpoints/"
+                    "sft-toy-tiny/final)")
+    rl.add_argument("--root", default="data")
+    rl.add_argument("--dataset", default="toy-tiny", help="dataset whose train split gives the prompts")
+    rl.add_argument("--out", default="runs/rl")
+    rl.add_argument("--run-id", default="rl-toy-tiny")
+    rl.add_argument("--rounds", type=int, default=None)
+    rl.add_argument("--prompts", type=int, default=None, help="prompts per round (B)")
+    rl.add_argument("--group-size", type=int, default=None, help="samples per prompt (G)")
+    rl.add_argument("--k", type=int, default=None, help="sampled (rewarded) denoising steps per rollout (K)")
+    rl.add_argument("--reward", choices=("clip", "exact"), default=None)
+    rl.add_argument("--mode", choices=("trajectory", "output"), default=None, help="where the reward is taken")
+    rl.add_argument("--lr", type=float, default=None)
+    rl.add_argument("--beta", type=float, default=None, help="KL weight")
+    rl.add_argument("--seed", type=int, default=None)
+    rl.add_argument("--config", default=None, help="JSON object of RLConfig fields (rl/learner.py)")
+    rl.add_argument("--sampler", default=None, help='JSON object of rollout SamplerConfig fields, e.g. '
+                    '{"steps": 20, "image_steps": 10}')
+    rl.add_argument("--clip-folder", default=None, help="reward folder written by `parapipe fit-reward`")
+    rl.add_argument("--clip-model", default=None, help="open_clip architecture, e.g. ViT-L-14 (real data)")
+    rl.add_argument("--clip-pretrained", default=None, help="local weights file for --clip-model")
+    rl.add_argument("--rollout-workers", type=int, default=1)
+    rl.add_argument("--reward-workers", type=int, default=1)
+    rl.add_argument("--gpu", action="store_true", help="one GPU per rollout actor, 0.25 GPU per reward actor")
+    rl.set_defaults(fn=cmd_rl)
+
+    fr = sub.add_parser("fit-reward", help="train the toy world's tiny CLIP reward model (open_clip)")
+    fr.add_argument("--out", required=True)
+    fr.add_argument("--preset", default="tiny")
+    fr.add_argument("--seed", type=int, default=0)
+    fr.set_defaults(fn=cmd_fit_reward)
 
     q = sub.add_parser("query", help="run one SQL statement over the tables and canned views")
     q.add_argument("sql")

@@ -212,6 +212,7 @@ def run_rl(start: str, paths: dict, cfg: RLConfig, out: str, root: str, run_id: 
             n = max(cfg.norm_min_prompts, round(cfg.norm_fraction * len(prompts)))
             pick = torch.randperm(len(prompts), generator=_seeded(cfg.seed, 7))[:n].tolist()
             stats = fit_stats(roles, [prompts[i] for i in pick], cfg, sampler_d, S)
+        write_rows(root, "runs", [run_row(run_id, start, cfg, sampler_d, reward_kwargs, stats)], run=run_id)
         for round_ in range(first_round, cfg.rounds):
             t0 = time.perf_counter()
             pick = torch.randperm(len(prompts), generator=_seeded(cfg.seed, round_))[:cfg.prompts_per_round].tolist()
@@ -247,6 +248,23 @@ def run_rl(start: str, paths: dict, cfg: RLConfig, out: str, root: str, run_id: 
     final = latest_checkpoint(ckpt_dir)
     return {"checkpoint": final, "history": history, "stats": stats.__dict__, "resumed_from": resume,
             "first_round": first_round}
+
+
+def run_row(run_id: str, start: str, cfg: RLConfig, sampler: dict, reward_kwargs: dict | None,
+            stats: RewardStats) -> dict:
+    """The runs-table row: every choice of this run (the paper publishes only K), read back with DuckDB."""
+    import datetime as dt
+    import subprocess
+
+    try:
+        code = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
+                              cwd=os.path.dirname(os.path.abspath(__file__))).stdout.strip() or None
+    except OSError:
+        code = None
+    config = {"rl": cfg.to_dict(), "sampler": sampler, "reward": reward_kwargs, "reward_stats": stats.__dict__,
+              "start_checkpoint": start}
+    return {"run_id": run_id, "stage": "rl", "config_json": json.dumps(config), "code_version": code,
+            "start_time": dt.datetime.now(dt.timezone.utc)}
 
 
 def _columns(shape: OutputShape) -> dict:

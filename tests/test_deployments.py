@@ -4,6 +4,8 @@ import pathlib
 import yaml
 from prefect.flows import load_flow_from_entrypoint
 
+from model.sampling import SamplerConfig
+from rl.learner import RLConfig
 from tasks.generators import GeneratorSpec
 from tasks.sources import SourceSpec
 from tasks.traces import FilterConfig
@@ -25,4 +27,7 @@ def test_deployments_resolve_and_parameters_validate(monkeypatch):
             GeneratorSpec(**params["generator"])
         if params.get("filters"):
             FilterConfig(**params["filters"])
+        if d["entrypoint"].startswith("flows/pararl.py"):
+            RLConfig(**params.get("config") or {})
+            SamplerConfig(**params.get("sampler") or {})
         assert d["work_pool"]["name"]

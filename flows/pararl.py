@@ -1,0 +1,92 @@
+"""`pararl`: ParaRL (trajectory-level GRPO with text-image alignment rewards) from an SFT checkpoint.
+
+validate the config -> tokenise prompts (and held-out toy tasks) -> the reward model (a local
+open_clip model, or a tiny CLIP fitted on the toy world for the embedded default) -> rounds of
+rollouts on Ray actors, rewards on Ray actors and a learner update (tasks/pararl.run_rl; re-running
+the same run id resumes) -> a summary artifact. Every round writes rl_metrics, trajectories and
+rewards rows (inspect them with `parapipe query "SELECT * FROM reward_by_step"`) and updates the
+run's progress and metrics artifacts.
+"""
+import json
+import os
+from dataclasses import asdict
+
+from prefect import flow, task
+from prefect.artifacts import create_markdown_artifact, create_progress_artifact, create_table_artifact
+from prefect.artifacts import update_progress_artifact
+
+from rl.learner import RLConfig
+from tasks.pararl import prepare_rl, run_rl
+
+prepare = task(prepare_rl, name="prepare-rl")
+SHOWN = ("round", "reward_mean", "zero_var_frac", "kl", "clip_frac", "entropy", "heldout_agreement",
+         "heldout_exact_image", "rollout_s", "reward_s", "learner_s")
+
+
+def _key(*parts: str) -> str:
+    return "-".join("".join(c if c.isalnum() else "-" for c in p.lower()) for p in parts)[:100]
+
+
+@task(name="fit-reward")
+def fit_reward(out: str, preset: str, seed: int = 0) -> str:
+    """The embedded default's reward model: a tiny CLIP trained on toy (image, trace) pairs (cached)."""
+    from tasks.fit_reward import fit_tiny_clip
+
+    if not os.path.isfile(os.path.join(out, "reward.json")):
+        fit_tiny_clip(out, preset=preset, seed=seed)
+    return out
+
+
+@task(name="run-rl")
+def train(checkpoint: str, paths: dict, cfg: dict, out: str, root: str, run_id: str, sampler: dict | None,
+          reward_kwargs: dict, rollout_workers: int, reward_workers: int, use_gpu: bool) -> dict:
+    rl = RLConfig(**cfg)
+    progress = create_progress_artifact(0.0, key=_key("rl", run_id, "progress"), description=f"ParaRL {run_id}")
+    rows: list[dict] = []
+
+    def on_round(row: dict) -> None:
+        rows.append({k: row[k] for k in SHOWN})
+        update_progress_artifact(progress, 100.0 * (row["round"] + 1) / rl.rounds)
+        print(" ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in rows[-1].items()
+                       if v is not None))
+        create_table_artifact([{k: (round(v, 4) if isinstance(v, float) else v) for k, v in r.items()} for r in rows],
+                              key=_key("rl", run_id, "metrics"), description=f"ParaRL {run_id}: per-round metrics")
+
+    result = run_rl(checkpoint, paths, rl, out, root, run_id, sampler, reward_kwargs, rollout_workers,
+                    reward_workers, use_gpu, on_round=on_round)
+    return {k: v for k, v in result.items() if k != "history"} | {"rounds": len(result["history"]),
+                                                                 "last": result["history"][-1:] or None}
+
+
+@flow(name="pararl", log_prints=True)
+def pararl(checkpoint: str, root: str = "data", dataset: str = "toy-tiny", out: str = "runs/rl",
+           run_id: str = "rl-toy-tiny", config: dict | None = None, sampler: dict | None = None,
+           clip_folder: str | None = None, clip_model: str | None = None, clip_pretrained: str | None = None,
+           categories: list[str] | None = None, rollout_workers: int = 1, reward_workers: int = 1,
+           use_gpu: bool = False) -> dict:
+    cfg = RLConfig(**(config or {}))  # bad values fail here, before any work
+    if not os.path.isfile(os.path.join(checkpoint, "config.json")):
+        raise ValueError(f"checkpoint={checkpoint!r} is not a checkpoint folder (no config.json); pass the folder "
+                         f"an SFT run wrote, e.g. runs/default/sft/checkpoints/sft-toy-tiny/final")
+    root = root if "://" in root else os.path.abspath(root)
+    checkpoint, out = os.path.abspath(checkpoint), os.path.abspath(out)
+    paths = prepare(checkpoint, root, dataset, out, tuple(categories) if categories else None)
+    if cfg.reward == "exact" and "preset" not in paths:
+        raise ValueError(f"reward='exact' scores toy-world facts, but {dataset!r} is not a toy dataset; use reward='clip'")
+    if cfg.reward == "exact":
+        reward_kwargs = {"kind": "exact", "preset": paths["preset"]}
+    elif clip_folder or clip_model:
+        reward_kwargs = {"kind": "clip", "clip_folder": clip_folder, "model_name": clip_model,
+                         "pretrained": clip_pretrained}
+    elif "preset" in paths:
+        reward_kwargs = {"kind": "clip", "clip_folder": fit_reward(os.path.join(out, "reward"), paths["preset"])}
+    else:
+        raise ValueError(f"dataset {dataset!r} is not the toy world, so no tiny CLIP can be fitted for it; pass "
+                         f"clip_model (an open_clip architecture, e.g. ViT-L-14) and clip_pretrained (a local file)")
+    result = train(checkpoint, paths, asdict(cfg), out, root, run_id, sampler, reward_kwargs, rollout_workers,
+                   reward_workers, use_gpu)
+    create_markdown_artifact(f"# ParaRL {run_id}\n\nstarted from `{checkpoint}`; final checkpoint "
+                             f"`{result['checkpoint']}`\n\nreward: `{json.dumps(reward_kwargs)}`; reward stats "
+                             f"`{json.dumps(result['stats'])}`\n\nconfig: `{json.dumps(asdict(cfg))}`",
+                             key=_key("rl", run_id, "summary"))
+    return {**result, "train_size": paths["train_size"], "reward": reward_kwargs}
