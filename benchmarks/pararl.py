@@ -1,0 +1,120 @@
+"""ParaRL on the toy world from the `make run` SFT checkpoint: the paper's Tables 4 and 5, and throughput.
+
+Runs RL arms side by side from the same checkpoint with the same rollout budget per round, each
+over several seeds, and scores the final policy on the same held-out val tasks (greedy decoding):
+  traj-k3-clip    trajectory-level reward at K = 3 sampled steps, CLIP reward (the paper's ParaRL)
+  output-k3-clip  the final output's reward credited at the same 3 steps (Table 4's output-level RL)
+  traj-k{1,2,5}-clip  other K (Table 5; K = 1 is the final step only)
+  traj-k3-exact   the exact toy agreement as the reward instead of CLIP
+Prints held-out text-image agreement / exact image / text correct (mean and spread over seeds)
+next to the SFT starting point, and per-role throughput: rollouts/s, reward pairs/s, learner
+tokens/s and the share of each round's wall time per role.
+
+    .venv/bin/python benchmarks/pararl.py                       # every arm, 3 seeds
+    .venv/bin/python benchmarks/pararl.py --arms traj-k3-clip --seeds 0 --rounds 10
+"""
+import argparse
+import json
+import os
+import shutil
+import statistics
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+ARMS = {
+    "traj-k3-clip": dict(sampled_steps=3, reward_mode="trajectory", reward="clip"),
+    "output-k3-clip": dict(sampled_steps=3, reward_mode="output", reward="clip"),
+    "traj-k1-clip": dict(sampled_steps=1, reward_mode="trajectory", reward="clip"),
+    "traj-k2-clip": dict(sampled_steps=2, reward_mode="trajectory", reward="clip"),
+    "traj-k5-clip": dict(sampled_steps=5, reward_mode="trajectory", reward="clip"),
+    "traj-k3-exact": dict(sampled_steps=3, reward_mode="trajectory", reward="exact"),
+}
+METRICS = ("agreement", "exact_image", "text_correct")
+
+
+def baseline(ckpt: str, paths: dict) -> dict:
+    from model.checkpoint import from_pretrained
+    from tasks.pararl import DEFAULT_SAMPLER, checkpoint_layout, heldout_eval
+    from model.sampling import SamplerConfig
+
+    seq, _, _ = checkpoint_layout(ckpt)
+    model, vocab = from_pretrained(ckpt)
+    return heldout_eval(model, paths, vocab, seq, ckpt, SamplerConfig(**DEFAULT_SAMPLER))
+
+
+def run_arm(name: str, seed: int, a, paths: dict, clip: str) -> dict:
+    from rl.learner import RLConfig
+    from tasks.pararl import run_rl
+
+    out = os.path.join(a.out, f"{name}-s{seed}")
+    shutil.rmtree(out, ignore_errors=True)
+    cfg = RLConfig(**{**json.loads(a.config), **ARMS[name], "rounds": a.rounds, "seed": seed,
+                      "eval_every": a.rounds, "checkpoint_every": a.rounds})
+    reward = {"kind": "exact", "preset": paths["preset"]} if cfg.reward == "exact" else {"kind": "clip", "clip_folder": clip}
+    t0 = time.perf_counter()
+    res = run_rl(a.checkpoint, paths, cfg, out, out, f"{name}-s{seed}", reward_kwargs=reward)
+    h, last = res["history"], res["history"][-1]
+    total = {k: sum(r[k] or 0 for r in h) for k in ("rollout_s", "reward_s", "learner_s", "eval_s", "wall_s",
+                                                     "rollouts", "reward_pairs", "learner_tokens")}
+    print(f"  {name} seed {seed}: agreement {last['heldout_agreement']:.3f} exact_image "
+          f"{last['heldout_exact_image']:.3f} text {last['heldout_text_correct']:.3f} in {time.perf_counter() - t0:.0f} s",
+          flush=True)
+    return {"agreement": last["heldout_agreement"], "exact_image": last["heldout_exact_image"],
+            "text_correct": last["heldout_text_correct"], **total}
+
+
+def spread(xs: list[float]) -> str:
+    return f"{statistics.mean(xs):.3f} ± {statistics.pstdev(xs):.3f}" if len(xs) > 1 else f"{xs[0]:.3f}"
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--checkpoint", default="runs/default/sft/checkpoints/sft-toy-tiny/final")
+    p.add_argument("--root", default="runs/default/data")
+    p.add_argument("--dataset", default="toy-tiny")
+    p.add_argument("--out", default="runs/bench-pararl")
+    p.add_argument("--arms", nargs="+", default=list(ARMS), choices=list(ARMS))
+    p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    p.add_argument("--rounds", type=int, default=20)
+    p.add_argument("--config", default="{}", help="JSON of RLConfig fields shared by every arm")
+    p.add_argument("--clip-folder", default=None, help="tiny CLIP reward folder (default: fit one into --out)")
+    a = p.parse_args()
+    import ray
+    import torch
+
+    from tasks.fit_reward import fit_tiny_clip
+    from tasks.pararl import prepare_rl
+
+    torch.set_num_threads(1)
+    a.checkpoint = os.path.abspath(a.checkpoint)
+    if not os.path.isfile(os.path.join(a.checkpoint, "config.json")):
+        sys.exit(f"no SFT checkpoint at {a.checkpoint}; run `make run` first or pass --checkpoint")
+    paths = prepare_rl(a.checkpoint, os.path.abspath(a.root), a.dataset, os.path.abspath(a.out), eval_per_category=32)
+    clip = a.clip_folder or os.path.join(a.out, "tiny-clip")
+    if not os.path.isfile(os.path.join(clip, "reward.json")):
+        print(json.dumps(fit_tiny_clip(clip, preset=paths["preset"]), default=str))
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    base = baseline(a.checkpoint, paths)
+    print(f"SFT start: " + "  ".join(f"{m} {base[m]:.3f}" for m in METRICS), flush=True)
+    results = {name: [run_arm(name, s, a, paths, clip) for s in a.seeds] for name in a.arms}
+    n_val = len(torch.load(paths["val"], weights_only=False)["sample_id"])
+    print(f"\nheld-out val ({n_val} tasks), {a.rounds} rounds, seeds {a.seeds}: mean ± population std")
+    print(f"| arm | {' | '.join(METRICS)} | Δ agreement |")
+    print("|---|" + "---|" * (len(METRICS) + 1))
+    print(f"| SFT | {' | '.join(f'{base[m]:.3f}' for m in METRICS)} | |")
+    for name, rs in results.items():
+        d = [r["agreement"] - base["agreement"] for r in rs]
+        print(f"| {name} | {' | '.join(spread([r[m] for r in rs]) for m in METRICS)} | {spread(d)} |")
+    print("\nthroughput per arm (sums over rounds and seeds; shares of round wall time):")
+    for name, rs in results.items():
+        t = {k: sum(r[k] for r in rs) for k in rs[0] if k not in METRICS}
+        print(f"  {name}: rollouts/s {t['rollouts'] / t['rollout_s']:.1f}, reward pairs/s "
+              f"{t['reward_pairs'] / max(t['reward_s'], 1e-9):.0f}, learner tokens/s {t['learner_tokens'] / t['learner_s']:.0f}; "
+              f"wall: rollout {t['rollout_s'] / t['wall_s']:.0%} reward (overlapped) {t['reward_s'] / t['wall_s']:.0%} "
+              f"learner {t['learner_s'] / t['wall_s']:.0%} eval {t['eval_s'] / t['wall_s']:.0%}")
+
+
+if __name__ == "__main__":
+    main()
