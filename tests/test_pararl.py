@@ -155,3 +155,39 @@ def test_two_rounds_on_ray_then_killed_actors_and_resume_reproduce_them(sft_chec
     assert resumed["first_round"] == 1 and resumed["resumed_from"].endswith("round-00000")
     assert _metrics(root, "resume") == ref
     assert os.path.isdir(out / "checkpoints" / "resume" / "round-00001")
+
+
+def test_rl_config_and_flow_refuse_bad_input_before_any_work(tmp_path):
+    with pytest.raises(ValueError, match="group_size=1"):
+        RLConfig(group_size=1)
+    with pytest.raises(ValueError, match="reward='bleu'"):
+        RLConfig(reward="bleu")
+    with pytest.raises(ValueError, match="temperatures"):
+        RLConfig(text_temperature=0.0)
+
+
+@pytest.mark.slow
+def test_pararl_flow_one_round_with_artifacts(sft_checkpoint, random_clip, ray_local, prefect_harness, tmp_path):
+    from prefect.client.orchestration import get_client
+
+    from flows.pararl import pararl
+
+    root, ckpt, _ = sft_checkpoint
+    with pytest.raises(ValueError, match="not a checkpoint folder"):
+        pararl(checkpoint=str(tmp_path / "missing"), root=root, dataset="d")
+    with pytest.raises(ValueError, match="group_size"):
+        pararl(checkpoint=ckpt, root=root, dataset="d", config={"group_size": 1})
+    out = pararl(checkpoint=ckpt, root=root, dataset="d", out=str(tmp_path / "rl"), run_id="flow-run",
+                 config={**FAST, "rounds": 1}, sampler=SAMPLER, clip_folder=random_clip)
+    assert out["rounds"] == 1 and out["checkpoint"].endswith("round-00000") and out["reward"]["kind"] == "clip"
+    runs = read_table(root, "runs", run="flow-run").to_pylist()
+    assert len(runs) == 1 and '"sampled_steps": 2' in runs[0]["config_json"]
+
+    async def artifact_keys():
+        async with get_client() as client:
+            return {a.key for a in await client.read_artifacts()}
+
+    import asyncio
+
+    keys = asyncio.run(artifact_keys())
+    assert {"rl-flow-run-metrics", "rl-flow-run-progress", "rl-flow-run-summary"} <= keys
