@@ -138,6 +138,14 @@ def test_two_rounds_on_ray_then_killed_actors_and_resume_reproduce_them(sft_chec
     for t in traj:
         groups.setdefault((t["round"], t["sample_id"], t["slot"]), []).append(t["advantage"])
     assert all(abs(sum(a)) < 1e-5 and len(a) == 3 for a in groups.values())
+    from storage.query import query
+
+    by_step = query(root, "SELECT * FROM reward_by_step WHERE run_id = 'plain'").to_pylist()
+    assert [r["slot"] for r in by_step] == [0, 1] and all(r["n"] == 2 * 4 * 3 for r in by_step)
+    assert by_step[1]["mean_step"] == SAMPLER["steps"] - 1
+    groups_view = query(root, "SELECT * FROM best_and_worst_groups WHERE run_id = 'plain'").to_pylist()
+    best = [g for g in groups_view if g["kind"] == "best"]
+    assert best and max(g["mean_reward"] for g in groups_view) == best[0]["mean_reward"]
     ckpt = result["checkpoint"]
     assert ckpt.endswith("round-00001") and from_pretrained(ckpt)[0] is not None
 
