@@ -205,10 +205,10 @@ def run_rl(start: str, paths: dict, cfg: RLConfig, out: str, root: str, run_id: 
     masks = {"mask_id": vocab.mask_id, **_columns(shape)}
     history = []
     try:
-        roles.publish(policy.state_dict(), version=first_round)
         if state:
             stats = RewardStats(**state["stats"])
         else:
+            roles.publish(policy.state_dict(), version=-2)  # the starting policy scores the 1% sample
             n = max(cfg.norm_min_prompts, round(cfg.norm_fraction * len(prompts)))
             pick = torch.randperm(len(prompts), generator=_seeded(cfg.seed, 7))[:n].tolist()
             stats = fit_stats(roles, [prompts[i] for i in pick], cfg, sampler_d, S)
