@@ -54,12 +54,6 @@ class Roles:
         self.weights_ref = ray.put({k: v.detach().cpu() for k, v in state_dict.items()})
         self.version = version
 
-    def pids(self) -> dict:
-        import ray
-
-        return {"rollout": ray.get([a.ping.remote() for a in self.rollout]),
-                "reward": ray.get([a.ping.remote() for a in self.reward])}
-
     def shutdown(self) -> None:
         import ray
 

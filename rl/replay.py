@@ -9,8 +9,6 @@ model.sampling.policy_logprobs give the log-probs the sampler used, so at the fi
 iteration the ratio to the recorded behaviour log-probs is 1 (TraceRL's step replay; dLLM-RL
 `denoise_step_map`). Pure torch: no Ray, no IO. Shapes: R rollouts, M output length, V vocab.
 """
-from dataclasses import dataclass
-
 import torch
 
 from model.layout import IMAGE, OutputShape, left_pad, output_regions
@@ -27,25 +25,6 @@ def state_before(tokens: torch.Tensor, step_map: torch.Tensor, step: int | torch
     step = torch.as_tensor(step, device=tokens.device).view(-1, 1)  # (R or 1, 1)
     later = (step_map >= 0) & (step_map >= step)
     return tokens.masked_fill(later, mask_id)
-
-
-@dataclass
-class Credit:
-    """Tokens credited to sampled steps, flattened over (rollout, step, slot)."""
-
-    rows: torch.Tensor
-    """(R', ) rollout index of each replayed (rollout, step) pair."""
-    steps: torch.Tensor
-    """(R', ) the denoising step replayed for that pair."""
-    slot: torch.Tensor
-    """(R', ) index of the step in the sampled-step list (0..K-1)."""
-
-
-def credit_pairs(rollouts: list[int], sampled: list[int]) -> Credit:
-    """Every (rollout, sampled step) pair of the given rollouts, rollout-major."""
-    rows = torch.tensor([r for r in rollouts for _ in sampled], dtype=torch.long)
-    slot = torch.tensor([k for _ in rollouts for k in range(len(sampled))], dtype=torch.long)
-    return Credit(rows=rows, steps=torch.tensor(sampled, dtype=torch.long)[slot], slot=slot)
 
 
 def replay_logprobs(model, prompts: list[list[int]], tokens: torch.Tensor, step_map: torch.Tensor,
