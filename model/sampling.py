@@ -208,7 +208,7 @@ class SampleResult:
     step_map: torch.Tensor | None = None
     """(B, M) long: the step at which each slot was decoded; -1 for sentinels (trace=True)."""
     logp: torch.Tensor | None = None
-    """(B, M) float: behaviour log-prob of slots decoded at a recorded step, NaN elsewhere (trace=True)."""
+    """(B, M) float: each slot's behaviour log-prob at the step that decoded it; NaN at sentinels (trace=True)."""
 
 
 class _Forward:
@@ -247,8 +247,8 @@ def generate(model, vocab: Vocab, shape: OutputShape, prompts: list[list[int]], 
         uncond_prompts: B unconditional prompts, needed when a CFG scale is > 0.
         num_samples: G samples per prompt; rows are prompt-major (row = b * G + g).
         record_steps: timeline steps after which to keep a copy of the output part.
-        trace: also return step_map and the behaviour log-probs at record_steps (RL rollouts;
-            needs temperatures > 0 and no CFG).
+        trace: also return step_map and every slot's behaviour log-prob at the step that decoded
+            it (RL rollouts; needs temperatures > 0 and no CFG).
     Returns:
         SampleResult with tokens (B*G, M).
     """
@@ -301,8 +301,9 @@ def generate(model, vocab: Vocab, shape: OutputShape, prompts: list[list[int]], 
         if trace:
             new = (before == vocab.mask_id) & (y != vocab.mask_id)  # (B, M) decoded at this step
             result.step_map[new] = step
-            if step in record_steps:
-                result.logp[new] = policy_logprobs(c, y, vocab, shape, cfg)[new]
+            rows = new.any(dim=1)
+            result.logp[rows] = torch.where(new[rows], policy_logprobs(c[rows], y[rows], vocab, shape, cfg),
+                                            result.logp[rows])
         if step in record_steps:
             result.snapshots[step] = y.clone()
     assert not (y[:, torch.cat([img_cols, txt_cols])] == vocab.mask_id).any(), "sampler left masked slots"

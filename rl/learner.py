@@ -5,8 +5,9 @@ log-probs, plus raw rewards at the K sampled steps. `advantages` normalises them
 standardises each step over its group; in "output" mode (the paper's Table 4 ablation) the final
 step's advantage is credited to every sampled step instead, so both modes replay the same steps
 and differ only in where the reward is taken. `update` runs `inner_iters` optimiser steps over
-the same rollouts; each replays the state before every (rollout, sampled step) pair whose group
-had reward variance (rl/replay.py), scores the tokens decoded at that step and minimises the
+the same rollouts; each replays the state before every (rollout, step) pair credited by a sampled
+step whose group had reward variance (`credit_pairs`, rl/replay.py), scores the tokens decoded
+at that step with the sampled step's advantage and minimises the
 clipped-ratio surrogate minus beta * KL to the frozen reference policy (rl/grpo.policy_loss).
 No Ray, no IO: rl/loop.py feeds it. Shapes: R rollouts (B prompts x G), K sampled steps, M output.
 """
@@ -22,6 +23,7 @@ from rl.replay import image_slots, replay_logprobs
 
 REWARDS = ("clip", "exact")
 MODES = ("trajectory", "output")
+CREDITS = ("window", "step")
 
 
 @dataclass(frozen=True)
@@ -38,6 +40,11 @@ class RLConfig:
     """K: denoising steps rewarded per rollout (paper Table 5: 3 is best). The last step is always one."""
     reward_mode: str = "trajectory"
     """trajectory: reward each sampled step's partial output; output: the final output's reward only (Table 4)."""
+    credit: str = "window"
+    """Tokens a sampled step's advantage applies to. step: only those decoded *at* s_k (the paper's
+    Eq. 3 read literally; about K/S of the output gets a gradient). window: every token decoded in
+    (s_{k-1}, s_k], each replayed at its own step: the change the step's reward observed. Costs S
+    instead of K replayed states per rollout; on the toy world only window learns (benchmarks/pararl.py)."""
     reward: str = "clip"
     """clip: CLIP text-image similarity (open_clip); exact: toy-world agreement of stated and shown facts."""
     reward_clip: float = 3.0
@@ -76,9 +83,10 @@ class RLConfig:
     """Rounds between checkpoints (and the last round)."""
 
     def __post_init__(self):
-        if self.reward not in REWARDS or self.reward_mode not in MODES:
-            raise ValueError(f"RLConfig.reward={self.reward!r} / reward_mode={self.reward_mode!r}; "
-                             f"choose reward from {REWARDS} and reward_mode from {MODES}")
+        if self.reward not in REWARDS or self.reward_mode not in MODES or self.credit not in CREDITS:
+            raise ValueError(f"RLConfig.reward={self.reward!r} / reward_mode={self.reward_mode!r} / "
+                             f"credit={self.credit!r}; choose reward from {REWARDS}, reward_mode from {MODES} "
+                             f"and credit from {CREDITS}")
         if self.group_size < 2:
             raise ValueError(f"RLConfig.group_size={self.group_size}: GRPO needs >= 2 samples per prompt")
         for name in ("rounds", "prompts_per_round", "sampled_steps", "inner_iters", "micro_batch",
@@ -141,28 +149,26 @@ def update(policy, ref, optimizer, batch: Rollouts, cfg: RLConfig, vocab: Vocab,
            sampler: SamplerConfig) -> dict:
     """cfg.inner_iters optimiser steps on one round's rollouts. Returns averaged loss statistics."""
     R, K = batch.adv.shape
-    pairs = [(r, k) for r in range(R) for k in range(K) if not batch.zero_var[r, k]]
+    pairs = credit_pairs(batch.steps, batch.zero_var, cfg.credit)
     is_img = image_slots(shape, batch.tokens.device)
     ref_logp = _reference_logprobs(ref, batch, pairs, cfg, vocab, shape, sampler) if cfg.beta > 0 else None
     stats = {"loss": 0.0, "pg_loss": 0.0, "kl": 0.0, "clip_frac": 0.0, "ratio_max": 0.0, "entropy": 0.0,
              "grad_norm": 0.0, "learner_tokens": 0, "pairs": len(pairs)}
     if not pairs:
         return stats
+    weights = _weights(batch, pairs, is_img, cfg)  # per credited token, in pair order
     policy.train()
     for _ in range(cfg.inner_iters):
         optimizer.zero_grad(set_to_none=True)
         ent_sum, n_tok = 0.0, 0
         for start in range(0, len(pairs), cfg.micro_batch):
             chunk = pairs[start:start + cfg.micro_batch]
-            rows = torch.tensor([r for r, _ in chunk])
-            slots = torch.tensor([k for _, k in chunk])
-            steps = torch.tensor(batch.steps)[slots]
+            rows, steps, slots = (torch.tensor(c) for c in zip(*chunk))
             logp, credited, logits = replay_logprobs(policy, [batch.prompts[r] for r in rows.tolist()],
                                                      batch.tokens[rows], batch.step_map[rows], steps, vocab,
                                                      shape, sampler, return_logits=True)
             p_idx, m_idx = credited.nonzero(as_tuple=True)  # (N,), (N,)
-            weight = token_weights(rows[p_idx.cpu()], slots[p_idx.cpu()], is_img[m_idx].cpu(), R,
-                                   cfg.image_weight, cfg.text_weight).to(logp.device)
+            weight = weights[n_tok:n_tok + len(p_idx)].to(logp.device)
             ref_tok = None if ref_logp is None else ref_logp[start:start + len(chunk)][p_idx, m_idx]
             out = policy_loss(logp[p_idx, m_idx], batch.logp[rows][p_idx, m_idx], batch.adv[rows, slots][p_idx],
                               weight, cfg.clip_eps, cfg.beta, ref_tok)
@@ -184,14 +190,34 @@ def update(policy, ref, optimizer, batch: Rollouts, cfg: RLConfig, vocab: Vocab,
     return stats
 
 
+def _weights(batch: Rollouts, pairs, is_img: torch.Tensor, cfg: RLConfig) -> torch.Tensor:
+    """token_weights over every credited token of every pair (a window spans micro-batches)."""
+    P = torch.tensor(pairs)  # (P, 3): rollout, step, k
+    credited = batch.step_map[P[:, 0]].cpu() == P[:, 1, None]  # (P, M)
+    p_idx, m_idx = credited.nonzero(as_tuple=True)
+    return token_weights(P[p_idx, 0], P[p_idx, 2], is_img.cpu()[m_idx], len(batch.prompts),
+                         cfg.image_weight, cfg.text_weight)
+
+
+def credit_pairs(steps: list[int], zero_var: torch.Tensor, credit: str) -> list[tuple[int, int, int]]:
+    """(rollout, replayed step, sampled-step index k) triples the update replays.
+
+    step: the K sampled steps. window: every step in (s_{k-1}, s_k] (s_{-1} = -1), each carrying
+    sampled step k's advantage. Pairs of zero-variance (rollout, k) groups are dropped.
+    """
+    R, K = zero_var.shape
+    windows = [[s] for s in steps] if credit == "step" else \
+        [list(range(prev + 1, s + 1)) for prev, s in zip([-1] + list(steps[:-1]), steps)]
+    return [(r, s, k) for r in range(R) for k in range(K) if not zero_var[r, k] for s in windows[k]]
+
+
 @torch.no_grad()
 def _reference_logprobs(ref, batch: Rollouts, pairs, cfg: RLConfig, vocab, shape, sampler) -> torch.Tensor:
-    """Reference-policy log-probs (P, M) of every kept pair, in pair order."""
+    """Reference-policy log-probs (P, M) of every replayed pair, in pair order."""
     out = []
     for start in range(0, len(pairs), cfg.micro_batch):
         chunk = pairs[start:start + cfg.micro_batch]
-        rows = torch.tensor([r for r, _ in chunk])
-        steps = torch.tensor(batch.steps)[torch.tensor([k for _, k in chunk])]
+        rows, steps, _ = (torch.tensor(c) for c in zip(*chunk))
         logp, _ = replay_logprobs(ref, [batch.prompts[r] for r in rows.tolist()], batch.tokens[rows],
                                   batch.step_map[rows], steps, vocab, shape, sampler)
         out.append(logp)

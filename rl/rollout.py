@@ -6,7 +6,7 @@ a version number and the round's seed, so a worker that crashed and was restarte
 the current weights and redoes the lost call bit for bit (same seed, same samples): no work is
 lost and nothing is produced twice. For every prompt it samples G responses with the parallel
 sampler at temperature > 0, recording (model.sampling.generate(trace=True)) the step at which
-each slot was decoded and the behaviour log-probs at the K sampled steps, and decodes the partial
+each slot was decoded and its behaviour log-prob at that step, and decodes the partial
 text (masked tokens dropped) and partial image (masked codes grey) after each sampled step for
 the reward actors. Shapes: R = B prompts x G samples rows, M output length, K sampled steps.
 """
@@ -57,8 +57,8 @@ class RolloutWorker:
                steps: list[int], seed: int) -> dict:
         """G trajectories per prompt, recorded at `steps`.
 
-        Returns numpy arrays: tokens, step_map (R, M) int, logp (R, M) float32 (behaviour log-probs
-        at the sampled steps, NaN elsewhere), image_codes (R, K, N) int (-1 masked), text_ids
+        Returns numpy arrays: tokens, step_map (R, M) int, logp (R, M) float32 (each slot's behaviour
+        log-prob at the step that decoded it), image_codes (R, K, N) int (-1 masked), text_ids
         (R, K, T), images (R, K, H, W, 3) uint8, texts [R][K] str, and seconds.
         """
         t0 = time.perf_counter()

@@ -210,3 +210,17 @@ def test_entropy_from_logits():
     assert entropy_from_logits(torch.tensor([100.0, 0.0, 0.0])).item() == pytest.approx(0.0, abs=1e-6)
     half = entropy_from_logits(torch.tensor([0.0, 0.0, -math.inf], dtype=torch.bfloat16))
     assert half.dtype == torch.float32 and half.item() == pytest.approx(LN2)
+
+
+# credit_pairs (rl/learner.py): which replayed steps carry which sampled step's advantage
+
+def test_credit_pairs_step_and_window_by_hand():
+    from rl.learner import credit_pairs
+
+    zero = torch.tensor([[False, False, False], [False, True, False]])  # (R=2, K=3)
+    assert credit_pairs([2, 5, 7], zero, "step") == [(0, 2, 0), (0, 5, 1), (0, 7, 2), (1, 2, 0), (1, 7, 2)]
+    got = credit_pairs([2, 5, 7], zero, "window")
+    # windows (-1, 2], (2, 5], (5, 7]: every step of the timeline once; row 1 loses window 1 only
+    assert got[:8] == [(0, 0, 0), (0, 1, 0), (0, 2, 0), (0, 3, 1), (0, 4, 1), (0, 5, 1), (0, 6, 2), (0, 7, 2)]
+    assert got[8:] == [(1, 0, 0), (1, 1, 0), (1, 2, 0), (1, 6, 2), (1, 7, 2)]
+    assert credit_pairs([2, 5, 7], torch.ones(2, 3, dtype=torch.bool), "window") == []

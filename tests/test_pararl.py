@@ -85,8 +85,7 @@ def _rollout(ckpt, root, seed=0):
 def test_replayed_logprobs_equal_behaviour_and_credit_exactly_the_step(sft_checkpoint):
     root, ckpt, _ = sft_checkpoint
     model, vocab, shape, cfg, prompts, res, steps = _rollout(ckpt, root)
-    total = 0
-    for s in steps:
+    for s in range(1, SAMPLER["steps"]):  # every step: window credit replays them all
         rows = [0, 3, 5]  # a different batch (and padding) than the rollout's
         logp, credited = replay_logprobs(model, [prompts[r] for r in rows], res.tokens[rows], res.step_map[rows],
                                          torch.tensor([s] * 3), vocab, shape, cfg)
