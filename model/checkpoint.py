@@ -1,9 +1,11 @@
 """Hugging Face-format checkpoint folders: config.json + single or sharded safetensors.
 
-Reads the released LLaDA / MMaDA / MMaDA-Parallel folders as they are and writes the same format.
-The model is built on the meta device first, so an 8B config costs no memory until its weights
-arrive shard by shard. Our own folders add a `parapipe_vocab` entry to config.json; released
-folders without it get the MMaDA vocabulary.
+Reads the released LLaDA / MMaDA / MMaDA-Parallel / Lumina-DiMOO folders as they are and writes
+the same format. The model is built on the meta device first, so an 8B config costs no memory
+until its weights arrive shard by shard. Our own folders add a `parapipe_vocab` entry to
+config.json; a released folder gets its vocabulary from its config.json and the tokenizer files
+that ship with it (model.tokens.released_vocab). Config values the backbone does not compute are
+refused (model.transformer.BACKBONE_FIELDS).
 """
 import json
 import os
@@ -12,28 +14,71 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from model.tokens import MMADA_VOCAB, Vocab
+from model.tokens import Vocab, released_vocab
 from model.transformer import DiffusionLM, ModelConfig
 
 CONFIG_FILE = "config.json"
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
+TOKENIZER_FILE = "tokenizer.json"
+TOKENIZER_CONFIG_FILE = "tokenizer_config.json"
 VOCAB_KEY = "parapipe_vocab"
 
 
 def read_config(folder: str) -> tuple[ModelConfig, Vocab]:
+    """The architecture and vocabulary of a checkpoint folder (ours, or a released one as it is)."""
     path = os.path.join(folder, CONFIG_FILE)
     if not os.path.isfile(path):
         raise FileNotFoundError(f"no {CONFIG_FILE} in {folder!r}; pass a checkpoint folder "
                                 f"(config.json + *.safetensors), e.g. one written by save_pretrained")
     with open(path) as f:
         raw = json.load(f)
-    cfg = ModelConfig.from_dict(raw)
-    vocab = Vocab.from_dict(raw[VOCAB_KEY]) if VOCAB_KEY in raw else MMADA_VOCAB
+    try:
+        cfg = ModelConfig.from_dict(raw)
+    except ValueError as e:
+        raise ValueError(f"{path}: {e}") from e
+    if VOCAB_KEY in raw:
+        vocab = Vocab.from_dict(raw[VOCAB_KEY])
+    else:
+        try:
+            vocab = released_vocab(raw, cfg.rows, *read_tokenizer_ids(folder))
+        except ValueError as e:
+            raise ValueError(f"{folder}: {e}; or add '{VOCAB_KEY}' to config.json") from e
     if vocab.vocab_size > cfg.rows:
         raise ValueError(f"vocabulary needs {vocab.vocab_size} embedding rows but {path} has "
-                         f"embedding_size={cfg.rows}; add '{VOCAB_KEY}' to config.json for a custom vocabulary")
+                         f"embedding_size={cfg.rows}; fix '{VOCAB_KEY}' or embedding_size in config.json")
     return cfg, vocab
+
+
+def read_tokenizer_ids(folder: str) -> tuple[dict[str, int] | None, int | None]:
+    """Token name -> id and the tokenizer size (first unused id) from the Hugging Face tokenizer
+    files in folder: tokenizer.json (model vocab + added_tokens) and tokenizer_config.json
+    (added_tokens_decoder). (None, None) when neither ships; the size is None without tokenizer.json."""
+    ids: dict[str, int] = {}
+    size = None
+    path = os.path.join(folder, TOKENIZER_FILE)
+    if os.path.isfile(path):
+        with open(path) as f:
+            tok = json.load(f)
+        vocab = (tok.get("model") or {}).get("vocab") or {}
+        if isinstance(vocab, list):  # Unigram: [[piece, score], ...]
+            vocab = {piece[0]: i for i, piece in enumerate(vocab)}
+        ids.update(vocab)
+        ids.update({t["content"]: t["id"] for t in tok.get("added_tokens", [])})
+        size = max(ids.values(), default=-1) + 1
+    path = os.path.join(folder, TOKENIZER_CONFIG_FILE)
+    if os.path.isfile(path):
+        with open(path) as f:
+            decoder = json.load(f).get("added_tokens_decoder", {})
+        for i, t in decoder.items():
+            name = t["content"] if isinstance(t, dict) else t
+            if name in ids and ids[name] != int(i):
+                raise ValueError(f"{TOKENIZER_FILE} has {name} at id {ids[name]} but {TOKENIZER_CONFIG_FILE} "
+                                 f"at id {i}; the tokenizer files disagree")
+            ids.setdefault(name, int(i))
+    elif size is None:
+        return None, None
+    return ids, size
 
 
 def weight_files(folder: str) -> list[str]:
@@ -110,3 +155,16 @@ def save_pretrained(model: DiffusionLM, vocab: Vocab, folder: str, max_shard_byt
     total = sum(t.numel() * t.element_size() for t in state.values())
     with open(os.path.join(folder, INDEX_FILE), "w") as f:
         json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=2)
+
+
+def add_image_codebook(model: DiffusionLM, vocab: Vocab, codebook_size: int,
+                       seed: int | None = None) -> Vocab:
+    """Grows a text-only model (e.g. plain LLaDA-8B) by codebook_size image ids for SFT, as MMaDA
+    grew LLaDA: codes from the end of the tokenizer, codebook_size new embedding and head rows.
+    Returns the new vocabulary; save both with save_pretrained."""
+    if vocab.vocab_size != model.config.rows:
+        raise ValueError(f"vocabulary has {vocab.vocab_size} rows but the model {model.config.rows}; "
+                         f"pass the vocabulary read with this model")
+    grown = vocab.with_codebook(codebook_size)
+    model.add_rows(grown.vocab_size - model.config.rows, seed)
+    return grown

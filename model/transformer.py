@@ -5,14 +5,46 @@ NeoX rotate-half RoPE, SwiGLU feed-forward (`ff_proj` gate, `up_proj` up, `ff_ou
 biases, untied head. Parameter names match the released safetensors (`model.transformer.wte`,
 `.blocks.{i}.q_proj` ... `.ln_f`, `.ff_out`) so checkpoints load without renaming
 (upstream-facts §1.1). Pads are masked out as keys and skipped by the position ids, so a
-left-padded row gives the same logits as the row alone. No IO here: see model/checkpoint.py.
+left-padded row gives the same logits as the row alone. Upstream config values that would
+compute something else are refused by name (BACKBONE_FIELDS). No IO here: see model/checkpoint.py.
 """
 import math
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, fields, replace
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+# Upstream config.json fields (LLaDA `configuration_llada.py`) that select a different computation.
+# This backbone computes exactly one value of each: the LLaDA-8B one, listed first and written by
+# to_dict. Released config.json files list every field; an absent field means that value here.
+BACKBONE_FIELDS: dict[str, tuple] = {
+    "model_type": ("llada", "mmada"),      # LLaDAConfig / MMadaConfig; anything else is another family
+    "block_type": ("llama",),              # q/k/v/attn_out + ff_proj/up_proj/ff_out; not sequential/parallel
+    "activation_type": ("silu",),          # silu(ff_proj(m)) * up_proj(m) in the llama block
+    "layer_norm_type": ("rms",),           # x * rsqrt(mean(x^2) + eps) * weight, in fp32
+    "layer_norm_with_affine": (True,),     # the norms have a weight
+    "bias_for_layer_norm": (False, None),  # None inherits include_bias
+    "include_bias": (False,),
+    "include_qkv_bias": (False, None),
+    "attention_layer_norm": (False,),      # no q/k norm
+    "input_emb_norm": (False,),            # no sqrt(d_model) scaling of the embeddings
+    "scale_logits": (False,),              # no 1/sqrt(d_model) on the logits
+    "weight_tying": (False,),              # separate ff_out head
+    "rope": (True,),
+    "rope_full_precision": (True,),        # RoPE is always applied in fp32 here
+    "alibi": (False,),
+    "block_group_size": (1,),              # grouped checkpoints name their tensors block_groups.*
+    "clip_qkv": (None,),                   # OLMo's q/k/v clamp
+}
+# Accepted without effect: dropouts (`embedding_dropout`, `attention_dropout`, `residual_dropout`;
+# no dropout here), `flash_attention` (same math), `alibi_bias_max` (alibi is off),
+# `attention_layer_norm_with_affine` (no q/k norm), `init_*`, `precision`, `use_cache`, token ids
+# (model/tokens.py reads those) and Hugging Face metadata.
+
+
+def _same(a, b) -> bool:
+    return type(a) is type(b) and a == b  # JSON true is not 1, 1.0 is not 1
 
 
 @dataclass(frozen=True)
@@ -49,6 +81,9 @@ class ModelConfig:
             raise ValueError(f"head dim {self.d_model // self.n_heads} must be even for RoPE")
         if self.n_heads % self.kv_heads:
             raise ValueError(f"n_heads={self.n_heads} is not a multiple of n_kv_heads={self.kv_heads}")
+        if self.embedding_size is not None and self.embedding_size < self.vocab_size:
+            raise ValueError(f"embedding_size={self.embedding_size} is below vocab_size={self.vocab_size}; "
+                             f"the embedding needs a row for every id (raise embedding_size)")
 
     @property
     def kv_heads(self) -> int:
@@ -59,18 +94,31 @@ class ModelConfig:
         return self.embedding_size or self.vocab_size
 
     def to_dict(self) -> dict:
-        return {"model_type": "llada", "rope": True, "rope_full_precision": True,
-                "activation_type": "silu", "block_type": "llama", "layer_norm_type": "rms",
-                "include_bias": False, "weight_tying": False, **asdict(self)}
+        return {**{k: v[0] for k, v in BACKBONE_FIELDS.items()}, **asdict(self)}
 
     @classmethod
     def from_dict(cls, d: dict) -> "ModelConfig":
-        """Reads a LLaDA/MMaDA config.json dict; unknown keys are ignored, unsupported values refused."""
-        for key, want in (("weight_tying", False), ("include_bias", False), ("rope", True)):
-            if key in d and d[key] != want:
-                raise ValueError(f"config.json has {key}={d[key]!r}; only {key}={want} is supported")
+        """Reads a LLaDA/MMaDA config.json dict. Values this backbone does not compute are refused
+        (BACKBONE_FIELDS); fields without effect on the logits and unknown keys are ignored."""
+        for key, supported in BACKBONE_FIELDS.items():
+            if key in d and not any(_same(d[key], s) for s in supported):
+                raise ValueError(f"config.json has {key}={d[key]!r}, which model/transformer.py does not "
+                                 f"compute; supported: {key}=" + " or ".join(repr(s) for s in supported))
         names = {f.name for f in fields(cls)}
-        return cls(**{k: v for k, v in d.items() if k in names})
+        kw = {k: v for k, v in d.items() if k in names}
+        if "mlp_hidden_size" in d and d["mlp_hidden_size"] is None:  # upstream: mlp_ratio * d_model
+            kw["mlp_hidden_size"] = d.get("mlp_ratio", 4) * kw.get("d_model", cls.d_model)
+        mqa = d.get("multi_query_attention")
+        if mqa is not None:
+            if not isinstance(mqa, bool):
+                raise ValueError(f"config.json has multi_query_attention={mqa!r}; supported: true, false or null")
+            heads = kw.get("n_heads", cls.n_heads)
+            want = 1 if mqa else heads
+            if kw.get("n_kv_heads") not in (None, want):
+                raise ValueError(f"config.json has multi_query_attention={mqa!r} but n_kv_heads={kw['n_kv_heads']}; "
+                                 f"they contradict each other (multi_query_attention={mqa!r} means n_kv_heads={want})")
+            kw["n_kv_heads"] = want
+        return cls(**kw)
 
 
 class RMSNorm(nn.Module):
@@ -198,3 +246,29 @@ class DiffusionLM(nn.Module):
 
     def num_params(self) -> int:
         return sum(p.numel() for p in self.parameters())
+
+    @torch.no_grad()
+    def add_rows(self, n: int, seed: int | None = None) -> "DiffusionLM":
+        """Appends n ids to the embedding and the output head (e.g. an image codebook for SFT).
+
+        Existing rows are kept, so the logits of the old ids do not change; the new rows are drawn
+        from N(0, init_std). The config's vocab_size and embedding_size both become rows + n.
+        """
+        if n < 0:
+            raise ValueError(f"n={n}: rows can only be added")
+        t, cfg = self.model.transformer, self.config
+        old_wte, old_head = t.wte.weight, t.ff_out.weight  # (V, D) each
+        gen = torch.Generator().manual_seed(seed) if seed is not None else None
+
+        def new(w: torch.Tensor) -> torch.Tensor:  # (n, D)
+            return (torch.randn(n, cfg.d_model, generator=gen) * cfg.init_std).to(w.device, w.dtype)
+
+        rows = cfg.rows + n
+        t.wte = nn.Embedding(rows, cfg.d_model, device=old_wte.device, dtype=old_wte.dtype)
+        t.wte.weight.copy_(torch.cat([old_wte, new(old_wte)]))
+        t.ff_out = nn.Linear(cfg.d_model, rows, bias=False, device=old_head.device, dtype=old_head.dtype)
+        t.ff_out.weight.copy_(torch.cat([old_head, new(old_head)]))
+        t.wte.weight.requires_grad_(old_wte.requires_grad)
+        t.ff_out.weight.requires_grad_(old_head.requires_grad)
+        self.config = replace(cfg, vocab_size=rows, embedding_size=rows)
+        return self
