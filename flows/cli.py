@@ -6,34 +6,50 @@ import sys
 ONE_BLOCK = 1 << 30  # a block length above any text length: the whole text is one block
 
 
+SAMPLER_DEFAULTS = dict(steps=32, image_steps=16, text_block_length=ONE_BLOCK, text_cfg=0.0, image_cfg=0.0,
+                        text_temperature=0.0, image_temperature=1.0, text_tokens=None)
+
+
 def _sampler_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--steps", type=int, default=32, help="text steps on the shared timeline (S)")
-    p.add_argument("--image-steps", type=int, default=16, help="image decoding steps")
+    d = SAMPLER_DEFAULTS
+    p.add_argument("--settings", default=None, choices=("mmada-parallel-m", "mmada-parallel-a"),
+                   help="upstream's published inference settings (tasks/generate.RELEASED_SETTINGS, bugs fixed); "
+                   "flags given explicitly still win")
+    p.add_argument("--steps", type=int, default=None, help=f"text steps on the shared timeline (S) [{d['steps']}]")
+    p.add_argument("--image-steps", type=int, default=None, help=f"image decoding steps [{d['image_steps']}]")
     p.add_argument("--text-length", type=int, default=None,
                    help="output text slots (default: what the checkpoint was trained with, else 64)")
     p.add_argument("--block-length", type=int, default=None,
                    help="semi-autoregressive text block length (default: one block over the whole text)")
-    p.add_argument("--text-cfg", type=float, default=0.0, help="guidance scale on text logits")
-    p.add_argument("--image-cfg", type=float, default=0.0, help="guidance scale on image logits")
-    p.add_argument("--text-temperature", type=float, default=0.0, help="0 = greedy text")
-    p.add_argument("--image-temperature", type=float, default=1.0, help="0 = greedy image codes")
+    p.add_argument("--text-cfg", type=float, default=None, help="guidance scale on text logits [0]")
+    p.add_argument("--image-cfg", type=float, default=None, help="guidance scale on image logits [0]")
+    p.add_argument("--text-temperature", type=float, default=None, help="0 = greedy text [0]")
+    p.add_argument("--image-temperature", type=float, default=None, help="0 = greedy image codes [1]")
     p.add_argument("--mode", choices=("parallel", "sequential"), default="parallel")
     p.add_argument("--seed", type=int, default=0)
 
 
 def _sampler_config(a):
+    """SamplerConfig and text length: defaults < --settings < explicit flags."""
     from model.sampling import SamplerConfig
+    from tasks.generate import RELEASED_SETTINGS
 
-    return SamplerConfig(steps=a.steps, image_steps=a.image_steps, text_block_length=a.block_length or ONE_BLOCK,
-                         text_cfg=a.text_cfg, image_cfg=a.image_cfg, text_temperature=a.text_temperature,
-                         image_temperature=a.image_temperature, mode=a.mode)
+    v = {**SAMPLER_DEFAULTS, **(RELEASED_SETTINGS[a.settings] if a.settings else {})}
+    given = dict(steps=a.steps, image_steps=a.image_steps, text_block_length=a.block_length, text_cfg=a.text_cfg,
+                 image_cfg=a.image_cfg, text_temperature=a.text_temperature, image_temperature=a.image_temperature,
+                 text_tokens=a.text_length)
+    v.update({k: x for k, x in given.items() if x is not None})
+    text_tokens = v.pop("text_tokens")
+    return SamplerConfig(**v, mode=a.mode), text_tokens
 
 
 def cmd_generate(a) -> None:
     from tasks.generate import generate_to_files
 
-    meta = generate_to_files(a.checkpoint, a.prompt, a.out, _sampler_config(a), text_tokens=a.text_length,
-                             image_path=a.image, seed=a.seed, device=a.device)
+    sampler, text_tokens = _sampler_config(a)
+    meta = generate_to_files(a.checkpoint, a.prompt, a.out, sampler, text_tokens=text_tokens,
+                             image_path=a.image, seed=a.seed, device=a.device, resize=a.resize,
+                             image_tokenizer=a.image_tokenizer)
     print(f"wrote {a.out}: text={meta['text']!r} nfe={meta['nfe']}")
 
 
@@ -73,9 +89,13 @@ def cmd_sft(a) -> None:
     import json
 
     from flows.sft import sft
+    from tasks.recipe import PRESETS, default_preset, load_recipe, recipe_from_args
+    from tasks.sft_data import is_toy_dataset
 
-    out = sft(root=a.root, dataset=a.dataset, out=a.out, run_id=a.run_id, total_steps=a.steps,
-              num_workers=a.workers, use_gpu=a.gpu, init_from=a.init_from, checkpoint_every=a.checkpoint_every,
+    base = load_recipe(a.recipe) if a.recipe else PRESETS[default_preset(is_toy_dataset(a.root, a.dataset))]
+    recipe = recipe_from_args(a, base)
+    out = sft(root=a.root, dataset=a.dataset, out=a.out, run_id=a.run_id or f"sft-{a.dataset}", recipe=recipe,
+              total_steps=a.steps, num_workers=a.workers, use_gpu=a.gpu, checkpoint_every=a.checkpoint_every,
               fsdp=a.fsdp)
     print(json.dumps({k: v for k, v in out.items() if k != "eval"}, indent=2, default=str))
 
@@ -147,6 +167,10 @@ def main(argv: list[str] | None = None) -> None:
     g.add_argument("--image", default=None, help="input image for editing (needs image_tokenizer/)")
     g.add_argument("--out", required=True, help="output folder")
     g.add_argument("--device", default="cpu")
+    g.add_argument("--image-tokenizer", default=None, help="image tokenizer folder when the checkpoint has no "
+                   "image_tokenizer/ (e.g. showlab/magvitv2 for MMaDA-Parallel-M)")
+    g.add_argument("--resize", choices=("squash", "center_crop"), default="squash",
+                   help="how an input image of another size is fitted to the tokenizer's (as aggregation)")
     _sampler_args(g)
     g.set_defaults(fn=cmd_generate)
 
@@ -182,17 +206,23 @@ def main(argv: list[str] | None = None) -> None:
                     help="commit finished traces at least this often (0: after every batch)")
     tr.set_defaults(fn=cmd_traces)
 
-    sf = sub.add_parser("sft", help="supervised fine-tuning on Ray Train (re-run the same --run-id to resume)")
+    sf = sub.add_parser("sft", help="supervised fine-tuning on Ray Train (re-run the same --run-id to resume)",
+                        description="Trains on any aggregated dataset. The recipe is a preset or JSON file (--recipe), "
+                        "then every recipe field below can be overridden; defaults shown are the 'small' preset's.")
     sf.add_argument("--root", default="data")
     sf.add_argument("--dataset", default="toy-tiny")
     sf.add_argument("--out", default="runs/sft")
-    sf.add_argument("--run-id", default="sft-toy-tiny")
-    sf.add_argument("--steps", type=int, default=None, help="optimiser steps (default: the recipe's)")
+    sf.add_argument("--run-id", default=None, help="run name (default: sft-<dataset>)")
+    sf.add_argument("--recipe", default=None, help="preset (toy-tiny, small) or JSON file of recipe fields "
+                    "(tasks/recipe.py; {'preset': ...} picks the base); default: toy-tiny on toy data, else small")
+    sf.add_argument("--steps", type=int, default=None, help="optimiser steps (shortcut for --sft.total_steps, "
+                    "with a proportionate warm-up)")
     sf.add_argument("--workers", type=int, default=2)
     sf.add_argument("--gpu", action="store_true", help="one GPU per worker (NCCL)")
     sf.add_argument("--fsdp", action="store_true", help="FSDP2 per block with bf16 compute (GPUs)")
-    sf.add_argument("--init-from", default=None, help="released / earlier checkpoint folder to fine-tune")
     sf.add_argument("--checkpoint-every", type=int, default=100)
+    from tasks.recipe import recipe_flags
+    recipe_flags(sf)
     sf.set_defaults(fn=cmd_sft)
 
     rl = sub.add_parser("rl", help="ParaRL from an SFT checkpoint (re-run the same --run-id to resume)",

@@ -10,10 +10,11 @@ import os
 from prefect import flow, task
 
 from flows.aggregate import aggregate
-from flows.sft import default_recipe, sft
+from flows.sft import sft
 from flows.traces import traces
 from model.sampling import SamplerConfig
 from tasks.generate import generate_examples_fn
+from tasks.recipe import PRESETS
 
 generate_examples = task(generate_examples_fn, name="generate-examples")
 
@@ -22,16 +23,16 @@ generate_examples = task(generate_examples_fn, name="generate-examples")
 def pipeline(out: str = "runs/default", dataset: str = "toy-tiny", toy_samples: int | None = None, seed: int = 0,
              sft_steps: int | None = None, num_workers: int = 2, examples: int = 4) -> dict:
     root = os.path.join(out, "data")
-    recipe = default_recipe()
-    n = toy_samples or recipe["train_samples"]
+    recipe = PRESETS["toy-tiny"]
+    n = toy_samples or recipe.toy_samples
     # the toy recipe trains the categories it can learn on 2 cores in ~15 minutes (see tasks/sft_loop.py)
     sources = [{"type": "toy", "name": dataset, "preset": "tiny", "n": n, "seed": seed,
-                "categories": list(recipe["categories"] or [])}]
+                "categories": list(recipe.categories or [])}]
     summary = aggregate(sources=sources, root=root, dataset=dataset, resolution=32)
     trace_stats = traces(root=root, dataset=dataset, generator={"kind": "teacher", "seed": seed})
     trained = sft(root=root, dataset=dataset, out=os.path.join(out, "sft"), run_id=f"sft-{dataset}", recipe=recipe,
                   total_steps=sft_steps, num_workers=num_workers)
-    sampler = SamplerConfig(**recipe["sampler"])
+    sampler = SamplerConfig(**recipe.sampler)
     shown = generate_examples(trained["checkpoint"], root, dataset, os.path.join(out, "examples"), sampler, n=examples,
                               split="test", seed=seed)
     for e in shown:

@@ -1,59 +1,90 @@
 """`sft`: supervised fine-tuning of the parallel model on Ray Train, then a held-out evaluation.
 
-prepare (tokenise, cached by content hash; base checkpoint) -> Ray TorchTrainer fit (resumes a
-run of the same name) -> score the final checkpoint on the test split next to two baselines.
+recipe (preset for the data, or the caller's) -> image tokenizer (fit, or a folder) -> prepare
+(tokenise, cached by content hash; drops reported per reason; base checkpoint) -> Ray TorchTrainer
+fit (resumes a run of the same name) -> held-out evaluation: exact toy metrics next to two
+baselines on the toy world, held-out loss per modality (+ CLIP alignment when the recipe names
+CLIP weights) everywhere -> a summary artifact.
 """
-import dataclasses
+import json
 import os
 
-from prefect import flow
+from prefect import flow, task
+from prefect.artifacts import create_markdown_artifact
 
 from tasks.image_codes import fit_image_tokenizer
-from tasks.sft import evaluate_checkpoint, prepare_sft, run_sft
-from tasks.sft_loop import TOY_TINY_RECIPE
+from tasks.recipe import PRESETS, Recipe, default_preset
+from tasks.sft import evaluate_checkpoint, evaluate_heldout, prepare_sft, run_sft
+from tasks.sft_data import is_toy_dataset
 
 
-def default_recipe() -> dict:
-    r = TOY_TINY_RECIPE
-    return {"model": dict(r.model), "sft": dataclasses.asdict(r.sft), "seq": dataclasses.asdict(r.seq),
-            "tokenizer_vocab": r.tokenizer_vocab, "categories": r.categories,
-            "sampler": {"steps": r.sampler_steps, "image_steps": r.sampler_image_steps,
-                        "text_block_length": r.seq.text_tokens, "text_temperature": 0.0,
-                        "image_temperature": 0.0, "image_noise": 0.0},
-            "eval_per_category": r.eval_per_category, "train_samples": r.train_samples}
+@task(name="choose-image-tokenizer")
+def image_tokenizer_for(recipe: dict, root: str, dataset: str, out: str) -> str:
+    """The folder of the image tokenizer the run uses (fitted here when the recipe says 'fit')."""
+    if recipe["image_tokenizer"] != "fit":
+        folder = os.path.abspath(recipe["image_tokenizer"])
+        if not os.path.isdir(folder):
+            raise ValueError(f"recipe image_tokenizer={recipe['image_tokenizer']!r} is not a folder; pass a PatchVQ, "
+                             f"MAGVIT-v2 or aMUSEd VQ folder, or 'fit' to fit a patch VQ on the dataset")
+        return folder
+    if recipe["init_from"]:
+        return os.path.join(recipe["init_from"], "image_tokenizer")
+    return fit_image_tokenizer(root, dataset, os.path.join(out, "image_tokenizer"))
+
+
+def _summary(run_id: str, recipe: dict, paths: dict, fit: dict, heldout: dict, toy: dict | None) -> str:
+    drops = paths["dropped"]
+    lines = [f"# SFT {run_id}", "", f"recipe `{recipe['name']}`; checkpoint `{fit['checkpoint']}`; "
+             f"{paths['train_size']} training sequences in {fit['fit_s']:.0f} s", "",
+             "dropped while preparing (never silently): " + ", ".join(f"{k} {v}" for k, v in drops.items()), "",
+             "held-out: " + ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in heldout.items())]
+    if toy:
+        lines += ["", "toy exact images (model): " + ", ".join(f"{c} {m.get('model', 0):.2f}"
+                                                         for c, m in sorted(toy["exact_image"].items()))]
+    lines += ["", f"recipe: `{json.dumps(recipe)}`"]
+    return "\n".join(lines)
 
 
 @flow(name="sft", log_prints=True)
 def sft(root: str = "data", dataset: str = "toy-tiny", out: str = "runs/sft", run_id: str = "sft-toy-tiny",
-        recipe: dict | None = None, total_steps: int | None = None, num_workers: int = 2, use_gpu: bool = False,
-        init_from: str | None = None, image_tokenizer_dir: str | None = None, checkpoint_every: int = 100,
-        eval_interval: int = 500, max_failures: int = 2, fsdp: bool = False) -> dict:
+        recipe: Recipe | None = None, total_steps: int | None = None, num_workers: int = 2, use_gpu: bool = False,
+        checkpoint_every: int = 100, eval_interval: int = 500, max_failures: int = 2, fsdp: bool = False) -> dict:
     # Ray workers run in their own working directory: local paths must be absolute
     root = root if "://" in root else os.path.abspath(root)
     out = os.path.abspath(out)
-    init_from = os.path.abspath(init_from) if init_from else None
-    recipe = recipe or default_recipe()
+    toy = is_toy_dataset(root, dataset)
+    r = (recipe or PRESETS[default_preset(toy)]).to_dict()
+    r["init_from"] = os.path.abspath(r["init_from"]) if r["init_from"] else None
     if total_steps:
-        warmup = min(recipe["sft"]["warmup_steps"], total_steps // 5)  # short runs keep a proportionate warm-up
-        recipe = {**recipe, "sft": {**recipe["sft"], "total_steps": total_steps, "warmup_steps": warmup}}
-    if not init_from and not image_tokenizer_dir:
-        image_tokenizer_dir = fit_image_tokenizer(root, dataset, os.path.join(out, "image_tokenizer"))
-    paths = prepare_sft(root, dataset, out, recipe, init_from, image_tokenizer_dir,
-                        eval_per_category=max(4, recipe.get("eval_per_category", 16) // 4))
+        warmup = min(r["sft"]["warmup_steps"], total_steps // 5)  # short runs keep a proportionate warm-up
+        r["sft"] = {**r["sft"], "total_steps": total_steps, "warmup_steps": warmup}
+    vq = image_tokenizer_for(r, root, dataset, out)
+    paths = prepare_sft(root, dataset, out, r, r["init_from"], vq, eval_per_category=max(4, r["eval_per_category"] // 4))
+    print(f"{run_id}: {paths['train_size']} training sequences; dropped per reason {paths['dropped']}")
+    if paths["train_size"] == 0:
+        raise ValueError(f"every training sample of {dataset!r} was dropped ({paths['dropped']}); raise "
+                         f"seq.text_tokens / seq.instruction_tokens or check the traces table")
+    if r["sft"]["batch_size"] > paths["train_size"]:
+        raise ValueError(f"sft.batch_size={r['sft']['batch_size']} is larger than the {paths['train_size']} training "
+                         f"sequences of {dataset!r}; pass --sft.batch_size {paths['train_size']} or less, or add data")
     # the recipe's batch_size is the global batch: each data-parallel worker takes its share
-    per_worker = dict(recipe["sft"], batch_size=max(1, recipe["sft"]["batch_size"] // num_workers))
-    cfg = {"base": paths["base"], "train_data": paths["train_data"], "seq": recipe["seq"], "sft": per_worker,
-           "root": root, "run_id": run_id, "out": out, "checkpoint_every": checkpoint_every, "fsdp": fsdp}
+    per_worker = dict(r["sft"], batch_size=max(1, r["sft"]["batch_size"] // num_workers))
+    cfg = {"base": paths["base"], "train_data": paths["train_data"], "seq": r["seq"], "sft": per_worker,
+           "root": root, "run_id": run_id, "out": out, "checkpoint_every": checkpoint_every, "fsdp": fsdp,
+           "image_tokenizer": paths["image_tokenizer"]}
     if "val_data" in paths:
         cfg["eval"] = {"val_data": paths["val_data"], "scenes": paths["scenes"], "preset": paths["preset"],
-                       "interval": eval_interval, "sampler": recipe["sampler"]}
+                       "interval": eval_interval, "sampler": r["sampler"]}
     fit = run_sft(cfg, num_workers, use_gpu, os.path.join(out, "ray"), max_failures)
-    print(f"{run_id}: {paths['train_size']} training sequences (dropped {paths['dropped']}), "
-          f"final metrics {fit['metrics']}")
-    tables = evaluate_checkpoint(fit["checkpoint"], root, dataset, run_id, "test",
-                                 recipe.get("eval_per_category", 32), recipe["sampler"], recipe["seq"],
-                                 recipe.get("categories"))
-    for category, methods in sorted(tables["exact_image"].items()):
-        print(f"  exact image {category:>12s}: " + "  ".join(f"{m}={v:.2f}" for m, v in methods.items()))
+    heldout = evaluate_heldout(fit["checkpoint"], root, dataset, run_id, r)
+    tables = None
+    if toy:
+        tables = evaluate_checkpoint(fit["checkpoint"], root, dataset, run_id, "test", r["eval_per_category"],
+                                     r["sampler"], r["seq"], r["categories"])
+        for category, methods in sorted(tables["exact_image"].items()):
+            print(f"  exact image {category:>12s}: " + "  ".join(f"{m}={v:.2f}" for m, v in methods.items()))
+    print(f"  held-out: {heldout}")
+    create_markdown_artifact(_summary(run_id, r, paths, fit, heldout, tables),
+                             key="sft-" + "".join(c if c.isalnum() else "-" for c in run_id.lower())[:90])
     return {"checkpoint": fit["checkpoint"], "fit_s": fit["fit_s"], "train_size": paths["train_size"],
-            "eval": tables}
+            "dropped": paths["dropped"], "heldout": heldout, "eval": tables}

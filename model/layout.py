@@ -39,11 +39,19 @@ class OutputShape:
 
 
 def output_regions(shape: OutputShape) -> list[int]:
+    if hasattr(shape, "grid"):  # the A variant's layout (model/layout_dimoo.DimooOutputShape)
+        from model import layout_dimoo
+
+        return layout_dimoo.output_regions(shape)
     return [PROMPT] + [IMAGE] * shape.image_tokens + [PROMPT, PROMPT] + [TEXT] * shape.text_tokens
 
 
 def output_template(vocab: Vocab, shape: OutputShape) -> list[int]:
     """The fully masked output part the sampler starts from."""
+    if hasattr(shape, "grid"):  # the A variant's layout, with this vocabulary's [MASK]
+        from model import layout_dimoo
+
+        return layout_dimoo.output_template(shape, layout_dimoo.ids_for(vocab))
     return ([vocab.soi_id] + [vocab.mask_id] * shape.image_tokens + [vocab.eoi_id, vocab.bos_id]
             + [vocab.mask_id] * shape.text_tokens)
 

@@ -43,17 +43,18 @@ from dataclasses import dataclass
 import torch
 
 from model.layout import IMAGE, PAD, PROMPT, TEXT, Batch, left_pad
-from model.tokens import BOS_ID, EOS_ID, INTERLEAVE_ID, MASK_ID, T2IT_ID, Vocab
+from model.tokens import (BOS_ID, EOS_ID, INTERLEAVE_ID, LUMINA_BOI_ID, LUMINA_EOI_ID, LUMINA_PAD_ID,
+                          LUMINA_TEXT_VOCAB_SIZE, MASK_ID, T2IT_ID, Vocab)
 
-# --- Lumina-DiMOO / MMaDA-Parallel-A ids (upstream-facts §2.2) ---------------------------------
+# --- Lumina-DiMOO / MMaDA-Parallel-A ids (upstream-facts §2.2; shared ones live in model/tokens.py) ----
 NEWLINE_ID = 126084         # end of an image row (same id as MMaDA's <|soi|>)
-BOI_ID = 126349             # <boi> / <IMAGE>: start of an image block
-EOI_ID = 126350             # <eoi>: end of an image block
+BOI_ID = LUMINA_BOI_ID      # <boi> / <IMAGE>: start of an image block
+EOI_ID = LUMINA_EOI_ID      # <eoi>: end of an image block
 UNCONDITION_ID = 126351     # <uncondition>: replaces the user text in unconditional prompts
 ANSWER_START_ID = 126354    # <answer>
 ANSWER_END_ID = 126355      # </answer>
-PAD_ID = 126339             # padding of batched sequences
-DIMOO_IMAGE_OFFSET = 126356  # text_vocab_size: id of image code 0
+PAD_ID = LUMINA_PAD_ID      # padding of batched sequences
+DIMOO_IMAGE_OFFSET = LUMINA_TEXT_VOCAB_SIZE  # text_vocab_size: id of image code 0
 DIMOO_CODEBOOK_SIZE = 8192   # aMUSEd VQ codes
 DIMOO_VOCAB_SIZE = 134548    # 126356 + 8192 embedding / logit rows (inferred; a checkpoint's own rows win)
 
@@ -117,6 +118,15 @@ DIMOO_IDS = DimooIds(
     answer_start_id=ANSWER_START_ID, answer_end_id=ANSWER_END_ID, pad_id=PAD_ID, bos_id=BOS_ID, eos_id=EOS_ID,
     image_offset=DIMOO_IMAGE_OFFSET, codebook_size=DIMOO_CODEBOOK_SIZE, vocab_size=DIMOO_VOCAB_SIZE,
 )
+
+
+def ids_for(vocab: Vocab) -> "DimooIds":
+    """The layout ids of a checkpoint's vocabulary: the released ones with its mask, pad, eos, offset and codebook."""
+    import dataclasses
+
+    return dataclasses.replace(DIMOO_IDS, mask_id=vocab.mask_id, eos_id=vocab.eos_id, image_offset=vocab.image_offset,
+                               codebook_size=vocab.codebook_size, boi_id=vocab.soi_id, eoi_id=vocab.eoi_id,
+                               vocab_size=vocab.vocab_size, pad_id=vocab.pad_id)
 
 
 def dimoo_vocab() -> Vocab:

@@ -78,14 +78,22 @@ def _decode(data: bytes, name: str, cfg: CurateConfig):
 
 
 def _resize(img, cfg: CurateConfig):
+    return resize_image(img, (cfg.resolution, cfg.resolution), cfg.resize)
+
+
+def resize_image(img, size: tuple[int, int], policy: str = "squash"):
+    """A PIL image to size (H, W): squash (ignore aspect) or center_crop (crop to the target aspect first)."""
     from PIL import Image
 
-    if cfg.resize == "center_crop":
+    if policy not in RESIZE_POLICIES:
+        raise ValueError(f"resize policy {policy!r}; choose one of {RESIZE_POLICIES}")
+    H, W = size
+    if policy == "center_crop":
         w, h = img.size
-        s = min(w, h)
-        img = img.crop(((w - s) // 2, (h - s) // 2, (w - s) // 2 + s, (h - s) // 2 + s))
-    if img.size != (cfg.resolution, cfg.resolution):
-        img = img.resize((cfg.resolution, cfg.resolution), Image.Resampling.BICUBIC)
+        cw, ch = (w, round(w * H / W)) if w * H <= h * W else (round(h * W / H), h)
+        img = img.crop(((w - cw) // 2, (h - ch) // 2, (w - cw) // 2 + cw, (h - ch) // 2 + ch))
+    if img.size != (W, H):
+        img = img.resize((W, H), Image.Resampling.BICUBIC)
     return img
 
 

@@ -13,7 +13,7 @@ import torch
 from model.checkpoint import CONFIG_FILE, from_pretrained, save_pretrained
 from model.layout import IMAGE, TEXT, OutputShape, edit_prompt, generation_prompt, output_regions
 from model.sampling import SamplerConfig, generate
-from model.tokens import tiny_vocab
+from model.tokens import LUMINA_TEXT_VOCAB_SIZE, tiny_vocab
 from model.transformer import DiffusionLM, ModelConfig
 from tasks.tokenizer import TextTokenizer, build_tiny_tokenizer
 
@@ -21,6 +21,20 @@ IMAGE_TOKENIZER_DIR = "image_tokenizer"
 GRID_KEY = "parapipe_image_grid"
 SEQUENCE_KEY = "parapipe_sequence"  # the SequenceConfig a checkpoint was trained with
 DEFAULT_GRID = (32, 32)  # MAGVIT-v2 at 512 x 512 (released checkpoints)
+ONE_BLOCK = 1 << 30  # a text block length above any text length: the whole text is one block
+# Published inference settings (upstream-facts §3), as `parapipe generate --settings NAME`. Upstream bugs
+# fixed here, by construction of model/sampling.py: M's text guidance has its sign reversed upstream
+# (Lc + w (Lu - Lc)); ours is u + (w + 1)(c - u). M's unconditional prompt fills the input image with
+# token id 0 and A's overwrites the conditional prefix in place, leaving conditional tokens behind;
+# ours are whole prompts without the instruction / image. A leaves one image slot masked at the last
+# step and fills it with a random code; ours decodes every slot. M crashes with both guidance scales 0;
+# ours does not. A's --text_block_length is ignored upstream (one block); ours honours the 32 given.
+RELEASED_SETTINGS = {
+    "mmada-parallel-m": dict(steps=128, image_steps=30, text_block_length=ONE_BLOCK, text_cfg=2.5, image_cfg=4.0,
+                             text_temperature=0.0, image_temperature=1.0, text_tokens=256),
+    "mmada-parallel-a": dict(steps=128, image_steps=64, text_block_length=32, text_cfg=0.0, image_cfg=4.0,
+                             text_temperature=0.0, image_temperature=1.0, text_tokens=256),
+}
 TINY_MODEL = dict(d_model=128, n_layers=4, n_heads=4, mlp_hidden_size=384, rope_theta=10000.0,
                   max_sequence_length=512)
 
@@ -39,13 +53,39 @@ def make_tiny_checkpoint(folder: str, codebook_size: int = 16, grid: tuple[int, 
     return folder
 
 
-def load_image_tokenizer(folder: str):
-    path = os.path.join(folder, IMAGE_TOKENIZER_DIR)
-    if not os.path.isdir(path):
-        return None
-    from model.image_tokenizer import PatchVQ
+def open_image_tokenizer(path: str, device: str = "cpu"):
+    """The image tokenizer in a folder, by the files it holds: image_tokenizer.json (PatchVQ, the toy
+    world's), config.json of class MAGVITv2 (showlab/magvitv2, the M variant's), or a diffusers VQModel
+    in the folder or its vqvae/ (aMUSEd VQ, the A variant's)."""
+    from model.image_tokenizer import CONFIG_FILE as PATCH_VQ_CONFIG, PatchVQ
 
-    return PatchVQ.load(path)
+    if os.path.isfile(os.path.join(path, PATCH_VQ_CONFIG)):
+        return PatchVQ.load(path)
+    for folder in (path, os.path.join(path, "vqvae")):
+        config = os.path.join(folder, CONFIG_FILE)
+        if not os.path.isfile(config):
+            continue
+        with open(config) as f:
+            kind = json.load(f).get("_class_name")
+        if kind == "MAGVITv2":
+            from model.magvit2 import load_magvit2
+
+            return load_magvit2(folder, device=device)
+        if kind == "VQModel":
+            from model.vq_amused import AmusedVQ
+
+            return AmusedVQ.load(folder, device=device)
+    raise ValueError(f"{path!r} holds no known image tokenizer: expected {PATCH_VQ_CONFIG} (PatchVQ), or a "
+                     f"{CONFIG_FILE} whose _class_name is MAGVITv2 (showlab/magvitv2) or VQModel (aMUSEd VQ, also "
+                     f"under vqvae/)")
+
+
+def load_image_tokenizer(folder: str, device: str = "cpu"):
+    """A checkpoint folder's image_tokenizer/, or the vqvae/ a released A folder ships (None without either)."""
+    path = os.path.join(folder, IMAGE_TOKENIZER_DIR)
+    if os.path.isdir(path):
+        return open_image_tokenizer(path, device)
+    return open_image_tokenizer(folder, device) if os.path.isdir(os.path.join(folder, "vqvae")) else None
 
 
 def image_grid(folder: str, image_tokenizer) -> tuple[int, int]:
@@ -55,13 +95,20 @@ def image_grid(folder: str, image_tokenizer) -> tuple[int, int]:
         return tuple(json.load(f).get(GRID_KEY, DEFAULT_GRID))
 
 
-def read_png(path: str) -> torch.Tensor:
-    """PNG/JPEG file -> uint8 (H, W, 3)."""
+def read_png(path: str, size: tuple[int, int] | None = None, policy: str = "squash") -> torch.Tensor:
+    """PNG/JPEG file -> uint8 (H, W, 3), resized to size (H, W) as aggregation does when given."""
     import numpy as np
     from PIL import Image
 
+    from tasks.curate import resize_image
+
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"input image {path!r} does not exist")
     with Image.open(path) as im:
-        return torch.from_numpy(np.asarray(im.convert("RGB")).copy())
+        im = im.convert("RGB")
+        if size is not None:
+            im = resize_image(im, tuple(size), policy)
+        return torch.from_numpy(np.asarray(im).copy())
 
 
 def write_png(image: torch.Tensor, path: str) -> None:
@@ -87,26 +134,37 @@ def pad_instruction_ids(ids: list[int], layout: dict, eos_id: int) -> list[int]:
 
 def generate_to_files(checkpoint: str, prompt: str, out_dir: str, sampler: SamplerConfig,
                       text_tokens: int | None = None, image_path: str | None = None, seed: int = 0,
-                      device: str = "cpu") -> dict:
+                      device: str = "cpu", resize: str = "squash", image_tokenizer: str | None = None) -> dict:
     """Samples one (image, reasoning text) for a prompt (and input image for editing) and writes
-    text.txt, image.png or image_codes.txt, and meta.json into out_dir. Returns the meta dict."""
+    text.txt, image.png or image_codes.txt, and meta.json into out_dir. Returns the meta dict.
+    image_tokenizer: a tokenizer folder for checkpoints that ship without image_tokenizer/ (released
+    MMaDA-Parallel-M pairs with showlab/magvitv2)."""
     model, vocab = from_pretrained(checkpoint, device=device)
     tok = TextTokenizer.load(checkpoint)
-    img_tok = load_image_tokenizer(checkpoint)
+    img_tok = open_image_tokenizer(image_tokenizer, device) if image_tokenizer else load_image_tokenizer(checkpoint, device)
+    if img_tok is not None and img_tok.codebook_size != vocab.codebook_size:
+        raise ValueError(f"the image tokenizer has {img_tok.codebook_size} codes but {checkpoint!r} has "
+                         f"{vocab.codebook_size} image rows; pass the tokenizer the model was trained with")
     h, w = image_grid(checkpoint, img_tok)
     layout = sequence_layout(checkpoint)
     text_tokens = text_tokens or layout.get("text_tokens", 64)
-    shape = OutputShape(image_tokens=h * w, text_tokens=text_tokens)
-    instruction = pad_instruction_ids(tok.encode(prompt), layout, vocab.eos_id)
-    empty = pad_instruction_ids([], layout, vocab.eos_id)
+    codes = None
     if image_path is not None:
         if img_tok is None:
             raise ValueError(f"{checkpoint!r} has no {IMAGE_TOKENIZER_DIR}/, so the input image "
-                             f"{image_path!r} cannot be encoded; add the image tokenizer or drop --image")
-        codes = img_tok.encode(read_png(image_path)[None])[0].flatten().tolist()
-        cond, uncond = edit_prompt(vocab, codes, instruction), edit_prompt(vocab, None, empty)
+                             f"{image_path!r} cannot be encoded; pass --image-tokenizer FOLDER or drop --image")
+        image = read_png(image_path, tuple(img_tok.image_size), resize)  # any size, resized as aggregation does
+        codes = img_tok.encode(image[None])[0].flatten().tolist()
+    if vocab.image_offset == LUMINA_TEXT_VOCAB_SIZE:  # MMaDA-Parallel-A / Lumina-DiMOO
+        shape, cond, uncond = _dimoo_prompts(tok, vocab, prompt, codes, (h, w), text_tokens)
     else:
-        cond, uncond = generation_prompt(vocab, instruction), generation_prompt(vocab, empty)
+        shape = OutputShape(image_tokens=h * w, text_tokens=text_tokens)
+        instruction = pad_instruction_ids(tok.encode(prompt), layout, vocab.eos_id)
+        empty = pad_instruction_ids([], layout, vocab.eos_id)
+        if codes is not None:
+            cond, uncond = edit_prompt(vocab, codes, instruction), edit_prompt(vocab, None, empty)
+        else:
+            cond, uncond = generation_prompt(vocab, instruction), generation_prompt(vocab, empty)
     gen = torch.Generator(device=device).manual_seed(seed)
     out = generate(model, vocab, shape, [cond], sampler, uncond_prompts=[uncond], generator=gen)
     regions = torch.tensor(output_regions(shape))
@@ -130,6 +188,21 @@ def generate_to_files(checkpoint: str, prompt: str, out_dir: str, sampler: Sampl
 
 # ---------------------------------------------------------------------------------------------
 # Prefect tasks of the pipeline
+
+def _dimoo_prompts(tok, vocab, prompt: str, codes: list[int] | None, grid: tuple[int, int], text_tokens: int):
+    """The A layout's output shape and (conditional, unconditional) prompts. Editing guides the image
+    against the prompt without the input image (PA's cfg_img); generation against <uncondition>."""
+    from model import layout_dimoo as A
+
+    ids = A.ids_for(vocab)
+    shape = A.DimooOutputShape(grid=grid, text_tokens=text_tokens)
+    if codes is not None:
+        instruction = tok.encode(A.instruction_text(A.EDIT_SYSTEM_PROMPT, prompt))
+        return shape, A.edit_prompt(instruction, codes, grid, ids), A.edit_prompt(instruction, None, grid, ids)
+    instruction = tok.encode(A.instruction_text(A.GEN_SYSTEM_PROMPT, prompt))
+    return shape, A.generation_prompt(instruction), A.generation_prompt(
+        tok.encode(A.instruction_text(A.GEN_SYSTEM_PROMPT, None)))
+
 
 def generate_examples_fn(checkpoint: str, root: str, dataset: str, out_dir: str, sampler: SamplerConfig,
                          n: int = 4, split: str = "val", text_tokens: int | None = None, seed: int = 0) -> list[dict]:

@@ -83,8 +83,9 @@ def _save_checkpoint(model, optimizer, step: int, cfg: dict, vocab, folder: str)
     clone.load_state_dict(_full_state_dict(model))
     save_pretrained(clone, vocab, folder, extra={"parapipe_sequence": cfg["seq"]})
     shutil.copy(os.path.join(base, "tokenizer.json"), folder)
-    if os.path.isdir(os.path.join(base, "image_tokenizer")):
-        shutil.copytree(os.path.join(base, "image_tokenizer"), os.path.join(folder, "image_tokenizer"))
+    image_tokenizer = cfg.get("image_tokenizer") or os.path.join(base, "image_tokenizer")
+    if os.path.isdir(image_tokenizer):  # the checkpoint is self-contained: generate / RL decode with it
+        shutil.copytree(image_tokenizer, os.path.join(folder, "image_tokenizer"))
     torch.save({"optimizer": optimizer.state_dict(), "step": step, "sft": cfg["sft"]},
                os.path.join(folder, TRAIN_STATE))
 
@@ -142,8 +143,8 @@ def _metric_rows(rows: list[dict], run_id: str) -> list[dict]:
 
 def _evaluate(model, cfg: dict, vocab, step: int) -> list[dict]:
     """Toy-world validation on rank 0: eval_results rows (exact image / text / agreement)."""
-    from model.image_tokenizer import PatchVQ
     from model.sampling import SamplerConfig
+    from tasks.generate import open_image_tokenizer
     from tasks.tokenizer import TextTokenizer
     from tasks.toy.scene import PRESETS
     from tasks.toy_eval import evaluate, to_eval_results
@@ -152,7 +153,8 @@ def _evaluate(model, cfg: dict, vocab, step: int) -> list[dict]:
     val, train = load_set(ev["val_data"]), load_set(cfg["train_data"])
     scenes = torch.load(ev["scenes"], weights_only=False)
     rows = evaluate(_unwrap(model), val, scenes, train, vocab, SequenceConfig(**cfg["seq"]),
-                    TextTokenizer.load(cfg["base"]), PatchVQ.load(os.path.join(cfg["base"], "image_tokenizer")),
+                    TextTokenizer.load(cfg["base"]),
+                    open_image_tokenizer(cfg.get("image_tokenizer") or os.path.join(cfg["base"], "image_tokenizer")),
                     PRESETS[ev["preset"]], SamplerConfig(**ev["sampler"]), baselines=False)
     return to_eval_results(rows, cfg["run_id"], f"step-{step}", step)
 
@@ -254,48 +256,119 @@ def prepare_sft(root: str, dataset: str, out: str, recipe: dict, init_from: str 
                 image_tokenizer_dir: str | None = None, eval_per_category: int = 16) -> dict:
     """Tokenises the train split (cached by content hash) and the val split, and writes the base
     checkpoint folder the workers start from: `init_from` as it is, or a random model of recipe['model']
-    with a tiny tokenizer trained on the dataset's text. Returns the paths for train_loop_per_worker."""
-    from model.image_tokenizer import PatchVQ
+    with a tiny tokenizer trained on the dataset's text. Returns the paths for train_loop_per_worker,
+    the train split's drops per reason ('dropped') and the val split's ('val_dropped')."""
     from model.tokens import tiny_vocab
     from model.transformer import DiffusionLM, ModelConfig
+    from tasks.generate import GRID_KEY, open_image_tokenizer
     from tasks.sft_data import load_or_tokenise, pick_traces, read_samples
     from tasks.tokenizer import TextTokenizer, build_tiny_tokenizer
     from tasks.toy_eval import select_per_category, toy_scenes
 
     seq, sft = SequenceConfig(**recipe["seq"]), SFTConfig(**recipe["sft"])
-    rows, traces = read_samples(root, dataset, "train", traces_run=dataset, categories=recipe.get("categories"))
+    select = dict(categories=_tuple(recipe.get("categories")), kinds=_tuple(recipe.get("kinds")))
+    rows, traces = read_samples(root, dataset, "train", traces_run=dataset, **select)
     data_dir = os.path.join(out, "data")
     os.makedirs(data_dir, exist_ok=True)
+    vq_dir = image_tokenizer_dir or (os.path.join(init_from, "image_tokenizer") if init_from else None)
+    if not vq_dir or not os.path.isdir(vq_dir):
+        raise ValueError(f"no image tokenizer folder ({vq_dir!r}); set the recipe's image_tokenizer to a folder "
+                         f"or 'fit'")
+    vq = open_image_tokenizer(vq_dir)
     if init_from:
         base, tok = init_from, TextTokenizer.load(init_from)
-        vq = PatchVQ.load(image_tokenizer_dir or os.path.join(init_from, "image_tokenizer"))
         vocab = read_config(init_from)[1]
+        if vocab.codebook_size == 0:  # a text-only base (plain LLaDA): grow it by the codebook, as MMaDA did
+            base = _grow_text_only(init_from, vq, os.path.join(out, "base"), sft.seed)
+            vocab = read_config(base)[1]
+        if vocab.codebook_size != vq.codebook_size:
+            raise ValueError(f"{init_from!r} has {vocab.codebook_size} image code rows but the image tokenizer "
+                             f"{vq_dir!r} has {vq.codebook_size} codes; use the tokenizer the model was trained with")
     else:
-        vq = PatchVQ.load(image_tokenizer_dir)
         corpus = [r["instruction"] for r in rows] + [t for t in pick_traces(rows, traces) if t]
         tok = build_tiny_tokenizer(corpus, vocab_size=recipe.get("tokenizer_vocab", 512))
         vocab = tiny_vocab(len(tok), vq.codebook_size)
         mcfg = ModelConfig(**recipe["model"], vocab_size=vocab.vocab_size, embedding_size=vocab.vocab_size)
         base = os.path.join(out, "base")
-        save_pretrained(DiffusionLM(mcfg).init_weights(sft.seed), vocab, base,
-                        extra={"parapipe_image_grid": list(vq.grid)})
+        save_pretrained(DiffusionLM(mcfg).init_weights(sft.seed), vocab, base, extra={GRID_KEY: list(vq.grid)})
         tok.save(base)
-        vq.save(os.path.join(base, "image_tokenizer"))
+        shutil.copytree(vq_dir, os.path.join(base, "image_tokenizer"), dirs_exist_ok=True)
     cache = os.path.join(root, "cache", "sft")
     train = load_or_tokenise(rows, tok, vq, vocab, seq, cache, traces)
-    paths = {"base": base, "train_data": save_set(train, os.path.join(data_dir, "train.pt")),
+    paths = {"base": base, "image_tokenizer": vq_dir, "train_data": save_set(train, os.path.join(data_dir, "train.pt")),
              "train_size": len(train), "dropped": train.dropped, "from_cache": train.from_cache}
-    val_rows, val_traces = read_samples(root, dataset, "val", traces_run=dataset, categories=recipe.get("categories"))
-    toy = all('"toy"' in (r.get("extra_json") or "") for r in val_rows)
-    if toy:
-        val = select_per_category(load_or_tokenise(val_rows, tok, vq, vocab, seq, cache, val_traces),
-                                  eval_per_category)
+    try:
+        val_rows, val_traces = read_samples(root, dataset, "val", traces_run=dataset, **select)
+    except ValueError:  # a small dataset may have no val split: nothing to evaluate during training
+        return paths
+    val_all = load_or_tokenise(val_rows, tok, vq, vocab, seq, cache, val_traces)
+    paths["val_dropped"] = val_all.dropped
+    if all('"toy"' in (r.get("extra_json") or "") for r in val_rows):
+        val = select_per_category(val_all, eval_per_category)
         scenes = toy_scenes([r for r in val_rows if r["sample_id"] in set(val.sample_id)])
         torch.save(scenes, os.path.join(data_dir, "val_scenes.pt"))
         paths.update(preset=json.loads(val_rows[0]["extra_json"])["toy"]["preset"],
                      val_data=save_set(val, os.path.join(data_dir, "val.pt")),
                      scenes=os.path.join(data_dir, "val_scenes.pt"), val_size=len(val))
     return paths
+
+
+def _grow_text_only(init_from: str, vq, base: str, seed: int) -> str:
+    """A copy of a text-only checkpoint with vq.codebook_size new image rows (embedding and head)."""
+    from model.checkpoint import add_image_codebook
+    from tasks.generate import GRID_KEY
+
+    model, vocab = from_pretrained(init_from)
+    vocab = add_image_codebook(model, vocab, vq.codebook_size, seed)
+    save_pretrained(model, vocab, base, extra={GRID_KEY: list(vq.grid)})
+    for name in os.listdir(init_from):  # the text tokenizer files travel with the weights
+        if name.startswith(("tokenizer", "special_tokens_map")):
+            shutil.copy(os.path.join(init_from, name), os.path.join(base, name))
+    return base
+
+
+def _tuple(v) -> tuple | None:
+    return tuple(v) if v else None
+
+
+@task
+def evaluate_heldout(checkpoint: str, root: str, dataset: str, run_id: str, recipe: dict) -> dict:
+    """Held-out loss per modality on the test split (val if it has no test rows), plus CLIP alignment of
+    sampled outputs when recipe['eval_clip'] names CLIP weights; writes eval_results rows."""
+    from model.sampling import SamplerConfig
+    from storage.parquet import write_rows
+    from tasks.generate import load_image_tokenizer
+    from tasks.sft_data import load_or_tokenise, read_samples
+    from tasks.sft_eval import clip_alignment, heldout_loss, sample_outputs, to_rows
+    from tasks.tokenizer import TextTokenizer
+    from tasks.toy_eval import select_per_category
+
+    model, vocab = from_pretrained(checkpoint)
+    tok, vq = TextTokenizer.load(checkpoint), load_image_tokenizer(checkpoint)
+    seq = SequenceConfig(**recipe["seq"])
+    select = dict(categories=_tuple(recipe.get("categories")), kinds=_tuple(recipe.get("kinds")))
+    for split in ("test", "val"):
+        try:
+            rows, traces = read_samples(root, dataset, split, traces_run=dataset, **select)
+            break
+        except ValueError:
+            rows = None
+    if rows is None:
+        return {"skipped": f"no test or val samples in {dataset!r}"}
+    data = select_per_category(load_or_tokenise(rows, tok, vq, vocab, seq, os.path.join(root, "cache", "sft"), traces),
+                               recipe.get("eval_per_category", 32))
+    if len(data) == 0:
+        return {"skipped": f"every {split} sample was dropped ({data.dropped})", "split": split}
+    metrics = {"split": split, "samples": len(data), **heldout_loss(model, data, vocab, seq)}
+    if recipe.get("eval_clip"):
+        images, texts = sample_outputs(model, data, vocab, seq, tok, vq, SamplerConfig(**recipe["sampler"]),
+                                       n=len(data))
+        metrics.update(clip_alignment(images, texts, recipe["eval_clip"]))
+    else:
+        metrics["clip_alignment"] = "skipped: the recipe names no eval_clip weights"
+    write_rows(root, "eval_results", to_rows({k: v for k, v in metrics.items() if isinstance(v, float)}, run_id,
+                                             checkpoint, len(data)), run=run_id)
+    return metrics
 
 
 @task
@@ -306,16 +379,16 @@ def evaluate_checkpoint(checkpoint: str, root: str, dataset: str, run_id: str, s
     baselines; writes eval_results and a table artifact. Returns {metric: {category: {method: value}}}."""
     from prefect.artifacts import create_table_artifact
 
-    from model.image_tokenizer import PatchVQ
     from model.sampling import SamplerConfig
     from storage.parquet import write_rows
+    from tasks.generate import load_image_tokenizer
     from tasks.sft_data import load_or_tokenise, read_samples
     from tasks.tokenizer import TextTokenizer
     from tasks.toy.scene import PRESETS
     from tasks.toy_eval import METRICS, evaluate, select_per_category, table, to_eval_results, toy_scenes
 
     model, vocab = from_pretrained(checkpoint)
-    tok, vq = TextTokenizer.load(checkpoint), PatchVQ.load(os.path.join(checkpoint, "image_tokenizer"))
+    tok, vq = TextTokenizer.load(checkpoint), load_image_tokenizer(checkpoint)
     seq_cfg = SequenceConfig(**(seq or {}))
     cache = os.path.join(root, "cache", "sft")
     rows, traces = read_samples(root, dataset, split, traces_run=dataset,

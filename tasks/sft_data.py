@@ -186,9 +186,17 @@ def tokenizer_fingerprint(tokenizer) -> str:
 
 
 def image_tokenizer_fingerprint(image_tokenizer) -> str:
-    """sha256 of a PatchVQ's codebook bytes, patch size and image size."""
-    h = hashlib.sha256(image_tokenizer.codebook.detach().cpu().contiguous().numpy().tobytes())
-    h.update(json.dumps([image_tokenizer.patch_size, list(image_tokenizer.image_size)]).encode())
+    """sha256 of an image tokenizer: a PatchVQ's codebook, patch and image size; otherwise its class,
+    image size and every tensor of its state_dict (a torch module, or one at `.model`)."""
+    if hasattr(image_tokenizer, "codebook") and hasattr(image_tokenizer, "patch_size"):
+        h = hashlib.sha256(image_tokenizer.codebook.detach().cpu().contiguous().numpy().tobytes())
+        h.update(json.dumps([image_tokenizer.patch_size, list(image_tokenizer.image_size)]).encode())
+        return h.hexdigest()
+    module = image_tokenizer if hasattr(image_tokenizer, "state_dict") else getattr(image_tokenizer, "model")
+    h = hashlib.sha256(json.dumps([type(image_tokenizer).__name__, list(image_tokenizer.image_size)]).encode())
+    for name, t in sorted(module.state_dict().items()):
+        h.update(name.encode())
+        h.update(t.detach().float().cpu().contiguous().numpy().tobytes())
     return h.hexdigest()
 
 
@@ -244,8 +252,20 @@ def load_or_tokenise(rows: list[dict], tokenizer, image_tokenizer, vocab: Vocab,
     return data
 
 
+def is_toy_dataset(root: str, dataset: str) -> bool:
+    """True when every sample of the dataset comes from the toy world (its exact metrics apply)."""
+    from storage.parquet import read_table
+
+    extra = read_table(root, "samples", run=dataset, columns=["extra_json"]).column("extra_json").to_pylist()
+    if not extra:
+        raise ValueError(f"no samples in {root!r} dataset {dataset!r}; run the aggregate flow first "
+                         f"(parapipe aggregate --root {root} --dataset {dataset} --sources FILE)")
+    return all('"toy"' in (e or "") for e in extra)
+
+
 def read_samples(root: str, dataset: str, split: str = "train", traces_run: str | None = None,
-                 categories: tuple[str, ...] | None = None) -> tuple[list[dict], list[dict] | None]:
+                 categories: tuple[str, ...] | None = None,
+                 kinds: tuple[str, ...] | None = None) -> tuple[list[dict], list[dict] | None]:
     """Rows of one split of a samples dataset (and the traces of a traces run) as dicts."""
     import pyarrow.compute as pc
 
@@ -256,9 +276,13 @@ def read_samples(root: str, dataset: str, split: str = "train", traces_run: str 
     expr = pc.field("split") == split
     if categories:
         expr = expr & pc.field("category").isin(list(categories))
+    if kinds:
+        expr = expr & pc.field("kind").isin(list(kinds))
     rows = read_table(root, "samples", run=dataset, filter=expr, columns=cols).to_pylist()
     if not rows:
-        raise ValueError(f"no {split!r} samples in {root!r} dataset {dataset!r}; run the aggregate flow first")
+        chosen = "".join(f", {k}={list(v)}" for k, v in (("categories", categories), ("kinds", kinds)) if v)
+        raise ValueError(f"no {split!r} samples in {root!r} dataset {dataset!r}{chosen}; run the aggregate flow "
+                         f"first{', or widen the recipe selection' if chosen else ''}")
     traces = None
     if traces_run is not None:
         traces = read_table(root, "traces", run=traces_run,
