@@ -35,7 +35,7 @@ def image_tokenizer_for(recipe: dict, root: str, dataset: str, out: str) -> str:
 def _summary(run_id: str, recipe: dict, paths: dict, fit: dict, heldout: dict, toy: dict | None) -> str:
     drops = paths["dropped"]
     lines = [f"# SFT {run_id}", "", f"recipe `{recipe['name']}`; checkpoint `{fit['checkpoint']}`; "
-             f"{paths['train_size']} training sequences in {fit['fit_s']:.0f} s", "",
+             f"{paths['train_size']} training sequences, batch {recipe['sft']['batch_size']}, in {fit['fit_s']:.0f} s", "",
              "dropped while preparing (never silently): " + ", ".join(f"{k} {v}" for k, v in drops.items()), "",
              "held-out: " + ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in heldout.items())]
     if toy:
@@ -64,9 +64,14 @@ def sft(root: str = "data", dataset: str = "toy-tiny", out: str = "runs/sft", ru
     if paths["train_size"] == 0:
         raise ValueError(f"every training sample of {dataset!r} was dropped ({paths['dropped']}); raise "
                          f"seq.text_tokens / seq.instruction_tokens or check the traces table")
-    if r["sft"]["batch_size"] > paths["train_size"]:
-        raise ValueError(f"sft.batch_size={r['sft']['batch_size']} is larger than the {paths['train_size']} training "
-                         f"sequences of {dataset!r}; pass --sft.batch_size {paths['train_size']} or less, or add data")
+    if paths["train_size"] < num_workers:
+        raise ValueError(f"{paths['train_size']} training sequences of {dataset!r} cannot feed {num_workers} workers; "
+                         f"pass --workers {max(paths['train_size'], 1)} or add data")
+    if r["sft"]["batch_size"] > paths["train_size"]:  # a small dataset: one full-data batch per step, said aloud
+        fitted = paths["train_size"] // num_workers * num_workers
+        print(f"WARNING: sft.batch_size={r['sft']['batch_size']} is larger than the {paths['train_size']} training "
+              f"sequences of {dataset!r}; training with batch_size={fitted} (set --sft.batch_size to choose)")
+        r["sft"] = {**r["sft"], "batch_size": fitted}
     # the recipe's batch_size is the global batch: each data-parallel worker takes its share
     per_worker = dict(r["sft"], batch_size=max(1, r["sft"]["batch_size"] // num_workers))
     cfg = {"base": paths["base"], "train_data": paths["train_data"], "seq": r["seq"], "sft": per_worker,
@@ -87,4 +92,4 @@ def sft(root: str = "data", dataset: str = "toy-tiny", out: str = "runs/sft", ru
     create_markdown_artifact(_summary(run_id, r, paths, fit, heldout, tables),
                              key="sft-" + "".join(c if c.isalnum() else "-" for c in run_id.lower())[:90])
     return {"checkpoint": fit["checkpoint"], "fit_s": fit["fit_s"], "train_size": paths["train_size"],
-            "dropped": paths["dropped"], "heldout": heldout, "eval": tables}
+            "batch_size": r["sft"]["batch_size"], "dropped": paths["dropped"], "heldout": heldout, "eval": tables}
