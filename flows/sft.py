@@ -27,8 +27,10 @@ def image_tokenizer_for(recipe: dict, root: str, dataset: str, out: str) -> str:
             raise ValueError(f"recipe image_tokenizer={recipe['image_tokenizer']!r} is not a folder; pass a PatchVQ, "
                              f"MAGVIT-v2 or aMUSEd VQ folder, or 'fit' to fit a patch VQ on the dataset")
         return folder
-    if recipe["init_from"]:
-        return os.path.join(recipe["init_from"], "image_tokenizer")
+    if recipe["init_from"]:  # ours keep image_tokenizer/; a released A folder ships vqvae/ beside the weights
+        own = os.path.join(recipe["init_from"], "image_tokenizer")
+        return recipe["init_from"] if not os.path.isdir(own) and os.path.isdir(
+            os.path.join(recipe["init_from"], "vqvae")) else own
     return fit_image_tokenizer(root, dataset, os.path.join(out, "image_tokenizer"))
 
 
@@ -60,6 +62,7 @@ def sft(root: str = "data", dataset: str = "toy-tiny", out: str = "runs/sft", ru
         r["sft"] = {**r["sft"], "total_steps": total_steps, "warmup_steps": warmup}
     vq = image_tokenizer_for(r, root, dataset, out)
     paths = prepare_sft(root, dataset, out, r, r["init_from"], vq, eval_per_category=max(4, r["eval_per_category"] // 4))
+    r["seq"] = paths["seq"]  # resolved: the layout and image grid of the base checkpoint and tokenizer
     print(f"{run_id}: {paths['train_size']} training sequences; dropped per reason {paths['dropped']}")
     if paths["train_size"] == 0:
         raise ValueError(f"every training sample of {dataset!r} was dropped ({paths['dropped']}); raise "

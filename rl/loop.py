@@ -27,7 +27,7 @@ def _seed(*parts: int) -> int:
 class Roles:
     """The rollout and reward actor pools of one RL run."""
 
-    def __init__(self, checkpoint: str, shape: dict, reward_kwargs: dict, rollout_workers: int = 1,
+    def __init__(self, checkpoint: str, shape, reward_kwargs: dict, rollout_workers: int = 1,
                  reward_workers: int = 1, use_gpu: bool = False, reward_gpu_fraction: float = 0.25,
                  crash_markers: dict | None = None, max_restarts: int = 3):
         import ray

@@ -31,7 +31,7 @@ def crash_once(marker: str | None) -> None:
 class RolloutWorker:
     """Holds one policy copy (loaded from a checkpoint folder) plus its tokenizers."""
 
-    def __init__(self, checkpoint: str, shape: dict, threads: int = 1, device: str = "cpu",
+    def __init__(self, checkpoint: str, shape, threads: int = 1, device: str = "cpu",
                  crash_marker: str | None = None):
         from tasks.generate import load_image_tokenizer
         from tasks.tokenizer import TextTokenizer
@@ -40,7 +40,9 @@ class RolloutWorker:
         self.model, self.vocab = from_pretrained(checkpoint, device=device)
         self.model.eval()
         self.tokenizer, self.image_tokenizer = TextTokenizer.load(checkpoint), load_image_tokenizer(checkpoint)
-        self.shape, self.version, self.crash_marker = OutputShape(**shape), -1, crash_marker
+        # shape: model.layout.OutputShape or layout_dimoo.DimooOutputShape (a dict of OutputShape fields also works)
+        self.shape = OutputShape(**shape) if isinstance(shape, dict) else shape
+        self.version, self.crash_marker = -1, crash_marker
         regions = torch.tensor(output_regions(self.shape))
         self.img_cols, self.txt_cols = regions == IMAGE, regions == TEXT
 

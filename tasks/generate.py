@@ -71,10 +71,12 @@ def open_image_tokenizer(path: str, device: str = "cpu"):
             from model.magvit2 import load_magvit2
 
             return load_magvit2(folder, device=device)
-        if kind == "VQModel":
+        if kind == "VQModel":  # "parapipe_image_size": [H, W] in its config.json overrides the released 512 x 512
             from model.vq_amused import AmusedVQ
 
-            return AmusedVQ.load(folder, device=device)
+            with open(config) as f:
+                size = json.load(f).get("parapipe_image_size")
+            return AmusedVQ.load(folder, device=device, **({"image_size": tuple(size)} if size else {}))
     raise ValueError(f"{path!r} holds no known image tokenizer: expected {PATCH_VQ_CONFIG} (PatchVQ), or a "
                      f"{CONFIG_FILE} whose _class_name is MAGVITv2 (showlab/magvitv2) or VQModel (aMUSEd VQ, also "
                      f"under vqvae/)")

@@ -10,6 +10,7 @@ latest checkpoint and redoes the rounds after it exactly; tables are keyed by (r
 and skip rows already committed, so nothing is duplicated. A checkpoint is a model folder (loads
 in `parapipe generate`) plus `learner_state.pt` (optimiser, round, reward stats, config).
 """
+import dataclasses
 import json
 import os
 import shutil
@@ -23,7 +24,7 @@ from model.layout import OutputShape
 from model.sampling import SamplerConfig
 from rl.grpo import RewardStats, fit_reward_stats, sparse_steps
 from rl.learner import RLConfig, Rollouts, advantages, update
-from tasks.sft_data import SequenceConfig, build_prompt
+from tasks.sft_data import SequenceConfig, build_prompt, output_shape
 
 LEARNER_STATE = "learner_state.pt"
 DEFAULT_SAMPLER = dict(steps=20, image_steps=10)  # the toy recipe's timeline (tasks/sft_loop.TOY_TINY_RECIPE)
@@ -41,11 +42,12 @@ def checkpoint_layout(checkpoint: str) -> tuple[SequenceConfig, OutputShape, dic
         raise ValueError(f"{checkpoint!r} records no parapipe_sequence (the layout it was fine-tuned with); "
                          f"start RL from an SFT checkpoint written by `parapipe sft`")
     seq = SequenceConfig(**raw["parapipe_sequence"])
-    from tasks.generate import image_grid, load_image_tokenizer
+    if seq.image_grid is None:  # checkpoints written before the grid was recorded
+        from tasks.generate import image_grid, load_image_tokenizer
 
-    h, w = image_grid(checkpoint, load_image_tokenizer(checkpoint))
+        seq = dataclasses.replace(seq, image_grid=image_grid(checkpoint, load_image_tokenizer(checkpoint)))
     extras = {k: v for k, v in raw.items() if k.startswith("parapipe_") and k != VOCAB_KEY}
-    return seq, OutputShape(image_tokens=h * w, text_tokens=seq.text_tokens), extras
+    return seq, output_shape(seq), extras
 
 
 def prepare_rl(checkpoint: str, root: str, dataset: str, out: str, categories: tuple[str, ...] | None = None,
@@ -199,7 +201,7 @@ def run_rl(start: str, paths: dict, cfg: RLConfig, out: str, root: str, run_id: 
     if not ray.is_initialized():
         ray.init(num_cpus=None if use_gpu else max(2, rollout_workers + reward_workers), include_dashboard=False,
                  ignore_reinit_error=True, log_to_driver=False)
-    roles = Roles(start, {"image_tokens": shape.image_tokens, "text_tokens": shape.text_tokens},
+    roles = Roles(start, shape,
                   reward_kwargs or {}, rollout_workers, reward_workers, use_gpu, crash_markers=crash_markers)
     sampler_d = {k: getattr(rollout_cfg, k) for k in SamplerConfig.__dataclass_fields__}
     masks = {"mask_id": vocab.mask_id, **_columns(shape)}

@@ -21,6 +21,7 @@ from tasks.sft_data import SequenceConfig
 from tasks.sft_loop import TOY_TINY_RECIPE, SFTConfig
 
 KINDS = ("edit", "generate")
+RESOLVED_SEQ_FIELDS = ("layout", "image_grid", "prompt_ids")  # set by prepare_sft from the checkpoint, not chosen
 
 
 def field_docs(cls) -> dict[str, str]:
@@ -52,7 +53,8 @@ class Recipe(BaseModel):
     aMUSEd VQ with vqvae/). With init_from, 'fit' means the checkpoint's own image_tokenizer/ folder."""
     tokenizer_vocab: int = TOY_TINY_RECIPE.tokenizer_vocab
     """Vocabulary of the tiny text tokenizer fitted for a fresh model."""
-    seq: dict = Field(default_factory=lambda: dataclasses.asdict(TOY_TINY_RECIPE.seq))
+    seq: dict = Field(default_factory=lambda: {k: v for k, v in dataclasses.asdict(TOY_TINY_RECIPE.seq).items()
+                                               if k not in RESOLVED_SEQ_FIELDS})
     """Sequence lengths: tasks.sft_data.SequenceConfig fields."""
     sft: dict = Field(default_factory=lambda: dataclasses.asdict(TOY_TINY_RECIPE.sft))
     """Optimiser and schedule: tasks.sft_loop.SFTConfig fields."""
@@ -139,6 +141,8 @@ def recipe_flags(parser) -> None:
         defaults, sdocs = {f.name: f.default for f in dataclasses.fields(cls)}, field_docs(cls)
         base = PRESETS["small"].to_dict()[sec]
         for f in dataclasses.fields(cls):
+            if sec == "seq" and f.name in RESOLVED_SEQ_FIELDS:
+                continue
             g.add_argument(f"--{sec}.{f.name}", dest=f"recipe:{sec}.{f.name}", default=None, metavar="V",
                            help=f"{sdocs.get(f.name, '')} [default: {base.get(f.name, defaults[f.name])}]")
 

@@ -261,7 +261,8 @@ def prepare_sft(root: str, dataset: str, out: str, recipe: dict, init_from: str 
     from model.tokens import tiny_vocab
     from model.transformer import DiffusionLM, ModelConfig
     from tasks.generate import GRID_KEY, open_image_tokenizer
-    from tasks.sft_data import load_or_tokenise, pick_traces, read_samples
+    from model.tokens import LUMINA_TEXT_VOCAB_SIZE
+    from tasks.sft_data import dimoo_prompt_ids, load_or_tokenise, pick_traces, read_samples
     from tasks.tokenizer import TextTokenizer, build_tiny_tokenizer
     from tasks.toy_eval import select_per_category, toy_scenes
 
@@ -274,6 +275,8 @@ def prepare_sft(root: str, dataset: str, out: str, recipe: dict, init_from: str 
     if not vq_dir or not os.path.isdir(vq_dir):
         raise ValueError(f"no image tokenizer folder ({vq_dir!r}); set the recipe's image_tokenizer to a folder "
                          f"or 'fit'")
+    if os.path.isdir(os.path.join(vq_dir, "vqvae")):  # a released A folder: only its VQ travels with checkpoints
+        vq_dir = os.path.join(vq_dir, "vqvae")
     vq = open_image_tokenizer(vq_dir)
     if init_from:
         base, tok = init_from, TextTokenizer.load(init_from)
@@ -293,9 +296,12 @@ def prepare_sft(root: str, dataset: str, out: str, recipe: dict, init_from: str 
         save_pretrained(DiffusionLM(mcfg).init_weights(sft.seed), vocab, base, extra={GRID_KEY: list(vq.grid)})
         tok.save(base)
         shutil.copytree(vq_dir, os.path.join(base, "image_tokenizer"), dirs_exist_ok=True)
+    seq = dataclasses.replace(seq, image_grid=tuple(vq.grid))
+    if vocab.image_offset == LUMINA_TEXT_VOCAB_SIZE:  # MMaDA-Parallel-A / Lumina-DiMOO: its own layout
+        seq = dataclasses.replace(seq, layout="dimoo", prompt_ids=dimoo_prompt_ids(tok), instruction_tokens=0)
     cache = os.path.join(root, "cache", "sft")
     train = load_or_tokenise(rows, tok, vq, vocab, seq, cache, traces)
-    paths = {"base": base, "image_tokenizer": vq_dir, "train_data": save_set(train, os.path.join(data_dir, "train.pt")),
+    paths = {"base": base, "image_tokenizer": vq_dir, "seq": dataclasses.asdict(seq), "train_data": save_set(train, os.path.join(data_dir, "train.pt")),
              "train_size": len(train), "dropped": train.dropped, "from_cache": train.from_cache}
     try:
         val_rows, val_traces = read_samples(root, dataset, "val", traces_run=dataset, **select)

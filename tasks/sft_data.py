@@ -21,7 +21,7 @@ import json
 import os
 from collections import Counter
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 
 import numpy as np
 import pyarrow as pa
@@ -34,6 +34,7 @@ from model.tokens import Vocab
 CACHE_FORMAT = 1
 CACHE_PREFIX = "sft-"
 DROP_REASONS = ("no_trace", "trace_too_long", "instruction_too_long")
+LAYOUTS = ("mmada", "dimoo")
 
 
 @dataclass(frozen=True)
@@ -45,8 +46,21 @@ class SequenceConfig:
     instruction_tokens: int = 0
     """If > 0, instructions are <eos>-padded to this many ids (fixed prompt length for edits)
     and longer ones are dropped (counted); 0 leaves prompts unpadded."""
+    layout: str = "mmada"
+    """mmada (model/layout.py: task tokens; ours and MMaDA-Parallel-M) or dimoo (model/layout_dimoo.py:
+    system/user tags, a newline per image row; MMaDA-Parallel-A). prepare_sft sets it from the vocabulary."""
+    image_grid: tuple[int, int] | None = None
+    """(h, w) image code grid; prepare_sft sets it from the image tokenizer (the dimoo layout needs it)."""
+    prompt_ids: dict | None = None
+    """dimoo: ids of the instruction tags and the edit / generate system prompts (dimoo_prompt_ids)."""
 
     def __post_init__(self):
+        if self.layout not in LAYOUTS:
+            raise ValueError(f"SequenceConfig.layout={self.layout!r}; choose one of {LAYOUTS}")
+        if self.image_grid is not None:
+            object.__setattr__(self, "image_grid", tuple(int(v) for v in self.image_grid))
+        if self.layout == "dimoo" and (self.image_grid is None or not self.prompt_ids):
+            raise ValueError("SequenceConfig(layout='dimoo') needs image_grid and prompt_ids (set by prepare_sft)")
         if self.text_tokens < 2:
             raise ValueError(f"SequenceConfig.text_tokens={self.text_tokens}; need room for a trace and its <eos>")
         if self.instruction_tokens < 0:
@@ -97,17 +111,53 @@ def pad_instruction(ids: list[int] | None, seq: SequenceConfig, vocab: Vocab) ->
     return ids + [vocab.eos_id] * (max(seq.instruction_tokens - len(ids), 0))
 
 
+def output_shape(seq: SequenceConfig, output_len: int | None = None):
+    """The output part's shape: model.layout.OutputShape, or DimooOutputShape for the dimoo layout.
+    Without seq.image_grid the M layout's image length is read off an output part's length."""
+    if seq.layout == "dimoo":
+        from model.layout_dimoo import DimooOutputShape
+
+        return DimooOutputShape(grid=seq.image_grid, text_tokens=seq.text_tokens)
+    n = seq.image_grid[0] * seq.image_grid[1] if seq.image_grid else output_len - seq.text_tokens - 3
+    return OutputShape(image_tokens=n, text_tokens=seq.text_tokens)
+
+
+def dimoo_prompt_ids(tokenizer) -> dict:
+    """The dimoo layout's instruction pieces, tokenised once (stored in SequenceConfig.prompt_ids)."""
+    from model import layout_dimoo as A
+
+    tags = A.PromptTags.from_encoder(tokenizer.encode)
+    return {"system_open": list(tags.system_open), "system_close": list(tags.system_close),
+            "user_open": list(tags.user_open), "user_close": list(tags.user_close),
+            "edit": tokenizer.encode(A.EDIT_SYSTEM_PROMPT), "generate": tokenizer.encode(A.GEN_SYSTEM_PROMPT)}
+
+
 def build_prompt(vocab: Vocab, seq: SequenceConfig, input_codes: list[int] | None, instruction: list[int] | None,
                  drop_instruction: bool = False, drop_image: bool = False) -> list[int]:
     """The prompt of one sample; the drop flags build the CFG / conditioning-dropout variants.
 
-    Editing (input_codes given): drop_instruction keeps the image and pads an empty instruction,
-    drop_image removes the input image. Generation: drop_instruction gives the empty prompt.
+    Editing (input_codes given): drop_instruction keeps the image and pads an empty instruction
+    (dimoo: <uncondition> in place of the user text), drop_image removes the input image.
+    Generation: drop_instruction gives the empty prompt.
     """
+    if seq.layout == "dimoo":
+        return _dimoo_prompt(vocab, seq, input_codes, None if drop_instruction else instruction, drop_image)
     text = pad_instruction(None if drop_instruction else instruction, seq, vocab)
     if input_codes is None:
         return generation_prompt(vocab, text)
     return edit_prompt(vocab, None if drop_image else input_codes, text)
+
+
+def _dimoo_prompt(vocab: Vocab, seq: SequenceConfig, input_codes, user_ids, drop_image: bool) -> list[int]:
+    from model import layout_dimoo as A
+
+    p, ids = seq.prompt_ids, A.ids_for(vocab)
+    tags = A.PromptTags(*(tuple(p[k]) for k in ("system_open", "system_close", "user_open", "user_close")))
+    system = p["edit"] if input_codes is not None else p["generate"]
+    instruction = A.instruction_ids(tags, system, None if user_ids is None else list(user_ids), ids)
+    if input_codes is None:
+        return A.generation_prompt(instruction)
+    return A.edit_prompt(instruction, None if drop_image else input_codes, seq.image_grid, ids)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -149,7 +199,8 @@ def tokenise_rows(rows: list[dict], texts: list[str | None], tokenizer, image_to
         texts: one trace per row (pick_traces), None when the row has none.
         tokenizer: TextTokenizer (encode(str) -> ids). image_tokenizer: PatchVQ-like (encode uint8 -> codes).
     """
-    shape = OutputShape(image_tokens=image_tokenizer.grid[0] * image_tokenizer.grid[1], text_tokens=seq.text_tokens)
+    shape = output_shape(replace(seq, image_grid=tuple(image_tokenizer.grid)))
+    target = _target_fn(seq.layout, vocab, shape)
     dropped: Counter = Counter()
     keep = []
     for r, text in zip(rows, texts):
@@ -173,8 +224,18 @@ def tokenise_rows(rows: list[dict], texts: list[str | None], tokenizer, image_to
         kind=["edit" if c is not None else "generate" for c in in_codes],
         category=[r.get("category") or "" for r, _, _ in keep], split=[r.get("split") or "" for r, _, _ in keep],
         input_codes=in_codes, instruction=[instr for _, _, instr in keep],
-        output=[output_target(vocab, shape, oc, trace) for (_, trace, _), oc in zip(keep, out_codes)],
+        output=[target(oc, trace) for (_, trace, _), oc in zip(keep, out_codes)],
         dropped={k: dropped.get(k, 0) for k in DROP_REASONS})
+
+
+def _target_fn(layout: str, vocab: Vocab, shape):
+    """(image codes, trace ids) -> clean output part in the layout (the dimoo one ends with </answer>)."""
+    if layout == "dimoo":
+        from model import layout_dimoo as A
+
+        ids = A.ids_for(vocab)
+        return lambda codes, trace: A.output_target(shape, codes, list(trace) + [vocab.eos_id], ids)
+    return lambda codes, trace: output_target(vocab, shape, codes, trace)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -318,7 +379,7 @@ def epoch_batches(data: TokenisedSet, vocab: Vocab, seq: SequenceConfig, batch_s
     if batch_size < 1 or len(data) // world_size < batch_size:
         raise ValueError(f"batch_size={batch_size} needs at least {batch_size * world_size} samples for "
                          f"world_size={world_size}, have {len(data)}; lower batch_size or add data")
-    shape = OutputShape(image_tokens=len(data.output[0]) - seq.text_tokens - 3, text_tokens=seq.text_tokens)
+    shape = output_shape(seq, len(data.output[0]))
     drop_instr, drop_img = dropout_flags(len(data), cond_dropout, epoch, seed)
     order = epoch_order(len(data), epoch, seed, rank, world_size)
     for start in range(0, len(order) - batch_size + 1, batch_size):

@@ -14,13 +14,13 @@ import torch
 from model.layout import IMAGE, TEXT, OutputShape, collate, output_regions
 from model.sampling import SamplerConfig, generate
 from model.tokens import Vocab
-from tasks.sft_data import SequenceConfig, TokenisedSet, build_prompt
+from tasks.sft_data import SequenceConfig, TokenisedSet, build_prompt, output_shape
 
 MASK_RATIOS = (0.25, 0.5, 0.75)
 
 
 def _shape(data: TokenisedSet, seq: SequenceConfig) -> OutputShape:
-    return OutputShape(image_tokens=len(data.output[0]) - seq.text_tokens - 3, text_tokens=seq.text_tokens)
+    return output_shape(seq, len(data.output[0]))
 
 
 @torch.no_grad()

@@ -20,7 +20,7 @@ import torch
 from model.layout import IMAGE, TEXT, OutputShape, output_regions
 from model.sampling import SamplerConfig, generate
 from model.tokens import Vocab
-from tasks.sft_data import SequenceConfig, TokenisedSet, build_prompt
+from tasks.sft_data import SequenceConfig, TokenisedSet, build_prompt, output_shape
 from tasks.toy import parse_image, render, sample_tasks, text_correct, text_image_agreement, write_trace
 from tasks.toy.scene import Scene, ToyPreset, parse_description
 
@@ -101,7 +101,7 @@ def generate_outputs(model, data: TokenisedSet, vocab: Vocab, seq: SequenceConfi
 
 
 def _shape(data: TokenisedSet, seq: SequenceConfig) -> OutputShape:
-    return OutputShape(image_tokens=len(data.output[0]) - seq.text_tokens - 3, text_tokens=seq.text_tokens)
+    return output_shape(seq, len(data.output[0]))
 
 
 def decode_outputs(tokens: torch.Tensor, shape: OutputShape, vocab: Vocab, tokenizer,
