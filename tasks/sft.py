@@ -274,7 +274,7 @@ def prepare_sft(root: str, dataset: str, out: str, recipe: dict, init_from: str 
     vq_dir = image_tokenizer_dir or (os.path.join(init_from, "image_tokenizer") if init_from else None)
     if not vq_dir or not os.path.isdir(vq_dir):
         raise ValueError(f"no image tokenizer folder ({vq_dir!r}); set the recipe's image_tokenizer to a folder "
-                         f"or 'fit'")
+                         f"(MMaDA-Parallel-M: --image-tokenizer /path/to/magvitv2) or 'fit'")
     if os.path.isdir(os.path.join(vq_dir, "vqvae")):  # a released A folder: only its VQ travels with checkpoints
         vq_dir = os.path.join(vq_dir, "vqvae")
     vq = open_image_tokenizer(vq_dir)
@@ -365,7 +365,7 @@ def evaluate_heldout(checkpoint: str, root: str, dataset: str, run_id: str, reci
                                recipe.get("eval_per_category", 32))
     if len(data) == 0:
         return {"skipped": f"every {split} sample was dropped ({data.dropped})", "split": split}
-    metrics = {"split": split, "samples": len(data), **heldout_loss(model, data, vocab, seq)}
+    metrics = {"split": split, "samples": len(data), "dropped": data.dropped, **heldout_loss(model, data, vocab, seq)}
     if recipe.get("eval_clip"):
         images, texts = sample_outputs(model, data, vocab, seq, tok, vq, SamplerConfig(**recipe["sampler"]),
                                        n=len(data))
