@@ -99,7 +99,8 @@ def test_photos_through_magvit2_sft_and_generate(tmp_path, prefect_harness, caps
     assert -1 <= held["clip_alignment"] <= 1 and held["clip_pairs"] == held["samples"]
     ckpt = os.path.join(out, "checkpoints", "sft-mine", "final")
     cfg = json.load(open(os.path.join(ckpt, "config.json")))
-    assert cfg["parapipe_sequence"] == {"text_tokens": 48, "instruction_tokens": 12}
+    assert cfg["parapipe_sequence"] == {"text_tokens": 48, "instruction_tokens": 12, "layout": "mmada",
+                                        "image_grid": [4, 4], "prompt_ids": None}
     assert json.load(open(os.path.join(ckpt, "image_tokenizer", "config.json")))["_class_name"] == "MAGVITv2"
     # the generic recipe trained every row (no toy category filter) except the too-long traces
     train = torch.load(os.path.join(out, "data", "train.pt"), weights_only=False)
