@@ -6,6 +6,8 @@ over several seeds, and scores the final policy on the same held-out val tasks (
   output-k3-clip  the final output's reward credited at the same 3 steps (Table 4's output-level RL)
   traj-k{1,2,5}-clip  other K (Table 5; K = 1 is the final step only)
   traj-k3-exact   the exact toy agreement as the reward instead of CLIP
+  traj-k3-clip-step  credit only the tokens decoded at each sampled step (the literal Eq. 3 reading)
+Every other arm credits the window (s_{k-1}, s_k] (RLConfig.credit = "window").
 Prints held-out text-image agreement / exact image / text correct (mean and spread over seeds)
 next to the SFT starting point, and per-role throughput: rollouts/s, reward pairs/s, learner
 tokens/s and the share of each round's wall time per role.
@@ -30,6 +32,7 @@ ARMS = {
     "traj-k2-clip": dict(sampled_steps=2, reward_mode="trajectory", reward="clip"),
     "traj-k5-clip": dict(sampled_steps=5, reward_mode="trajectory", reward="clip"),
     "traj-k3-exact": dict(sampled_steps=3, reward_mode="trajectory", reward="exact"),
+    "traj-k3-clip-step": dict(sampled_steps=3, reward_mode="trajectory", reward="clip", credit="step"),
 }
 METRICS = ("agreement", "exact_image", "text_correct")
 
