@@ -129,6 +129,20 @@ def cmd_rl(a) -> None:
     print(json.dumps(out, indent=2, default=str))
 
 
+def cmd_eval(a) -> None:
+    import json
+
+    from flows.evaluate import evaluate
+
+    vlm = json.loads(a.vlm) if a.vlm else None
+    sampler = json.loads(a.sampler) if a.sampler else None
+    out = evaluate(checkpoint=a.checkpoint, benchmark=a.benchmark, root=a.root, run_id=a.run_id, modes=a.modes,
+                   judge=a.judge, seed=a.seed, sampler=sampler, batch_size=a.batch_size, limit=a.limit, vlm=vlm,
+                   columns=json.loads(a.columns) if a.columns else None)
+    counts = {m: r["counts"]["overall"] for m, r in out["results"].items()}
+    print(json.dumps({"items": out["items"], "failures": counts}, indent=2))
+
+
 def cmd_fit_reward(a) -> None:
     import json
 
@@ -252,6 +266,23 @@ def main(argv: list[str] | None = None) -> None:
     rl.add_argument("--reward-workers", type=int, default=1)
     rl.add_argument("--gpu", action="store_true", help="one GPU per rollout actor, 0.25 GPU per reward actor")
     rl.set_defaults(fn=cmd_rl)
+
+    ev = sub.add_parser("eval", help="score a checkpoint on ParaBench's six metrics (toy ParaBench or a local copy)")
+    ev.add_argument("--checkpoint", required=True)
+    ev.add_argument("--benchmark", default="toy-parabench",
+                    help="toy-parabench (300 pinned toy tasks) or a local ParaBench folder (Hugging Face layout)")
+    ev.add_argument("--root", default="data", help="storage root for the benchmark and the evaluation tables")
+    ev.add_argument("--run-id", default="eval")
+    ev.add_argument("--modes", nargs="+", default=["parallel"], choices=("parallel", "sequential"))
+    ev.add_argument("--judge", default="exact", choices=("exact", "vlm"))
+    ev.add_argument("--vlm", default=None, help='JSON: {"base_url": "http://host:8000/v1", "model": "qwen"} for '
+                    "--judge vlm (tasks/judge_vlm.py)")
+    ev.add_argument("--sampler", default=None, help="JSON of SamplerConfig fields (default: the toy recipe's, greedy)")
+    ev.add_argument("--columns", default=None, help="JSON column mapping of a local ParaBench folder")
+    ev.add_argument("--seed", type=int, default=0)
+    ev.add_argument("--batch-size", type=int, default=16)
+    ev.add_argument("--limit", type=int, default=None, help="first N items only (smoke runs)")
+    ev.set_defaults(fn=cmd_eval)
 
     fr = sub.add_parser("fit-reward", help="train the toy world's tiny CLIP reward model (open_clip)")
     fr.add_argument("--out", required=True)

@@ -23,6 +23,8 @@ VERSIONS = {
     "rewards": 2,
     "rl_metrics": 1,
     "eval_results": 1,
+    "eval_outputs": 1,
+    "eval_judgments": 1,
     "runs": 1,
 }
 
@@ -177,6 +179,47 @@ EVAL_RESULTS = _schema("eval_results", [
     _f("time", TIME),
 ])
 
+# One row per (benchmark item, decoding mode, seed) of an evaluation run: the output, kept so judging can be redone.
+EVAL_OUTPUTS = _schema("eval_outputs", [
+    _f("run_id", pa.string(), False),
+    _f("benchmark", pa.string(), False),
+    _f("item_id", pa.string(), False),
+    _f("mode", pa.string(), False),            # "parallel" | "sequential"
+    _f("seed", pa.int64(), False),
+    _f("checkpoint", pa.string(), False),
+    _f("kind", pa.string(), False),            # "edit" | "generate"
+    _f("category", pa.string()),
+    _f("instruction", pa.string()),
+    _f("text", pa.string()),                   # decoded reasoning text
+    _f("image", pa.binary()),                  # PNG; null when the output could not be produced
+    _f("error", pa.string()),                  # why not
+    _f("nfe", pa.int64()),
+    _f("time", TIME),
+])
+
+# One row per (output, judge version): the six ParaBench metrics on 0-100 (null where a metric does not apply).
+EVAL_JUDGMENTS = _schema("eval_judgments", [
+    _f("run_id", pa.string(), False),
+    _f("benchmark", pa.string(), False),
+    _f("item_id", pa.string(), False),
+    _f("mode", pa.string(), False),
+    _f("seed", pa.int64(), False),
+    _f("judge", pa.string(), False),
+    _f("judge_version", pa.string(), False),
+    _f("kind", pa.string(), False),
+    _f("category", pa.string()),
+    _f("text_quality", pa.float64()),
+    _f("text_alignment", pa.float64()),
+    _f("image_consistency", pa.float64()),
+    _f("image_alignment", pa.float64()),
+    _f("image_quality", pa.float64()),
+    _f("output_alignment", pa.float64()),
+    _f("overall", pa.float64()),
+    _f("failed", pa.bool_(), False),
+    _f("reason", pa.string()),
+    _f("time", TIME),
+])
+
 # One row per stage run: what ran, with which config and code, and how long each part took.
 RUNS = _schema("runs", [
     _f("run_id", pa.string(), False),
@@ -197,6 +240,8 @@ TABLES = {
     "rewards": REWARDS,
     "rl_metrics": RL_METRICS,
     "eval_results": EVAL_RESULTS,
+    "eval_outputs": EVAL_OUTPUTS,
+    "eval_judgments": EVAL_JUDGMENTS,
     "runs": RUNS,
 }
 
@@ -210,6 +255,8 @@ KEYS = {
     "rewards": ("run_id", "round", "sample_id", "group_index"),
     "rl_metrics": ("run_id", "round"),
     "eval_results": ("run_id", "checkpoint", "suite", "metric"),
+    "eval_outputs": ("run_id", "benchmark", "item_id", "mode", "seed"),
+    "eval_judgments": ("run_id", "benchmark", "item_id", "mode", "seed", "judge", "judge_version"),
     "runs": ("run_id", "stage"),
 }
 
@@ -218,6 +265,9 @@ CHOICES = {
     ("samples", "kind"): ("edit", "generate"),
     ("samples", "split"): ("train", "val", "test"),
     ("traces", "status"): ("ok", "failed", "filtered"),
+    ("eval_outputs", "mode"): ("parallel", "sequential"),
+    ("eval_outputs", "kind"): ("edit", "generate"),
+    ("eval_judgments", "mode"): ("parallel", "sequential"),
 }
 
 

@@ -58,7 +58,8 @@ def sample(i: int, source: str = "src", split: str = "train") -> dict:
 
 def test_every_table_is_versioned_with_keys_and_choices_in_schema():
     assert set(TABLES) == set(VERSIONS) == set(KEYS) == {
-        "samples", "quarantine", "traces", "train_metrics", "trajectories", "rewards", "rl_metrics", "eval_results", "runs"}
+        "samples", "quarantine", "traces", "train_metrics", "trajectories", "rewards", "rl_metrics", "eval_results",
+        "eval_outputs", "eval_judgments", "runs"}
     for name, schema in TABLES.items():
         assert schema_version(schema) == VERSIONS[name] == (2 if name in ("traces", "trajectories", "rewards") else 1)
         assert schema.metadata[b"parapipe.table"] == name.encode()
@@ -214,7 +215,7 @@ def test_read_output_and_non_rows_are_refused_with_the_fix(tmp_path):
 def test_bad_names_and_versions_fail_with_the_fix(tmp_path):
     with pytest.raises(ValueError, match=r"run 'a/b' is not a valid partition name; use letters, digits"):
         write_rows(str(tmp_path), "samples", [sample(0)], run="a/b")
-    with pytest.raises(ValueError, match=r"unknown table 'sample'; expected one of \['eval_results'"):
+    with pytest.raises(ValueError, match=r"unknown table 'sample'; expected one of \['eval_judgments'"):
         read_table(str(tmp_path), "sample")
     write_rows(str(tmp_path), "samples", [sample(0)], run="r")
     path = tmp_path / "samples" / "run=r" / "_manifest.json"

@@ -1,0 +1,158 @@
+"""`evaluate`: a checkpoint on a benchmark, ParaBench's six metrics, a Table 2 report.
+
+benchmark (the pinned toy ParaBench, stored once under the root; or a local ParaBench folder) ->
+per decoding mode: outputs (kept in eval_outputs; a re-run samples only what is missing, so judging
+can be redone without resampling) -> judgments (eval_judgments, keyed by judge version) ->
+aggregates by metric and category / kind (eval_results) -> a table artifact in the paper's Table 2
+layout with its published rows beside ours.
+"""
+import datetime as dt
+import json
+import os
+
+from prefect import flow, task
+from prefect.artifacts import create_markdown_artifact
+
+from tasks.judges import METRICS, EvalOutput
+
+TOY_BENCHMARK = "toy-parabench"
+
+
+@task(name="load-benchmark")
+def load_benchmark(root: str, benchmark: str, preset: str = "tiny", columns: dict | None = None) -> list:
+    """toy-parabench (built once with the pinned seed, then read back) or a local ParaBench folder."""
+    from tasks.parabench import build_toy_parabench, read_benchmark, read_parabench, write_benchmark
+
+    if benchmark == TOY_BENCHMARK:
+        try:
+            return read_benchmark(root, benchmark)
+        except FileNotFoundError:
+            write_benchmark(root, benchmark, build_toy_parabench(preset))
+            return read_benchmark(root, benchmark)
+    if os.path.isdir(benchmark):
+        return read_parabench(benchmark, columns)
+    raise ValueError(f"benchmark={benchmark!r} is neither {TOY_BENCHMARK!r} nor a local ParaBench folder; "
+                     f"download tyfeld/ParaBench to a folder and pass its path")
+
+
+def _bench_name(benchmark: str) -> str:
+    return benchmark if benchmark == TOY_BENCHMARK else os.path.basename(os.path.normpath(benchmark))
+
+
+@task(name="sample-outputs")
+def sample_outputs(checkpoint: str, items: list, root: str, run_id: str, bench: str, mode: str, seed: int,
+                   sampler: dict, batch_size: int) -> list:
+    """Outputs for every item in this mode; those already stored for (run, mode, seed) are reused."""
+    import pyarrow.compute as pc
+
+    from model.sampling import SamplerConfig
+    from storage.parquet import read_table, write_rows
+    from tasks.evaluate import sample_items
+
+    tbl = read_table(root, "eval_outputs", run=run_id, filter=(pc.field("mode") == mode) &
+                     (pc.field("seed") == seed) & (pc.field("benchmark") == bench))
+    have = {r["item_id"]: EvalOutput(r["item_id"], r["text"] or "", r["image"], r["error"]) for r in tbl.to_pylist()}
+    todo = [i for i in items if i.item_id not in have]
+    if todo:
+        cfg = SamplerConfig(**{**sampler, "mode": mode})
+        outs, nfe = sample_items(checkpoint, todo, cfg, seed=seed, batch_size=batch_size)
+        now = dt.datetime.now(dt.timezone.utc)
+        write_rows(root, "eval_outputs", [
+            {"run_id": run_id, "benchmark": bench, "item_id": o.item_id, "mode": mode, "seed": seed,
+             "checkpoint": checkpoint, "kind": i.kind, "category": i.category, "instruction": i.instruction,
+             "text": o.text, "image": o.image, "error": o.error, "nfe": n, "time": now}
+            for i, o, n in zip(todo, outs, nfe)], run=run_id)
+        have.update({o.item_id: o for o in outs})
+    print(f"{mode}: {len(items) - len(todo)} outputs reused, {len(todo)} sampled")
+    return [have[i.item_id] for i in items]
+
+
+@task(name="judge-outputs")
+def judge_outputs(items: list, outputs: list, judge_name: str, root: str, run_id: str, bench: str, mode: str,
+                  seed: int, vlm: dict | None) -> list:
+    from storage.parquet import write_rows
+
+    judge = _judge(judge_name, items, vlm)
+    judgments = judge.judge(items, outputs)
+    now = dt.datetime.now(dt.timezone.utc)
+    write_rows(root, "eval_judgments", [
+        {"run_id": run_id, "benchmark": bench, "item_id": i.item_id, "mode": mode, "seed": seed, "judge": j.judge,
+         "judge_version": j.version, "kind": i.kind, "category": i.category,
+         **{m: j.scores.get(m) for m in METRICS}, "overall": _overall(j), "failed": j.failed, "reason": j.reason,
+         "time": now} for i, j in zip(items, judgments)], run=run_id)
+    failed = sum(j.failed for j in judgments)
+    print(f"{mode}: judged {len(judgments)} outputs with {judge.name} v{judge.version}; {failed} failed")
+    return judgments
+
+
+def _overall(j) -> float | None:
+    from tasks.judges import overall
+
+    return None if j.failed else overall(j.scores)
+
+
+def _judge(name: str, items: list, vlm: dict | None):
+    if name == "exact":
+        from tasks.judge_exact import ExactToyJudge
+
+        presets = {i.extra.get("preset") for i in items}
+        if None in presets or len(presets) != 1:
+            raise ValueError("judge='exact' scores toy-world items only; use judge='vlm' on other benchmarks")
+        return ExactToyJudge(presets.pop())
+    if name == "vlm":
+        from tasks.judge_vlm import VLMJudge
+
+        if not vlm:
+            raise ValueError("judge='vlm' needs vlm={'base_url': ..., 'model': ...} (any OpenAI-compatible server)")
+        return VLMJudge(**vlm)
+    raise ValueError(f"judge={name!r}; choose 'exact' (toy world) or 'vlm' (OpenAI-compatible server)")
+
+
+def table2_markdown(rows: dict, title: str) -> str:
+    """The paper's Table 2 layout: ours (one row per mode) under its published rows."""
+    from tasks.evaluate import PAPER_TABLE2
+
+    head = "| model | " + " | ".join(m.replace("_", " ") for m in METRICS) + " | overall |"
+    lines = [f"# {title}", "", head, "|---" * (len(METRICS) + 2) + "|"]
+    fmt = lambda v: "–" if v is None else f"{v:.1f}"  # noqa: E731
+    for name, vals in rows.items():
+        lines.append(f"| **{name}** | " + " | ".join(fmt(vals.get(m)) for m in (*METRICS, "overall")) + " |")
+    for name, vals in PAPER_TABLE2.items():
+        lines.append(f"| {name} (paper, real ParaBench) | " + " | ".join(f"{v:.1f}" for v in vals) + " |")
+    return "\n".join(lines)
+
+
+@flow(name="evaluate", log_prints=True)
+def evaluate(checkpoint: str, benchmark: str = TOY_BENCHMARK, root: str = "data", run_id: str = "eval",
+             modes: list[str] = ("parallel",), judge: str = "exact", seed: int = 0, sampler: dict | None = None,
+             batch_size: int = 16, limit: int | None = None, vlm: dict | None = None,
+             columns: dict | None = None) -> dict:
+    if not os.path.isfile(os.path.join(checkpoint, "config.json")):
+        raise ValueError(f"checkpoint={checkpoint!r} is not a checkpoint folder (no config.json)")
+    bad = [m for m in modes if m not in ("parallel", "sequential")]
+    if bad:
+        raise ValueError(f"modes={list(modes)}: {bad} unknown; use parallel and/or sequential")
+    from storage.parquet import write_rows
+    from tasks.evaluate import aggregate
+
+    items = load_benchmark(root, benchmark, columns=columns)[:limit]
+    bench = _bench_name(benchmark)
+    sampler = sampler or {"steps": 20, "image_steps": 10, "text_block_length": 1 << 30, "text_temperature": 0.0,
+                          "image_temperature": 0.0, "image_noise": 0.0}
+    report, results = {}, {}
+    for mode in modes:
+        outputs = sample_outputs(checkpoint, items, root, run_id, bench, mode, seed, sampler, batch_size)
+        judgments = judge_outputs(items, outputs, judge, root, run_id, bench, mode, seed, vlm)
+        agg = aggregate(items, outputs, judgments)
+        results[mode] = agg
+        report[f"{os.path.basename(os.path.dirname(checkpoint)) or checkpoint} ({mode})"] = agg["table"]["overall"]
+        write_rows(root, "eval_results", [
+            {"run_id": run_id, "checkpoint": checkpoint, "step": None, "suite": f"{bench}/{judge}/{mode}",
+             "metric": f"{m}/{g}", "value": v, "num_samples": agg["counts"][g]["items"]}
+            for g, vals in agg["table"].items() for m, v in vals.items() if v is not None], run=run_id)
+    md = table2_markdown(report, f"{bench}: {checkpoint} ({judge} judge, seed {seed}, {len(items)} items)")
+    counts = {mode: r["counts"]["overall"] for mode, r in results.items()}
+    create_markdown_artifact(md + f"\n\nfailures: `{json.dumps(counts)}`",
+                             key="eval-" + "".join(c if c.isalnum() else "-" for c in run_id.lower())[:90])
+    print(md)
+    return {"items": len(items), "results": results, "markdown": md}
