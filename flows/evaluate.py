@@ -72,8 +72,12 @@ def judge_outputs(items: list, outputs: list, judge_name: str, root: str, run_id
                   seed: int, vlm: dict | None) -> list:
     from storage.parquet import write_rows
 
+    import time
+
     judge = _judge(judge_name, items, vlm)
+    t0 = time.perf_counter()
     judgments = judge.judge(items, outputs)
+    seconds = time.perf_counter() - t0
     now = dt.datetime.now(dt.timezone.utc)
     write_rows(root, "eval_judgments", [
         {"run_id": run_id, "benchmark": bench, "item_id": i.item_id, "mode": mode, "seed": seed, "judge": j.judge,
@@ -81,7 +85,8 @@ def judge_outputs(items: list, outputs: list, judge_name: str, root: str, run_id
          **{m: j.scores.get(m) for m in METRICS}, "overall": _overall(j), "failed": j.failed, "reason": j.reason,
          "time": now} for i, j in zip(items, judgments)], run=run_id)
     failed = sum(j.failed for j in judgments)
-    print(f"{mode}: judged {len(judgments)} outputs with {judge.name} v{judge.version}; {failed} failed")
+    print(f"{mode}: judged {len(judgments)} outputs with {judge.name} v{judge.version} in {seconds:.2f} s "
+          f"({len(judgments) / max(seconds, 1e-9):.0f} samples/s); {failed} failed")
     return judgments
 
 
