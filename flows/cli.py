@@ -134,10 +134,10 @@ def cmd_eval(a) -> None:
 
     from flows.evaluate import evaluate
 
-    vlm = json.loads(a.vlm) if a.vlm else None
     sampler = json.loads(a.sampler) if a.sampler else None
     out = evaluate(checkpoint=a.checkpoint, benchmark=a.benchmark, root=a.root, run_id=a.run_id, modes=a.modes,
-                   judge=a.judge, seed=a.seed, sampler=sampler, batch_size=a.batch_size, limit=a.limit, vlm=vlm,
+                   judge=a.judge, seed=a.seed, sampler=sampler, batch_size=a.batch_size, limit=a.limit,
+                   judge_args=json.loads(a.judge_args) if a.judge_args else None,
                    columns=json.loads(a.columns) if a.columns else None)
     counts = {m: r["counts"]["overall"] for m, r in out["results"].items()}
     print(json.dumps({"items": out["items"], "failures": counts}, indent=2))
@@ -274,9 +274,9 @@ def main(argv: list[str] | None = None) -> None:
     ev.add_argument("--root", default="data", help="storage root for the benchmark and the evaluation tables")
     ev.add_argument("--run-id", default="eval")
     ev.add_argument("--modes", nargs="+", default=["parallel"], choices=("parallel", "sequential"))
-    ev.add_argument("--judge", default="exact", choices=("exact", "vlm"))
-    ev.add_argument("--vlm", default=None, help='JSON: {"base_url": "http://host:8000/v1", "model": "qwen"} for '
-                    "--judge vlm (tasks/judge_vlm.py)")
+    ev.add_argument("--judge", default="exact", choices=("exact", "vlm", "clip"))
+    ev.add_argument("--judge-args", default=None, help='JSON: vlm {"base_url": "http://host:8000/v1", "model": '
+                    '"qwen", ...} (tasks/judge_vlm.py); clip {"clip_folder": DIR} or {"model_name", "pretrained"}')
     ev.add_argument("--sampler", default=None, help="JSON of SamplerConfig fields (default: the toy recipe's, greedy)")
     ev.add_argument("--columns", default=None, help="JSON column mapping of a local ParaBench folder")
     ev.add_argument("--seed", type=int, default=0)

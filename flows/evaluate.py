@@ -69,12 +69,12 @@ def sample_outputs(checkpoint: str, items: list, root: str, run_id: str, bench: 
 
 @task(name="judge-outputs")
 def judge_outputs(items: list, outputs: list, judge_name: str, root: str, run_id: str, bench: str, mode: str,
-                  seed: int, vlm: dict | None) -> list:
+                  seed: int, judge_args: dict | None) -> list:
     from storage.parquet import write_rows
 
     import time
 
-    judge = _judge(judge_name, items, vlm)
+    judge = _judge(judge_name, items, judge_args)
     t0 = time.perf_counter()
     judgments = judge.judge(items, outputs)
     seconds = time.perf_counter() - t0
@@ -96,7 +96,7 @@ def _overall(j) -> float | None:
     return None if j.failed else overall(j.scores)
 
 
-def _judge(name: str, items: list, vlm: dict | None):
+def _judge(name: str, items: list, args: dict | None):
     if name == "exact":
         from tasks.judge_exact import ExactToyJudge
 
@@ -107,10 +107,16 @@ def _judge(name: str, items: list, vlm: dict | None):
     if name == "vlm":
         from tasks.judge_vlm import VLMJudge
 
-        if not vlm:
-            raise ValueError("judge='vlm' needs vlm={'base_url': ..., 'model': ...} (any OpenAI-compatible server)")
-        return VLMJudge(**vlm)
-    raise ValueError(f"judge={name!r}; choose 'exact' (toy world) or 'vlm' (OpenAI-compatible server)")
+        if not args:
+            raise ValueError("judge='vlm' needs judge_args={'base_url': ..., 'model': ...} (any OpenAI-compatible "
+                             "server)")
+        return VLMJudge(**args)
+    if name == "clip":
+        from tasks.judge_clip import ClipProxyJudge
+
+        return ClipProxyJudge(**(args or {}))
+    raise ValueError(f"judge={name!r}; choose 'exact' (toy world), 'vlm' (OpenAI-compatible server) or 'clip' "
+                     f"(CLIP-score proxies)")
 
 
 def table2_markdown(rows: dict, title: str) -> str:
@@ -130,7 +136,7 @@ def table2_markdown(rows: dict, title: str) -> str:
 @flow(name="evaluate", log_prints=True)
 def evaluate(checkpoint: str, benchmark: str = TOY_BENCHMARK, root: str = "data", run_id: str = "eval",
              modes: list[str] = ("parallel",), judge: str = "exact", seed: int = 0, sampler: dict | None = None,
-             batch_size: int = 16, limit: int | None = None, vlm: dict | None = None,
+             batch_size: int = 16, limit: int | None = None, judge_args: dict | None = None,
              columns: dict | None = None) -> dict:
     if not os.path.isfile(os.path.join(checkpoint, "config.json")):
         raise ValueError(f"checkpoint={checkpoint!r} is not a checkpoint folder (no config.json)")
@@ -147,7 +153,7 @@ def evaluate(checkpoint: str, benchmark: str = TOY_BENCHMARK, root: str = "data"
     report, results = {}, {}
     for mode in modes:
         outputs = sample_outputs(checkpoint, items, root, run_id, bench, mode, seed, sampler, batch_size)
-        judgments = judge_outputs(items, outputs, judge, root, run_id, bench, mode, seed, vlm)
+        judgments = judge_outputs(items, outputs, judge, root, run_id, bench, mode, seed, judge_args)
         agg = aggregate(items, outputs, judgments)
         results[mode] = agg
         report[f"{os.path.basename(os.path.dirname(checkpoint)) or checkpoint} ({mode})"] = agg["table"]["overall"]

@@ -73,3 +73,29 @@ def test_aggregate_counts_model_failures_as_zero_and_leaves_judge_failures_out()
     assert row["text_quality"] == 50.0 and row["image_consistency"] == 100.0  # b has no consistency (generation)
     assert agg["table"]["kind:generate"]["text_quality"] == 0.0 and "kind:edit" in agg["table"]
     assert abs(row["overall"] - sum(row[m] for m in METRICS) / 6) < 1e-9
+
+
+def test_clip_proxy_judge_scores_three_metrics_and_fails_missing_outputs(tmp_path):
+    import open_clip
+
+    from rl.reward import TINY_CLIP_CONFIG, register_tiny_clip, save_clip_folder
+    from tasks.judge_clip import ClipProxyJudge
+    from tasks.parabench import build_toy_parabench
+
+    name = register_tiny_clip(str(tmp_path / "clip-config"))
+    torch.manual_seed(0)
+    folder = save_clip_folder(str(tmp_path / "clip"), open_clip.create_model(name), name, TINY_CLIP_CONFIG)
+    bench = build_toy_parabench()
+    items = bench[:3] + bench[-2:]  # edits, then generations
+    outputs = [EvalOutput(i.item_id, i.reference_text, i.target_image) for i in items[:4]]
+    outputs.append(EvalOutput(items[4].item_id, "", None, error="too long"))
+    got = ClipProxyJudge(clip_folder=folder).judge(items, outputs)
+    assert [j.failed for j in got] == [False] * 4 + [True] and got[4].reason == "too long"
+    for i, j in zip(items[:4], got):
+        for m in ("text_alignment", "image_alignment", "output_alignment"):
+            assert 0 <= j.scores[m] <= 100
+        assert j.scores["text_quality"] is None and j.scores["image_quality"] is None
+        assert (j.scores["image_consistency"] is None) == (i.kind == "generate")
+    # the output image equal to the input scores full consistency
+    same = ClipProxyJudge(clip_folder=folder).judge(items[:1], [EvalOutput(items[0].item_id, "x", items[0].input_image)])
+    assert abs(same[0].scores["image_consistency"] - 100.0) < 1e-3
