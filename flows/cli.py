@@ -137,10 +137,10 @@ def cmd_eval(a) -> None:
     sampler = json.loads(a.sampler) if a.sampler else None
     out = evaluate(checkpoint=a.checkpoint, benchmark=a.benchmark, root=a.root, run_id=a.run_id, modes=a.modes,
                    judge=a.judge, seed=a.seed, sampler=sampler, batch_size=a.batch_size, limit=a.limit,
-                   judge_args=json.loads(a.judge_args) if a.judge_args else None,
+                   judge_args=json.loads(a.judge_args) if a.judge_args else None, report_dir=a.report_dir,
                    columns=json.loads(a.columns) if a.columns else None)
     counts = {m: r["counts"]["overall"] for m, r in out["results"].items()}
-    print(json.dumps({"items": out["items"], "failures": counts}, indent=2))
+    print(json.dumps({"items": out["items"], "failures": counts, "reports": out["reports"]}, indent=2))
 
 
 def cmd_fit_reward(a) -> None:
@@ -282,6 +282,7 @@ def main(argv: list[str] | None = None) -> None:
     ev.add_argument("--seed", type=int, default=0)
     ev.add_argument("--batch-size", type=int, default=16)
     ev.add_argument("--limit", type=int, default=None, help="first N items only (smoke runs)")
+    ev.add_argument("--report-dir", default=None, help="where the PNG sample grids and chart go (default runs/eval/RUN_ID)")
     ev.set_defaults(fn=cmd_eval)
 
     fr = sub.add_parser("fit-reward", help="train the toy world's tiny CLIP reward model (open_clip)")

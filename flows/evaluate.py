@@ -119,6 +119,17 @@ def _judge(name: str, items: list, args: dict | None):
                      f"(CLIP-score proxies)")
 
 
+def write_grid(items: list, outputs: list, judgments: list, path: str, n: int) -> str:
+    """The first n items per kind (edits, then generations) as a PNG grid of sample outputs."""
+    from tasks.eval_report import sample_grid
+
+    pick = [k for kind in ("edit", "generate") for k in [i for i, it in enumerate(items) if it.kind == kind][:n // 2]]
+    rows = [{"instruction": items[k].instruction, "input_image": items[k].input_image,
+             "output_image": outputs[k].image, "target_image": items[k].target_image, "text": outputs[k].text,
+             "scores": judgments[k].scores, "failed": judgments[k].failed, "reason": judgments[k].reason} for k in pick]
+    return sample_grid(rows, path)
+
+
 def table2_markdown(rows: dict, title: str) -> str:
     """The paper's Table 2 layout: ours (one row per mode) under its published rows."""
     from tasks.evaluate import PAPER_TABLE2
@@ -137,7 +148,7 @@ def table2_markdown(rows: dict, title: str) -> str:
 def evaluate(checkpoint: str, benchmark: str = TOY_BENCHMARK, root: str = "data", run_id: str = "eval",
              modes: list[str] = ("parallel",), judge: str = "exact", seed: int = 0, sampler: dict | None = None,
              batch_size: int = 16, limit: int | None = None, judge_args: dict | None = None,
-             columns: dict | None = None) -> dict:
+             columns: dict | None = None, report_dir: str | None = None, grid_items: int = 12) -> dict:
     if not os.path.isfile(os.path.join(checkpoint, "config.json")):
         raise ValueError(f"checkpoint={checkpoint!r} is not a checkpoint folder (no config.json)")
     bad = [m for m in modes if m not in ("parallel", "sequential")]
@@ -151,9 +162,13 @@ def evaluate(checkpoint: str, benchmark: str = TOY_BENCHMARK, root: str = "data"
     sampler = sampler or {"steps": 20, "image_steps": 10, "text_block_length": 1 << 30, "text_temperature": 0.0,
                           "image_temperature": 0.0, "image_noise": 0.0}
     report, results = {}, {}
+    report_dir = report_dir or os.path.join("runs", "eval", run_id)
+    os.makedirs(report_dir, exist_ok=True)
+    pngs = []
     for mode in modes:
         outputs = sample_outputs(checkpoint, items, root, run_id, bench, mode, seed, sampler, batch_size)
         judgments = judge_outputs(items, outputs, judge, root, run_id, bench, mode, seed, judge_args)
+        pngs.append(write_grid(items, outputs, judgments, os.path.join(report_dir, f"samples-{mode}.png"), grid_items))
         agg = aggregate(items, outputs, judgments)
         results[mode] = agg
         report[f"{os.path.basename(os.path.dirname(checkpoint)) or checkpoint} ({mode})"] = agg["table"]["overall"]
@@ -162,8 +177,12 @@ def evaluate(checkpoint: str, benchmark: str = TOY_BENCHMARK, root: str = "data"
              "metric": f"{m}/{g}", "value": v, "num_samples": agg["counts"][g]["items"]}
             for g, vals in agg["table"].items() for m, v in vals.items() if v is not None], run=run_id)
     md = table2_markdown(report, f"{bench}: {checkpoint} ({judge} judge, seed {seed}, {len(items)} items)")
+    from tasks.eval_report import metric_chart
+
+    pngs.append(metric_chart(report, os.path.join(report_dir, "metrics.png"), f"{bench} ({judge} judge)"))
+    md += "\n\nreport files: " + ", ".join(f"`{os.path.abspath(p)}`" for p in pngs)
     counts = {mode: r["counts"]["overall"] for mode, r in results.items()}
     create_markdown_artifact(md + f"\n\nfailures: `{json.dumps(counts)}`",
                              key="eval-" + "".join(c if c.isalnum() else "-" for c in run_id.lower())[:90])
     print(md)
-    return {"items": len(items), "results": results, "markdown": md}
+    return {"items": len(items), "results": results, "markdown": md, "reports": pngs}
