@@ -135,7 +135,7 @@ def cmd_eval(a) -> None:
     from flows.evaluate import evaluate
 
     sampler = json.loads(a.sampler) if a.sampler else None
-    out = evaluate(checkpoint=a.checkpoint, benchmark=a.benchmark, root=a.root, run_id=a.run_id, modes=a.modes,
+    out = evaluate(checkpoints=a.checkpoint, benchmark=a.benchmark, root=a.root, run_id=a.run_id, modes=a.modes,
                    judge=a.judge, seed=a.seed, sampler=sampler, batch_size=a.batch_size, limit=a.limit,
                    judge_args=json.loads(a.judge_args) if a.judge_args else None, report_dir=a.report_dir,
                    columns=json.loads(a.columns) if a.columns else None)
@@ -268,7 +268,8 @@ def main(argv: list[str] | None = None) -> None:
     rl.set_defaults(fn=cmd_rl)
 
     ev = sub.add_parser("eval", help="score a checkpoint on ParaBench's six metrics (toy ParaBench or a local copy)")
-    ev.add_argument("--checkpoint", required=True)
+    ev.add_argument("--checkpoint", required=True, nargs="+",
+                    help="one or more checkpoint folders, scored side by side (e.g. SFT and ParaRL)")
     ev.add_argument("--benchmark", default="toy-parabench",
                     help="toy-parabench (300 pinned toy tasks) or a local ParaBench folder (Hugging Face layout)")
     ev.add_argument("--root", default="data", help="storage root for the benchmark and the evaluation tables")

@@ -144,45 +144,68 @@ def table2_markdown(rows: dict, title: str) -> str:
     return "\n".join(lines)
 
 
-@flow(name="evaluate", log_prints=True)
-def evaluate(checkpoint: str, benchmark: str = TOY_BENCHMARK, root: str = "data", run_id: str = "eval",
-             modes: list[str] = ("parallel",), judge: str = "exact", seed: int = 0, sampler: dict | None = None,
-             batch_size: int = 16, limit: int | None = None, judge_args: dict | None = None,
-             columns: dict | None = None, report_dir: str | None = None, grid_items: int = 12) -> dict:
-    if not os.path.isfile(os.path.join(checkpoint, "config.json")):
-        raise ValueError(f"checkpoint={checkpoint!r} is not a checkpoint folder (no config.json)")
-    bad = [m for m in modes if m not in ("parallel", "sequential")]
-    if bad:
-        raise ValueError(f"modes={list(modes)}: {bad} unknown; use parallel and/or sequential")
+DEFAULT_SAMPLER = {"steps": 20, "image_steps": 10, "text_block_length": 1 << 30, "text_temperature": 0.0,
+                   "image_temperature": 0.0, "image_noise": 0.0}  # the toy recipe's timeline, greedy
+
+
+def label_of(checkpoint: str) -> str:
+    """A short name: the folder, with its parent when the folder name is generic (final, round-NNNNN)."""
+    parts = os.path.normpath(checkpoint).split(os.sep)
+    generic = parts[-1] == "final" or parts[-1].startswith("round-")
+    return "/".join(parts[-2:]) if generic and len(parts) > 1 else parts[-1]
+
+
+def score_checkpoint(checkpoint: str, items: list, root: str, run_id: str, bench: str, mode: str, seed: int,
+                     sampler: dict, batch_size: int, judge: str, judge_args: dict | None, grid: str, n: int) -> dict:
+    """Outputs -> judgments -> aggregates (written to eval_results) and a sample grid for one checkpoint and mode."""
     from storage.parquet import write_rows
     from tasks.evaluate import aggregate
 
+    outputs = sample_outputs(checkpoint, items, root, run_id, bench, mode, seed, sampler, batch_size)
+    judgments = judge_outputs(items, outputs, judge, root, run_id, bench, mode, seed, judge_args)
+    agg = aggregate(items, outputs, judgments)
+    write_rows(root, "eval_results", [
+        {"run_id": run_id, "checkpoint": checkpoint, "step": None, "suite": f"{bench}/{judge}/{mode}",
+         "metric": f"{m}/{g}", "value": v, "num_samples": agg["counts"][g]["items"]}
+        for g, vals in agg["table"].items() for m, v in vals.items() if v is not None], run=run_id)
+    return {**agg, "grid": write_grid(items, outputs, judgments, grid, n)}
+
+
+@flow(name="evaluate", log_prints=True)
+def evaluate(checkpoints: list[str], benchmark: str = TOY_BENCHMARK, root: str = "data", run_id: str = "eval",
+             modes: list[str] = ("parallel",), judge: str = "exact", seed: int = 0, sampler: dict | None = None,
+             batch_size: int = 16, limit: int | None = None, judge_args: dict | None = None,
+             columns: dict | None = None, report_dir: str | None = None, grid_items: int = 12) -> dict:
+    """Every checkpoint x decoding mode on one benchmark, side by side: the ablations are one call
+    (SFT vs ParaRL checkpoints, trajectory vs output-level runs, K, parallel vs sequential)."""
+    checkpoints = [checkpoints] if isinstance(checkpoints, str) else list(checkpoints)
+    for c in checkpoints:
+        if not os.path.isfile(os.path.join(c, "config.json")):
+            raise ValueError(f"checkpoint {c!r} is not a checkpoint folder (no config.json)")
+    bad = [m for m in modes if m not in ("parallel", "sequential")]
+    if bad:
+        raise ValueError(f"modes={list(modes)}: {bad} unknown; use parallel and/or sequential")
     items = load_benchmark(root, benchmark, columns=columns)[:limit]
-    bench = _bench_name(benchmark)
-    sampler = sampler or {"steps": 20, "image_steps": 10, "text_block_length": 1 << 30, "text_temperature": 0.0,
-                          "image_temperature": 0.0, "image_noise": 0.0}
-    report, results = {}, {}
+    bench, sampler = _bench_name(benchmark), sampler or DEFAULT_SAMPLER
     report_dir = report_dir or os.path.join("runs", "eval", run_id)
     os.makedirs(report_dir, exist_ok=True)
-    pngs = []
-    for mode in modes:
-        outputs = sample_outputs(checkpoint, items, root, run_id, bench, mode, seed, sampler, batch_size)
-        judgments = judge_outputs(items, outputs, judge, root, run_id, bench, mode, seed, judge_args)
-        pngs.append(write_grid(items, outputs, judgments, os.path.join(report_dir, f"samples-{mode}.png"), grid_items))
-        agg = aggregate(items, outputs, judgments)
-        results[mode] = agg
-        report[f"{os.path.basename(os.path.dirname(checkpoint)) or checkpoint} ({mode})"] = agg["table"]["overall"]
-        write_rows(root, "eval_results", [
-            {"run_id": run_id, "checkpoint": checkpoint, "step": None, "suite": f"{bench}/{judge}/{mode}",
-             "metric": f"{m}/{g}", "value": v, "num_samples": agg["counts"][g]["items"]}
-            for g, vals in agg["table"].items() for m, v in vals.items() if v is not None], run=run_id)
-    md = table2_markdown(report, f"{bench}: {checkpoint} ({judge} judge, seed {seed}, {len(items)} items)")
+    results, pngs = {}, []
+    for c in checkpoints:
+        run = run_id if len(checkpoints) == 1 else f"{run_id}-{label_of(c).replace('/', '-')}"
+        for mode in modes:
+            name = f"{label_of(c)} ({mode})"
+            grid = os.path.join(report_dir, f"samples-{label_of(c).replace('/', '-')}-{mode}.png")
+            results[name] = score_checkpoint(c, items, root, run, bench, mode, seed, sampler, batch_size, judge,
+                                             judge_args, grid, grid_items)
+            pngs.append(results[name]["grid"])
     from tasks.eval_report import metric_chart
 
-    pngs.append(metric_chart(report, os.path.join(report_dir, "metrics.png"), f"{bench} ({judge} judge)"))
+    rows = {name: r["table"]["overall"] for name, r in results.items()}
+    pngs.append(metric_chart(rows, os.path.join(report_dir, "metrics.png"), f"{bench} ({judge} judge)"))
+    md = table2_markdown(rows, f"{bench} ({judge} judge, seed {seed}, {len(items)} items)")
     md += "\n\nreport files: " + ", ".join(f"`{os.path.abspath(p)}`" for p in pngs)
-    counts = {mode: r["counts"]["overall"] for mode, r in results.items()}
+    counts = {name: r["counts"]["overall"] for name, r in results.items()}
     create_markdown_artifact(md + f"\n\nfailures: `{json.dumps(counts)}`",
-                             key="eval-" + "".join(c if c.isalnum() else "-" for c in run_id.lower())[:90])
+                             key="eval-" + "".join(ch if ch.isalnum() else "-" for ch in run_id.lower())[:90])
     print(md)
     return {"items": len(items), "results": results, "markdown": md, "reports": pngs}

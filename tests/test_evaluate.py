@@ -37,20 +37,21 @@ def test_evaluate_flow_on_toy_parabench(tmp_path, prefect_harness):
     ckpt = _tiny_checkpoint(str(tmp_path / "ckpt" / "final"), build_toy_parabench())
     sampler = {"steps": 6, "image_steps": 3, "text_block_length": 24, "text_temperature": 0.0,
                "image_temperature": 0.0, "image_noise": 0.0}
-    out = evaluate(checkpoint=ckpt, root=root, run_id="ev", modes=["parallel", "sequential"], sampler=sampler,
+    out = evaluate(checkpoints=[ckpt], root=root, run_id="ev", modes=["parallel", "sequential"], sampler=sampler,
                    limit=40, batch_size=8, report_dir=str(tmp_path / "report"), grid_items=6)
     assert out["items"] == 40
     grid, chart = Image.open(out["reports"][0]), Image.open(out["reports"][-1])
     assert grid.size[1] > 3 * 128 and chart.size[0] > 400  # 3 edits (the limit has no generations) + header
-    assert [os.path.basename(p) for p in out["reports"]] == ["samples-parallel.png", "samples-sequential.png",
-                                                            "metrics.png"]
+    assert [os.path.basename(p) for p in out["reports"]] == ["samples-ckpt-final-parallel.png",
+                                                            "samples-ckpt-final-sequential.png", "metrics.png"]
     outputs = read_table(root, "eval_outputs", run="ev").to_pylist()
     judged = read_table(root, "eval_judgments", run="ev").to_pylist()
     assert len(outputs) == len(judged) == 80 and {o["mode"] for o in outputs} == {"parallel", "sequential"}
     failed = [o for o in outputs if o["error"]]
     assert failed and all("instruction_tokens=12" in o["error"] and o["image"] is None for o in failed)
     assert all(j["failed"] for j in judged if j["item_id"] in {o["item_id"] for o in failed})
-    for mode, res in out["results"].items():  # every item counted; model failures score 0, not skipped
+    assert list(out["results"]) == ["ckpt/final (parallel)", "ckpt/final (sequential)"]
+    for name, res in out["results"].items():  # every item counted; model failures score 0, not skipped
         assert res["counts"]["overall"]["items"] == 40
         assert res["counts"]["overall"]["model_failed"] == len(failed) // 2
         row = res["table"]["overall"]
@@ -59,10 +60,11 @@ def test_evaluate_flow_on_toy_parabench(tmp_path, prefect_harness):
     assert {r["suite"] for r in results} == {"toy-parabench/exact/parallel", "toy-parabench/exact/sequential"}
     assert "GPT-4o (paper, real ParaBench) | 92.5" in out["markdown"]
     # a re-run judges again from the stored outputs without sampling anything
-    again = evaluate(checkpoint=ckpt, root=root, run_id="ev", modes=["parallel"], sampler=sampler, limit=40,
+    again = evaluate(checkpoints=[ckpt], root=root, run_id="ev", modes=["parallel"], sampler=sampler, limit=40,
                      report_dir=str(tmp_path / "report2"))
     assert len(read_table(root, "eval_outputs", run="ev")) == 80
-    assert again["results"]["parallel"]["table"] == out["results"]["parallel"]["table"]
+    key = "ckpt/final (parallel)"
+    assert again["results"][key]["table"] == out["results"][key]["table"]
 
 
 def test_aggregate_counts_model_failures_as_zero_and_leaves_judge_failures_out():
