@@ -93,6 +93,11 @@ def _preset(name: str, **over) -> Recipe:
 
 PRESETS = {
     "toy-tiny": _preset("toy-tiny", categories=TOY_TINY_RECIPE.categories),
+    # the toy world's 10 edit categories and generation (what toy ParaBench asks): room for the longest
+    # toy instruction (35 tokens) and trace; same tiny model and optimiser as toy-tiny
+    "toy-all": _preset("toy-all", categories=None, seq=dict(text_tokens=48, instruction_tokens=40),
+                       sampler=dict(steps=24, image_steps=10, text_block_length=48, text_temperature=0.0,
+                                    image_temperature=0.0, image_noise=0.0)),
     # any dataset: the same tiny model with room for real traces (semi-autoregressive text blocks of 32)
     "small": _preset("small", model={**TOY_TINY_RECIPE.model, "max_sequence_length": 1024},
                      seq=dict(text_tokens=128, instruction_tokens=32),
