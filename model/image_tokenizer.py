@@ -103,6 +103,23 @@ def _check_images(images: torch.Tensor, image_size: tuple[int, int] | None = Non
     return images
 
 
+def check_codes(codes, grid: tuple[int, int], codebook_size: int) -> tuple[torch.Tensor, bool]:
+    """Validates codes for decode: an integer tensor (B, h, w) or (h, w) on `grid`, values in the codebook.
+    Returns (codes as (B, h, w), whether a single grid was given)."""
+    if not isinstance(codes, torch.Tensor) or codes.dtype.is_floating_point or codes.dtype == torch.bool:
+        raise ValueError(f"codes must be an integer torch tensor, got "
+                         f"{codes.dtype if isinstance(codes, torch.Tensor) else type(codes).__name__}")
+    single = codes.dim() == 2
+    codes = codes[None] if single else codes
+    if codes.dim() != 3 or tuple(codes.shape[1:]) != tuple(grid):
+        raise ValueError(f"codes must have shape (B, {grid[0]}, {grid[1]}) or {tuple(grid)}, got {tuple(codes.shape)}; "
+                         f"reshape flat sequences with codes.view(-1, *grid)")
+    if codes.numel() and (codes.min() < 0 or codes.max() >= codebook_size):
+        raise ValueError(f"codes span [{codes.min().item()}, {codes.max().item()}] but valid codes are "
+                         f"0..{codebook_size - 1}; subtract the image-token offset first")
+    return codes, single
+
+
 @dataclass(frozen=True, eq=False)
 class PatchVQ:
     """Vector quantizer over raw p x p x 3 pixel patches; implements ImageTokenizer."""
@@ -169,17 +186,7 @@ class PatchVQ:
 
     def decode(self, codes: torch.Tensor) -> torch.Tensor:
         """long (B, h, w) -> uint8 (B, H, W, 3); a single (h, w) grid gives (H, W, 3)."""
-        if not isinstance(codes, torch.Tensor) or codes.dtype.is_floating_point or codes.dtype == torch.bool:
-            raise ValueError(f"codes must be an integer torch tensor, got "
-                             f"{codes.dtype if isinstance(codes, torch.Tensor) else type(codes).__name__}")
-        single = codes.dim() == 2
-        codes = codes[None] if single else codes
-        if codes.dim() != 3 or tuple(codes.shape[1:]) != self.grid:
-            raise ValueError(f"codes must have shape (B, {self.grid[0]}, {self.grid[1]}) or {self.grid}, got "
-                             f"{tuple(codes.shape)}; this tokenizer's grid is {self.grid}")
-        if codes.numel() and (codes.min() < 0 or codes.max() >= self.codebook_size):
-            raise ValueError(f"codes span [{codes.min().item()}, {codes.max().item()}] but the codebook has "
-                             f"{self.codebook_size} entries; valid codes are 0..{self.codebook_size - 1}")
+        codes, single = check_codes(codes, self.grid, self.codebook_size)
         patches = self.codebook[codes.long().to(self.codebook.device)]  # (B, h, w, D)
         images = unpatchify(patches.round().clamp(0, MAX_PIXEL).to(torch.uint8), self.patch_size)
         return images[0] if single else images

@@ -34,7 +34,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from model.image_tokenizer import _check_images
+from model.image_tokenizer import _check_images, check_codes
 
 CONFIG_FILE = "config.json"
 CLASS_NAME = "MAGVITv2"
@@ -353,17 +353,7 @@ class MagvitV2(nn.Module):
     @torch.no_grad()
     def decode(self, codes: torch.Tensor) -> torch.Tensor:
         """long codes (B, h, w) -> uint8 (B, S, S, 3); a single (h, w) grid gives (S, S, 3)."""
-        if not isinstance(codes, torch.Tensor) or codes.dtype.is_floating_point or codes.dtype == torch.bool:
-            raise ValueError(f"codes must be an integer torch tensor, got "
-                             f"{codes.dtype if isinstance(codes, torch.Tensor) else type(codes).__name__}")
-        single = codes.dim() == 2
-        codes = codes[None] if single else codes
-        if codes.dim() != 3 or tuple(codes.shape[1:]) != self.grid:
-            raise ValueError(f"codes must have shape (B, {self.grid[0]}, {self.grid[1]}) or {self.grid}, got "
-                             f"{tuple(codes.shape)}; reshape flat sequences with codes.view(-1, *grid)")
-        if codes.numel() and (codes.min() < 0 or codes.max() >= self.codebook_size):
-            raise ValueError(f"codes span [{codes.min().item()}, {codes.max().item()}] but valid codes are "
-                             f"0..{self.codebook_size - 1}; subtract the image-token offset first")
+        codes, single = check_codes(codes, self.grid, self.codebook_size)
         p = next(self.parameters())
         out = [self.postprocess(self.decoder(lfq_embed(chunk.to(p.device), self.config.z_channels).to(p.dtype)))
                for chunk in codes.split(MAX_BATCH)]
