@@ -14,7 +14,8 @@ from prefect.artifacts import create_markdown_artifact
 
 from tasks.image_codes import fit_image_tokenizer
 from tasks.recipe import PRESETS, Recipe, default_preset
-from tasks.sft import evaluate_checkpoint, evaluate_heldout, prepare_sft, run_sft
+from tasks.sft import evaluate_checkpoint, prepare_sft, run_sft
+from tasks.sft_eval import evaluate_heldout
 from tasks.sft_data import is_toy_dataset
 
 

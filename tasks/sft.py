@@ -338,46 +338,6 @@ def _tuple(v) -> tuple | None:
 
 
 @task
-def evaluate_heldout(checkpoint: str, root: str, dataset: str, run_id: str, recipe: dict) -> dict:
-    """Held-out loss per modality on the test split (val if it has no test rows), plus CLIP alignment of
-    sampled outputs when recipe['eval_clip'] names CLIP weights; writes eval_results rows."""
-    from model.sampling import SamplerConfig
-    from storage.parquet import write_rows
-    from tasks.generate import load_image_tokenizer
-    from tasks.sft_data import load_or_tokenise, read_samples
-    from tasks.sft_eval import clip_alignment, heldout_loss, sample_outputs, to_rows
-    from tasks.tokenizer import TextTokenizer
-    from tasks.toy_eval import select_per_category
-
-    model, vocab = from_pretrained(checkpoint)
-    tok, vq = TextTokenizer.load(checkpoint), load_image_tokenizer(checkpoint)
-    seq = SequenceConfig(**recipe["seq"])
-    select = dict(categories=_tuple(recipe.get("categories")), kinds=_tuple(recipe.get("kinds")))
-    for split in ("test", "val"):
-        try:
-            rows, traces = read_samples(root, dataset, split, traces_run=dataset, **select)
-            break
-        except ValueError:
-            rows = None
-    if rows is None:
-        return {"skipped": f"no test or val samples in {dataset!r}"}
-    data = select_per_category(load_or_tokenise(rows, tok, vq, vocab, seq, os.path.join(root, "cache", "sft"), traces),
-                               recipe.get("eval_per_category", 32))
-    if len(data) == 0:
-        return {"skipped": f"every {split} sample was dropped ({data.dropped})", "split": split}
-    metrics = {"split": split, "samples": len(data), "dropped": data.dropped, **heldout_loss(model, data, vocab, seq)}
-    if recipe.get("eval_clip"):
-        images, texts = sample_outputs(model, data, vocab, seq, tok, vq, SamplerConfig(**recipe["sampler"]),
-                                       n=len(data))
-        metrics.update(clip_alignment(images, texts, recipe["eval_clip"]))
-    else:
-        metrics["clip_alignment"] = "skipped: the recipe names no eval_clip weights"
-    write_rows(root, "eval_results", to_rows({k: v for k, v in metrics.items() if isinstance(v, float)}, run_id,
-                                             checkpoint, len(data)), run=run_id)
-    return metrics
-
-
-@task
 def evaluate_checkpoint(checkpoint: str, root: str, dataset: str, run_id: str, split: str = "test",
                         per_category: int = 32, sampler: dict | None = None, seq: dict | None = None,
                         categories: list[str] | None = None) -> dict:

@@ -10,6 +10,7 @@ tasks/toy_eval.py; this is what works on real data).
 Rows go to eval_results as suite "heldout/model", metrics "loss_text", "loss_image", "clip_alignment".
 """
 import torch
+from prefect import task
 
 from model.layout import IMAGE, TEXT, OutputShape, collate, output_regions
 from model.sampling import SamplerConfig, generate
@@ -86,3 +87,44 @@ def to_rows(metrics: dict, run_id: str, checkpoint: str, n: int) -> list[dict]:
     keep = ("loss_text", "loss_image", "clip_alignment")
     return [{"run_id": run_id, "checkpoint": checkpoint, "step": None, "suite": "heldout/model", "metric": k,
              "value": float(metrics[k]), "num_samples": n} for k in keep if k in metrics]
+
+
+@task
+def evaluate_heldout(checkpoint: str, root: str, dataset: str, run_id: str, recipe: dict) -> dict:
+    """Held-out loss per modality on the test split (val if it has no test rows), plus CLIP alignment of
+    sampled outputs when recipe['eval_clip'] names CLIP weights; writes eval_results rows."""
+    import os
+
+    from model.checkpoint import from_pretrained
+    from storage.parquet import write_rows
+    from tasks.generate import load_image_tokenizer
+    from tasks.sft_data import load_or_tokenise, read_samples
+    from tasks.tokenizer import TextTokenizer
+    from tasks.toy_eval import select_per_category
+
+    model, vocab = from_pretrained(checkpoint)
+    tok, vq = TextTokenizer.load(checkpoint), load_image_tokenizer(checkpoint)
+    seq = SequenceConfig(**recipe["seq"])
+    select = {k: tuple(recipe[k]) if recipe.get(k) else None for k in ("categories", "kinds")}
+    for split in ("test", "val"):
+        try:
+            rows, traces = read_samples(root, dataset, split, traces_run=dataset, **select)
+            break
+        except ValueError:
+            rows = None
+    if rows is None:
+        return {"skipped": f"no test or val samples in {dataset!r}"}
+    data = select_per_category(load_or_tokenise(rows, tok, vq, vocab, seq, os.path.join(root, "cache", "sft"), traces),
+                               recipe.get("eval_per_category", 32))
+    if len(data) == 0:
+        return {"skipped": f"every {split} sample was dropped ({data.dropped})", "split": split}
+    metrics = {"split": split, "samples": len(data), "dropped": data.dropped, **heldout_loss(model, data, vocab, seq)}
+    if recipe.get("eval_clip"):
+        images, texts = sample_outputs(model, data, vocab, seq, tok, vq, SamplerConfig(**recipe["sampler"]),
+                                       n=len(data))
+        metrics.update(clip_alignment(images, texts, recipe["eval_clip"]))
+    else:
+        metrics["clip_alignment"] = "skipped: the recipe names no eval_clip weights"
+    write_rows(root, "eval_results", to_rows({k: v for k, v in metrics.items() if isinstance(v, float)}, run_id,
+                                             checkpoint, len(data)), run=run_id)
+    return metrics
