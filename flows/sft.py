@@ -35,6 +35,23 @@ def image_tokenizer_for(recipe: dict, root: str, dataset: str, out: str) -> str:
     return fit_image_tokenizer(root, dataset, os.path.join(out, "image_tokenizer"))
 
 
+def fit_batch(sft: dict, paths: dict, dataset: str, num_workers: int) -> dict:
+    """The SFT settings with a batch the prepared data can fill; refuses data too small to train at all."""
+    n = paths["train_size"]
+    if n == 0:
+        raise ValueError(f"every training sample of {dataset!r} was dropped ({paths['dropped']}); raise "
+                         f"seq.text_tokens / seq.instruction_tokens or check the traces table")
+    if n < num_workers:
+        raise ValueError(f"{n} training sequences of {dataset!r} cannot feed {num_workers} workers; "
+                         f"pass --workers {max(n, 1)} or add data")
+    if sft["batch_size"] <= n:
+        return sft
+    fitted = n // num_workers * num_workers  # a small dataset: one full-data batch per step, said aloud
+    print(f"WARNING: sft.batch_size={sft['batch_size']} is larger than the {n} training sequences of {dataset!r}; "
+          f"training with batch_size={fitted} (set --sft.batch_size to choose)")
+    return {**sft, "batch_size": fitted}
+
+
 def _summary(run_id: str, recipe: dict, paths: dict, fit: dict, heldout: dict, toy: dict | None) -> str:
     drops = paths["dropped"]
     lines = [f"# SFT {run_id}", "", f"recipe `{recipe['name']}`; checkpoint `{fit['checkpoint']}`; "
@@ -65,17 +82,7 @@ def sft(root: str = "data", dataset: str = "toy-tiny", out: str = "runs/sft", ru
     paths = prepare_sft(root, dataset, out, r, r["init_from"], vq, eval_per_category=max(4, r["eval_per_category"] // 4))
     r["seq"] = paths["seq"]  # resolved: the layout and image grid of the base checkpoint and tokenizer
     print(f"{run_id}: {paths['train_size']} training sequences; dropped per reason {paths['dropped']}")
-    if paths["train_size"] == 0:
-        raise ValueError(f"every training sample of {dataset!r} was dropped ({paths['dropped']}); raise "
-                         f"seq.text_tokens / seq.instruction_tokens or check the traces table")
-    if paths["train_size"] < num_workers:
-        raise ValueError(f"{paths['train_size']} training sequences of {dataset!r} cannot feed {num_workers} workers; "
-                         f"pass --workers {max(paths['train_size'], 1)} or add data")
-    if r["sft"]["batch_size"] > paths["train_size"]:  # a small dataset: one full-data batch per step, said aloud
-        fitted = paths["train_size"] // num_workers * num_workers
-        print(f"WARNING: sft.batch_size={r['sft']['batch_size']} is larger than the {paths['train_size']} training "
-              f"sequences of {dataset!r}; training with batch_size={fitted} (set --sft.batch_size to choose)")
-        r["sft"] = {**r["sft"], "batch_size": fitted}
+    r["sft"] = fit_batch(r["sft"], paths, dataset, num_workers)
     # the recipe's batch_size is the global batch: each data-parallel worker takes its share
     per_worker = dict(r["sft"], batch_size=max(1, r["sft"]["batch_size"] // num_workers))
     cfg = {"base": paths["base"], "train_data": paths["train_data"], "seq": r["seq"], "sft": per_worker,
