@@ -40,9 +40,7 @@ instruction_ids() equals tokenizing instruction_text()); the vocabulary size 134
 from collections.abc import Callable
 from dataclasses import dataclass
 
-import torch
-
-from model.layout import IMAGE, PAD, PROMPT, TEXT, Batch, left_pad
+from model.layout import IMAGE, PROMPT, TEXT
 from model.tokens import (BOS_ID, EOS_ID, INTERLEAVE_ID, LUMINA_BOI_ID, LUMINA_EOI_ID, LUMINA_PAD_ID,
                           LUMINA_TEXT_VOCAB_SIZE, MASK_ID, T2IT_ID, Vocab)
 
@@ -266,17 +264,3 @@ def edit_cfg_prompts(instruction: list[int], uncond_instruction: list[int], imag
     """
     return (edit_prompt(instruction, image_codes, grid, ids), edit_prompt(uncond_instruction, image_codes, grid, ids),
             edit_prompt(instruction, None))
-
-
-def collate(prompts: list[list[int]], outputs: list[list[int]], shape: DimooOutputShape, pad_id: int = PAD_ID) -> Batch:
-    """Joins each prompt with its output part and left-pads the batch (model.layout.collate for this layout)."""
-    if len(prompts) != len(outputs):
-        raise ValueError(f"{len(prompts)} prompts but {len(outputs)} output parts")
-    for o in outputs:
-        if len(o) != shape.length:
-            raise ValueError(f"output part of length {len(o)} does not match {shape} (length {shape.length})")
-    ids, mask = left_pad([p + o for p, o in zip(prompts, outputs)], pad_id)
-    regions = torch.full_like(ids, PAD)
-    regions[mask] = PROMPT
-    regions[:, -shape.length:] = torch.tensor(output_regions(shape))
-    return Batch(ids, mask, regions)

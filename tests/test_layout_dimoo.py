@@ -3,9 +3,9 @@ splice position, CFG prompts, the Vocab, batching."""
 import pytest
 import torch
 
-from model.layout import IMAGE, PAD, PROMPT, TEXT
+from model.layout import IMAGE, PAD, PROMPT, TEXT, collate
 from model.layout_dimoo import (DIMOO_IDS, EDIT_SYSTEM_PROMPT, DimooIds, DimooOutputShape, PromptTags,
-                                collate, dimoo_vocab, edit_cfg_prompts, edit_prompt, generation_prompt, image_block,
+                                PAD_ID, dimoo_vocab, edit_cfg_prompts, edit_prompt, generation_prompt, image_block,
                                 instruction_ids, instruction_text, output_regions, output_target, output_template)
 from model.tokens import Vocab
 
@@ -104,11 +104,11 @@ def test_vocab_of_the_released_a_checkpoint():
     assert DIMOO_IDS.image_id(0) == 126356
 
 
-def test_collate_left_pads_and_aligns_output_regions():
+def test_shared_collate_left_pads_and_aligns_the_a_output_regions():
     instr = instruction_ids(TAGS, [11], [21])
     prompts = [edit_prompt(instr, CODES, GRID), instr]
     outs = [output_target(SHAPE, CODES, [31]), output_target(SHAPE, [1] * 6, [31, 32, 33, 34])]
-    b = collate(prompts, outs, SHAPE)
+    b = collate(prompts, outs, SHAPE, PAD_ID)  # model.layout.collate: regions follow the shape's layout
     pad = len(prompts[0]) - len(prompts[1])
     assert b.input_ids.shape == (2, len(prompts[0]) + SHAPE.length)
     assert b.input_ids[1, :pad].tolist() == [126339] * pad
@@ -133,4 +133,4 @@ def test_errors_name_the_fix():
     with pytest.raises(ValueError, match="distinct"):
         DimooIds(**{**DIMOO_IDS.__dict__, "newline_id": DIMOO_IDS.boi_id})
     with pytest.raises(ValueError, match="does not match"):
-        collate([[1]], [[1, 2]], SHAPE)
+        collate([[1]], [[1, 2]], SHAPE, PAD_ID)
