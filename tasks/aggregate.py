@@ -4,6 +4,11 @@
 against everything already committed to the dataset (any source), then commit the chunk's samples
 and quarantine rows. Every chunk is committed before the next is read, and writes skip keys that
 are already committed, so a crashed or retried ingest resumes without duplicates or loss.
+A bad record never fails its source: whatever goes wrong with one record becomes its quarantine row
+(readers guard each record; normalise is guarded here). What still raises is the storage or the
+configuration; only failures that may pass (OSError other than a missing or forbidden path) are retried.
+Re-running re-reads quarantined records and quarantines them again, which the quarantine table's key
+(source, source_ref, reason) turns into a no-op.
 """
 import json
 import time
@@ -15,6 +20,7 @@ from prefect.artifacts import create_table_artifact, update_progress_artifact
 
 from storage.parquet import read_table, write_rows
 from tasks.curate import CurateConfig, Deduper, Rejected, normalise, quarantine_row
+from tasks.source_io import clean
 from tasks.sources import SourceSpec, read_source
 
 CHUNK_ROWS = 512
@@ -67,6 +73,10 @@ def _ingest_chunk(records, cfg: CurateConfig, dedupe: Deduper, refs: set, stats:
             rejects.append(quarantine_row(rec, r.reason, r.detail))
             stats.quarantined[r.reason] += 1
             continue
+        except Exception as e:  # the record boundary: an unforeseen failure stays with its record
+            rejects.append(quarantine_row(rec, "unexpected_error", f"{rec.ref}: {type(e).__name__}: {clean(e)}"))
+            stats.quarantined["unexpected_error"] += 1
+            continue
         hit = dedupe.check_add(row, near)
         if hit is not None:
             rejects.append(quarantine_row(rec, hit[0], f"same as sample {hit[1]}"))
@@ -78,22 +88,39 @@ def _ingest_chunk(records, cfg: CurateConfig, dedupe: Deduper, refs: set, stats:
     return rows, rejects
 
 
-@task(retries=2, retry_delay_seconds=[2, 10], task_run_name="ingest-{spec[name]}")
+def may_pass(task, task_run, state) -> bool:
+    """Retry condition: only an OSError that is not a missing, forbidden or wrong-kind path may pass on retry."""
+    exc = state.data if isinstance(state.data, BaseException) else None
+    permanent = (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError)
+    return exc is None or (isinstance(exc, OSError) and not isinstance(exc, permanent))
+
+
+@task(retries=2, retry_delay_seconds=[2, 10], retry_condition_fn=may_pass, task_run_name="ingest-{spec[name]}")
 def ingest_source(spec: dict, root: str, dataset: str, curate: dict, progress_id=None,
                   progress_span: tuple[float, float] = (0.0, 100.0)) -> dict:
-    """Reads one source into `{root}/samples/run={dataset}` and `{root}/quarantine/run={dataset}`."""
+    """Reads one source into `{root}/samples/run={dataset}` and `{root}/quarantine/run={dataset}`.
+
+    Returns its counts: {source, read, accepted, already_present, quarantined, reasons, samples_per_s}, where
+    read = accepted + already_present + quarantined.
+    """
     source = SourceSpec.from_dict(spec)
     cfg = CurateConfig(**curate)
     dedupe, refs = _committed_index(root, dataset, cfg.near_duplicate_bits)
     stats, chunk, t0 = SourceStats(source.name), [], time.perf_counter()
     expected = source.n or None
-    for rec in read_source(source):
-        chunk.append(rec)
-        if len(chunk) == CHUNK_ROWS:
-            _commit(root, dataset, *_ingest_chunk(chunk, cfg, dedupe, refs, stats, source.check_near_duplicates))
-            chunk = []
-            _report(progress_id, progress_span, stats, expected)
-    _commit(root, dataset, *_ingest_chunk(chunk, cfg, dedupe, refs, stats, source.check_near_duplicates))
+    try:
+        for rec in read_source(source):
+            chunk.append(rec)
+            if len(chunk) == CHUNK_ROWS:
+                _commit(root, dataset, *_ingest_chunk(chunk, cfg, dedupe, refs, stats, source.check_near_duplicates))
+                chunk = []
+                _report(progress_id, progress_span, stats, expected)
+        _commit(root, dataset, *_ingest_chunk(chunk, cfg, dedupe, refs, stats, source.check_near_duplicates))
+    except Exception as e:
+        last = chunk[-1].ref if chunk else "the start"
+        e.add_note(f"while ingesting source {source.name!r} ({source.type} {source.path or source.preset}): "
+                   f"{stats.read} records committed, failed after record {last}")
+        raise
     stats.seconds = time.perf_counter() - t0
     _report(progress_id, progress_span, stats, stats.read)
     return stats.row()
@@ -119,7 +146,8 @@ def summarise(root: str, dataset: str, per_source: list[dict]) -> dict:
                "sources": per_source}
     create_table_artifact(per_source + [{"source": "TOTAL (dataset)", "read": "", "accepted": samples.num_rows,
                                          "already_present": "", "quarantined": quarantine.num_rows,
-                                         "reasons": json.dumps(summary["quarantine_reasons"]), "samples_per_s": ""}],
+                                         "reasons": json.dumps(summary["quarantine_reasons"]), "samples_per_s": "",
+                                         "status": ""}],
                           key=f"aggregate-{_artifact_key(dataset)}", description=f"aggregation of {dataset}")
     return summary
 
