@@ -1,49 +1,65 @@
-"""`parapipe` command line: each subcommand calls one flow or task. Heavy imports stay inside them."""
-import argparse
+"""`parapipe`: one subcommand per stage (aggregate, traces, sft, rl, eval), `run` for the whole pipeline, and
+`generate`, `query`, `inspect` to look at what was made.
+
+Each subcommand checks its arguments (paths exist, JSON parses, values allowed) before it imports Prefect or a flow,
+so a mistake costs a fraction of a second and reads as one line; `--debug` shows the traceback instead.
+The argument checks and human formatting live in flows/cli_support.py; the parser in flows/cli_parser.py.
+"""
+import json
+import os
 import sys
 
+from flows.cli_support import (CLIError, check_checkpoint, check_dataset, check_fields, check_root,
+                               console_tracebacks_off, format_summary, load_object, one_line)
 
-ONE_BLOCK = 1 << 30  # a block length above any text length: the whole text is one block
-
-
+ONE_BLOCK = 1 << 30  # a block length above any text length: the whole text is one block (tasks/generate.py)
 SAMPLER_DEFAULTS = dict(steps=32, image_steps=16, text_block_length=ONE_BLOCK, text_cfg=0.0, image_cfg=0.0,
                         text_temperature=0.0, image_temperature=1.0, text_tokens=None)
+SAMPLER_FLAGS = dict(steps="--steps", image_steps="--image-steps", text_block_length="--block-length",
+                     text_cfg="--text-cfg", image_cfg="--image-cfg", text_temperature="--text-temperature",
+                     image_temperature="--image-temperature", text_tokens="--text-length")
 
 
-def _sampler_args(p: argparse.ArgumentParser) -> None:
-    d = SAMPLER_DEFAULTS
-    p.add_argument("--settings", default=None, choices=("mmada-parallel-m", "mmada-parallel-a"),
-                   help="upstream's published inference settings (tasks/generate.RELEASED_SETTINGS, bugs fixed); "
-                   "flags given explicitly still win")
-    p.add_argument("--steps", type=int, default=None, help=f"text steps on the shared timeline (S) [{d['steps']}]")
-    p.add_argument("--image-steps", type=int, default=None, help=f"image decoding steps [{d['image_steps']}]")
-    p.add_argument("--text-length", type=int, default=None,
-                   help="output text slots (default: what the checkpoint was trained with, else 64)")
-    p.add_argument("--block-length", type=int, default=None,
-                   help="semi-autoregressive text block length (default: one block over the whole text)")
-    p.add_argument("--text-cfg", type=float, default=None, help="guidance scale on text logits [0]")
-    p.add_argument("--image-cfg", type=float, default=None, help="guidance scale on image logits [0]")
-    p.add_argument("--text-temperature", type=float, default=None, help="0 = greedy text [0]")
-    p.add_argument("--image-temperature", type=float, default=None, help="0 = greedy image codes [1]")
-    p.add_argument("--mode", choices=("parallel", "sequential"), default="parallel")
-    p.add_argument("--seed", type=int, default=0)
+def _print_result(a, result: dict) -> None:
+    print(json.dumps(result, indent=2, default=str) if a.json else format_summary(result))
 
+
+def _positive(a, *names: str) -> None:
+    for name in names:
+        v = getattr(a, name)
+        if v is not None and v < 1:
+            raise CLIError(f"--{name.replace('_', '-')} {v} must be at least 1")
+
+
+# ------------------------------------------------------------------------------------------------ generate
 
 def _sampler_config(a):
-    """SamplerConfig and text length: defaults < --settings < explicit flags."""
+    """SamplerConfig and text length: the checkpoint's recorded sampler (or --settings) < explicit flags.
+    Prints a warning for every explicit flag that departs from what the checkpoint was evaluated with."""
     from model.sampling import SamplerConfig
-    from tasks.generate import RELEASED_SETTINGS
+    from tasks.generate import RELEASED_SETTINGS, recorded_sampler
 
-    v = {**SAMPLER_DEFAULTS, **(RELEASED_SETTINGS[a.settings] if a.settings else {})}
-    given = dict(steps=a.steps, image_steps=a.image_steps, text_block_length=a.block_length, text_cfg=a.text_cfg,
-                 image_cfg=a.image_cfg, text_temperature=a.text_temperature, image_temperature=a.image_temperature,
-                 text_tokens=a.text_length)
-    v.update({k: x for k, x in given.items() if x is not None})
+    recorded, source = recorded_sampler(a.checkpoint)
+    base = RELEASED_SETTINGS[a.settings] if a.settings else recorded
+    v = {**SAMPLER_DEFAULTS, **base}
+    given = {k: getattr(a, flag.lstrip("-").replace("-", "_")) for k, flag in SAMPLER_FLAGS.items()}
+    given = {k: x for k, x in given.items() if x is not None}
+    for k, x in given.items():
+        if recorded and k in recorded and recorded[k] != x:
+            print(f"warning: {SAMPLER_FLAGS[k]} {x} departs from the sampler {a.checkpoint} was evaluated with "
+                  f"({k}={recorded[k]}); outputs may be worse", file=sys.stderr)
+    v.update(given)
     text_tokens = v.pop("text_tokens")
-    return SamplerConfig(**v, mode=a.mode), text_tokens
+    known = SamplerConfig.__dataclass_fields__
+    print(f"sampler: {'--settings ' + a.settings if a.settings else source}"
+          + (f", flags {', '.join(SAMPLER_FLAGS[k] for k in given)}" if given else ""), file=sys.stderr)
+    return SamplerConfig(**{k: x for k, x in v.items() if k in known}, mode=a.mode), text_tokens
 
 
 def cmd_generate(a) -> None:
+    check_checkpoint(a.checkpoint)
+    if a.image is not None and not os.path.isfile(a.image):
+        raise CLIError(f"--image {a.image!r} does not exist; give a PNG or JPEG file, or drop --image to generate")
     from tasks.generate import generate_to_files
 
     sampler, text_tokens = _sampler_config(a)
@@ -60,252 +76,261 @@ def cmd_init_tiny(a) -> None:
     print(f"tiny random checkpoint in {a.out}")
 
 
+# ------------------------------------------------------------------------------------------------ run
+
+RUN_FLAGS = dict(out="out", toy_samples="toy_samples", sft_steps="sft_steps", workers="num_workers", seed="seed",
+                 gpu="gpu", recipe="recipe", dataset="dataset")
+
+
+def _pipeline_config(a):
+    """The run's PipelineConfig: --config file < flags given; validated (pydantic) before Prefect starts."""
+    from pydantic import ValidationError
+
+    from tasks.pipeline_config import PipelineConfig
+
+    fields = load_object("--config", a.config) or {}
+    fields.update({f: getattr(a, flag) for flag, f in RUN_FLAGS.items() if getattr(a, flag) not in (None, False)})
+    try:
+        return PipelineConfig(**fields)
+    except ValidationError as e:
+        err = e.errors()[0]
+        msg = err["msg"].removeprefix("Value error, ")
+        where = ".".join(str(x) for x in err["loc"])
+        what = f"{where}={err.get('input')!r}: " if where else ""
+        raise CLIError(f"run config: {what}{msg} (the fields: tasks/pipeline_config.py)") from None
+
+
 def cmd_run(a) -> None:
     """The whole pipeline on the embedded default (the toy world, tiny models, local storage)."""
+    import inspect
+
+    _positive(a, "workers", "toy_samples", "sft_steps")
+    try:
+        config = _pipeline_config(a)
+    except ImportError:  # a pipeline without a PipelineConfig: keyword arguments
+        config = None
     from flows.pipeline import pipeline
 
-    result = pipeline(out=a.out, toy_samples=a.toy_samples, seed=a.seed, sft_steps=a.sft_steps,
-                      num_workers=a.workers)
-    exact = result["eval"]["exact_image"]
-    print(f"run finished in {a.out}: {result['samples']} samples, {result['quarantined']} quarantined, "
-          f"checkpoint {result['checkpoint']}, {len(result['examples'])} examples in {a.out}/examples")
-    print("held-out exact output images (model / copy input / most common output):")
-    for category, m in sorted(exact.items()):
-        print(f"  {category:>12s}: {m.get('model', 0):.2f} / {m.get('copy_input', 0):.2f} / "
-              f"{m.get('common_output', 0):.2f}")
+    _quiet(a)
+    params = inspect.signature(pipeline).parameters
+    if "config" in params and config is not None:
+        result = pipeline(config=config)
+    else:
+        kw = dict(out=a.out or "runs/default", toy_samples=a.toy_samples, seed=a.seed or 0, sft_steps=a.sft_steps,
+                  num_workers=a.workers or 2)
+        if "gpu" in params:
+            kw["gpu"] = a.gpu
+        elif a.gpu:
+            raise CLIError("--gpu: this pipeline has no GPU option yet; run the stages by hand (sft --gpu, rl --gpu)")
+        result = pipeline(**kw)
+    _print_result(a, {k: v for k, v in result.items() if k not in ("examples", "eval")}
+                  | {"examples": [e.get("folder", e.get("sample_id")) for e in result.get("examples", [])]})
+
+
+# ------------------------------------------------------------------------------------------------ stages
+
+def _quiet(a) -> None:
+    if not a.debug:
+        console_tracebacks_off()
+
+
+def _load_sources(path: str | None) -> list[dict] | None:
+    if path is None:
+        return None
+    if not os.path.isfile(path):
+        raise CLIError(f"--sources {path!r} does not exist; give a JSON or YAML file holding a list of source "
+                       f"dicts, e.g. [{{\"type\": \"toy\", \"name\": \"toy-tiny\", \"n\": 200}}]")
+    import yaml
+
+    with open(path) as f:
+        try:
+            sources = yaml.safe_load(f)  # JSON is YAML
+        except yaml.YAMLError as e:
+            raise CLIError(f"--sources {path!r} is neither JSON nor YAML: {str(e).splitlines()[0]}") from None
+    if isinstance(sources, dict) and "sources" in sources:
+        sources = sources["sources"]
+    if not isinstance(sources, list) or not all(isinstance(s, dict) for s in sources):
+        raise CLIError(f"--sources {path!r} must hold a list of source dicts (or {{\"sources\": [...]}}), "
+                       f"got {type(sources).__name__}")
+    return sources
 
 
 def cmd_aggregate(a) -> None:
-    import json
-
+    sources = _load_sources(a.sources)
+    _positive(a, "resolution")
     from flows.aggregate import aggregate
 
-    sources = json.loads(open(a.sources).read()) if a.sources else None
+    _quiet(a)
     summary = aggregate(sources=sources, root=a.root, dataset=a.dataset, resolution=a.resolution, resize=a.resize)
-    print(json.dumps({k: v for k, v in summary.items() if k != "sources"}, indent=2))
-
-
-def cmd_sft(a) -> None:
-    import json
-
-    from flows.sft import sft
-    from tasks.recipe import PRESETS, default_preset, load_recipe, recipe_from_args
-    from tasks.sft_data import is_toy_dataset
-
-    base = load_recipe(a.recipe) if a.recipe else PRESETS[default_preset(is_toy_dataset(a.root, a.dataset))]
-    recipe = recipe_from_args(a, base)
-    out = sft(root=a.root, dataset=a.dataset, out=a.out, run_id=a.run_id or f"sft-{a.dataset}", recipe=recipe,
-              total_steps=a.steps, num_workers=a.workers, use_gpu=a.gpu, checkpoint_every=a.checkpoint_every,
-              fsdp=a.fsdp)
-    print(json.dumps({k: v for k, v in out.items() if k != "eval"}, indent=2, default=str))
+    _print_result(a, {k: v for k, v in summary.items() if k != "sources"})
 
 
 def cmd_traces(a) -> None:
-    import json
+    check_dataset(a.root, a.dataset)
+    from tasks.generators import GENERATOR_KINDS, GeneratorSpec
+    from tasks.traces import FilterConfig
 
+    generator = load_object("--generator", a.generator)
+    if generator.get("kind", "teacher") not in GENERATOR_KINDS:
+        raise CLIError(f"--generator kind {generator.get('kind')!r} is unknown; use one of {', '.join(GENERATOR_KINDS)}")
+    check_fields("--generator", generator, GeneratorSpec)
+    filters = load_object("--filters", a.filters)
+    if filters is not None:
+        check_fields("--filters", filters, FilterConfig)
+    _positive(a, "batch_size")
     from flows.traces import traces
 
-    generator = json.loads(a.generator) if a.generator.lstrip().startswith("{") else json.load(open(a.generator))
-    filters = json.loads(a.filters) if a.filters else None
-    print(json.dumps(traces(root=a.root, dataset=a.dataset, generator=generator, batch_size=a.batch_size,
-                            filters=filters, commit_every_s=a.commit_every_s), indent=2))
+    _quiet(a)
+    _print_result(a, traces(root=a.root, dataset=a.dataset, generator=generator, batch_size=a.batch_size,
+                            filters=filters, commit_every_s=a.commit_every_s))
+
+
+def cmd_sft(a) -> None:
+    check_dataset(a.root, a.dataset)
+    _positive(a, "workers", "steps", "checkpoint_every")
+    from tasks.recipe import PRESETS, default_preset, load_recipe, recipe_from_args
+    from tasks.sft_data import is_toy_dataset
+
+    try:
+        base = load_recipe(a.recipe) if a.recipe else PRESETS[default_preset(is_toy_dataset(a.root, a.dataset))]
+        recipe = recipe_from_args(a, base)
+    except (ValueError, json.JSONDecodeError) as e:
+        raise CLIError(f"--recipe {a.recipe!r}: {one_line(e)}" if a.recipe else one_line(e)) from None
+    from flows.sft import sft
+
+    _quiet(a)
+    out = sft(root=a.root, dataset=a.dataset, out=a.out, run_id=a.run_id or f"sft-{a.dataset}", recipe=recipe,
+              total_steps=a.steps, num_workers=a.workers, use_gpu=a.gpu, checkpoint_every=a.checkpoint_every,
+              fsdp=a.fsdp)
+    _print_result(a, {k: v for k, v in out.items() if k != "eval"})
+
+
+RL_FLAGS = (("rounds", "rounds"), ("prompts", "prompts_per_round"), ("group_size", "group_size"),
+            ("k", "sampled_steps"), ("reward", "reward"), ("mode", "reward_mode"), ("lr", "lr"), ("beta", "beta"),
+            ("seed", "seed"))
 
 
 def cmd_rl(a) -> None:
-    import json
+    check_checkpoint(a.checkpoint)
+    check_dataset(a.root, a.dataset)
+    from model.sampling import SamplerConfig
+    from rl.learner import RLConfig
 
+    config = dict(a.rl_fields)  # --config keys that are RLConfig fields (flows/cli_parser.apply_config_file)
+    config.update({field: getattr(a, flag) for flag, field in RL_FLAGS if getattr(a, flag) is not None})
+    check_fields("--config", config, RLConfig)
+    sampler = load_object("--sampler", a.sampler)
+    if sampler is not None:
+        check_fields("--sampler", sampler, SamplerConfig)
+    if a.clip_folder is not None and not os.path.isdir(a.clip_folder):
+        raise CLIError(f"--clip-folder {a.clip_folder!r} does not exist; write one with `parapipe fit-reward --out DIR`")
     from flows.pararl import pararl
 
-    config = json.loads(a.config) if a.config else {}
-    for flag, field in (("rounds", "rounds"), ("prompts", "prompts_per_round"), ("group_size", "group_size"),
-                        ("k", "sampled_steps"), ("reward", "reward"), ("mode", "reward_mode"), ("lr", "lr"),
-                        ("beta", "beta"), ("seed", "seed")):
-        if getattr(a, flag) is not None:
-            config[field] = getattr(a, flag)
+    _quiet(a)
     out = pararl(checkpoint=a.checkpoint, root=a.root, dataset=a.dataset, out=a.out, run_id=a.run_id, config=config,
-                 sampler=json.loads(a.sampler) if a.sampler else None, clip_folder=a.clip_folder,
-                 clip_model=a.clip_model, clip_pretrained=a.clip_pretrained, rollout_workers=a.rollout_workers,
+                 sampler=sampler, clip_folder=a.clip_folder, clip_model=a.clip_model,
+                 clip_pretrained=a.clip_pretrained, rollout_workers=a.rollout_workers,
                  reward_workers=a.reward_workers, use_gpu=a.gpu)
-    print(json.dumps(out, indent=2, default=str))
+    _print_result(a, out)
 
 
 def cmd_eval(a) -> None:
-    import json
+    for c in a.checkpoint:
+        check_checkpoint(c)
+    if a.benchmark != "toy-parabench" and not os.path.isdir(a.benchmark):
+        raise CLIError(f"--benchmark {a.benchmark!r} is neither toy-parabench nor a folder; download tyfeld/ParaBench "
+                       f"to a folder and pass its path")
+    from model.sampling import SamplerConfig
 
+    sampler = load_object("--sampler", a.sampler)
+    if sampler is not None:
+        check_fields("--sampler", sampler, SamplerConfig)
+    judge_args, columns = load_object("--judge-args", a.judge_args), load_object("--columns", a.columns)
+    _positive(a, "batch_size", "limit")
     from flows.evaluate import evaluate
 
-    sampler = json.loads(a.sampler) if a.sampler else None
+    _quiet(a)
     out = evaluate(checkpoints=a.checkpoint, benchmark=a.benchmark, root=a.root, run_id=a.run_id, modes=a.modes,
                    judge=a.judge, seed=a.seed, sampler=sampler, batch_size=a.batch_size, limit=a.limit,
-                   judge_args=json.loads(a.judge_args) if a.judge_args else None, report_dir=a.report_dir,
-                   columns=json.loads(a.columns) if a.columns else None)
+                   judge_args=judge_args, report_dir=a.report_dir, columns=columns)
+    if a.json:
+        print(json.dumps({"items": out["items"], "results": out["results"], "reports": out["reports"]},
+                         indent=2, default=str))
+        return
+    print(out["markdown"])
     counts = {m: r["counts"]["overall"] for m, r in out["results"].items()}
-    print(json.dumps({"items": out["items"], "failures": counts, "reports": out["reports"]}, indent=2))
+    print(format_summary({"items": out["items"], "failed judgments": counts, "reports": out["reports"]}))
 
 
 def cmd_fit_reward(a) -> None:
-    import json
-
     from tasks.fit_reward import fit_tiny_clip
 
-    print(json.dumps(fit_tiny_clip(a.out, preset=a.preset, seed=a.seed), indent=2, default=str))
+    _print_result(a, fit_tiny_clip(a.out, preset=a.preset, seed=a.seed))
+
+
+# ------------------------------------------------------------------------------------------------ look
+
+def _check_tables(root: str) -> None:
+    check_root(root)
+    from storage.schema import TABLES
+
+    if "://" not in root and not any(os.path.isdir(os.path.join(root, t)) for t in TABLES):
+        from flows.cli_support import _roots_hint
+
+        raise CLIError(f"--root {root!r} holds no ParaPipe tables ({', '.join(TABLES)}); {_roots_hint()}")
 
 
 def cmd_query(a) -> None:
-    from storage.query import format_table, query
+    _check_tables(a.root)
+    from storage.query import format_csv, format_json, format_table, query
 
-    print(format_table(query(a.root, a.sql), max_rows=a.max_rows))
+    if a.max_width < 0 or a.max_rows < 0:
+        raise CLIError(f"--max-width {a.max_width} / --max-rows {a.max_rows} must be >= 0 (0: no limit)")
+    tbl = query(a.root, a.sql)
+    if a.format == "csv":
+        sys.stdout.write(format_csv(tbl, max_rows=a.max_rows))
+    elif a.format == "json":
+        print(format_json(tbl, max_rows=a.max_rows))
+    else:
+        print(format_table(tbl, max_rows=a.max_rows, max_cell=a.max_width))
 
 
 def cmd_inspect(a) -> None:
+    _check_tables(a.root)
     from storage.query import interactive, write_views_sql
 
     if a.write_sql:
         print(f"wrote {write_views_sql(a.root, a.write_sql)}")
+        print(f"open it with: python -c \"import duckdb; c = duckdb.connect(); c.execute(open('{a.write_sql}').read()); "
+              f"print(c.sql('FROM samples_by_source'))\"  (or the DuckDB CLI, if installed: duckdb -init {a.write_sql})")
         return
     sys.exit(interactive(a.root))
 
 
+# ------------------------------------------------------------------------------------------------ main
+
 def main(argv: list[str] | None = None) -> None:
-    import os
+    from flows.cli_parser import parse
 
     # Prefect's ephemeral server: allow a slow first start on a fresh database, send no telemetry
     os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "300")
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
-    parser = argparse.ArgumentParser(prog="parapipe", description=__doc__)
-    sub = parser.add_subparsers(dest="command", required=True)
-
-    g = sub.add_parser("generate", help="sample reasoning text + image from a checkpoint folder")
-    g.add_argument("--checkpoint", required=True, help="folder with config.json, safetensors, tokenizer.json")
-    g.add_argument("--prompt", required=True, help="instruction (editing) or prompt (generation)")
-    g.add_argument("--image", default=None, help="input image for editing (needs image_tokenizer/)")
-    g.add_argument("--out", required=True, help="output folder")
-    g.add_argument("--device", default="cpu")
-    g.add_argument("--image-tokenizer", default=None, help="image tokenizer folder when the checkpoint has no "
-                   "image_tokenizer/ (e.g. showlab/magvitv2 for MMaDA-Parallel-M)")
-    g.add_argument("--resize", choices=("squash", "center_crop"), default="squash",
-                   help="how an input image of another size is fitted to the tokenizer's (as aggregation)")
-    _sampler_args(g)
-    g.set_defaults(fn=cmd_generate)
-
-    t = sub.add_parser("init-tiny", help="write a tiny random checkpoint folder")
-    t.add_argument("--out", required=True)
-    t.add_argument("--seed", type=int, default=0)
-    t.set_defaults(fn=cmd_init_tiny)
-
-    r = sub.add_parser("run", help="the whole pipeline on the embedded default")
-    r.add_argument("--out", default="runs/default")
-    r.add_argument("--toy-samples", type=int, default=None, help="toy-world samples (default: the recipe's)")
-    r.add_argument("--sft-steps", type=int, default=None, help="SFT optimiser steps (default: the recipe's)")
-    r.add_argument("--workers", type=int, default=2, help="Ray Train workers")
-    r.add_argument("--seed", type=int, default=0)
-    r.set_defaults(fn=cmd_run)
-
-    ag = sub.add_parser("aggregate", help="aggregate sources into a validated, deduplicated samples table")
-    ag.add_argument("--sources", default=None, help="JSON file: a list of source dicts (default: the toy world)")
-    ag.add_argument("--root", default="data", help="storage root: a folder or s3://bucket/prefix")
-    ag.add_argument("--dataset", default="toy-tiny", help="dataset name (the run partition)")
-    ag.add_argument("--resolution", type=int, default=32)
-    ag.add_argument("--resize", choices=("squash", "center_crop"), default="squash")
-    ag.set_defaults(fn=cmd_aggregate)
-
-    tr = sub.add_parser("traces", help="write a reasoning trace for every sample (resumable)")
-    tr.add_argument("--root", default="data")
-    tr.add_argument("--dataset", default="toy-tiny")
-    tr.add_argument("--generator", default='{"kind": "teacher"}',
-                    help='JSON object or file: {"kind": "vllm", "model": FOLDER, ...} (tasks/generators.py)')
-    tr.add_argument("--filters", default=None, help="JSON object of FilterConfig fields (tasks/traces.py)")
-    tr.add_argument("--batch-size", type=int, default=16)
-    tr.add_argument("--commit-every-s", type=float, default=10.0,
-                    help="commit finished traces at least this often (0: after every batch)")
-    tr.set_defaults(fn=cmd_traces)
-
-    sf = sub.add_parser("sft", help="supervised fine-tuning on Ray Train (re-run the same --run-id to resume)",
-                        description="Trains on any aggregated dataset. The recipe is a preset or JSON file (--recipe), "
-                        "then every recipe field below can be overridden; defaults shown are the 'small' preset's.")
-    sf.add_argument("--root", default="data")
-    sf.add_argument("--dataset", default="toy-tiny")
-    sf.add_argument("--out", default="runs/sft")
-    sf.add_argument("--run-id", default=None, help="run name (default: sft-<dataset>)")
-    sf.add_argument("--recipe", default=None, help="preset (toy-tiny, small) or JSON file of recipe fields "
-                    "(tasks/recipe.py; {'preset': ...} picks the base); default: toy-tiny on toy data, else small")
-    sf.add_argument("--steps", type=int, default=None, help="optimiser steps (shortcut for --sft.total_steps, "
-                    "with a proportionate warm-up)")
-    sf.add_argument("--workers", type=int, default=2)
-    sf.add_argument("--gpu", action="store_true", help="one GPU per worker (NCCL)")
-    sf.add_argument("--fsdp", action="store_true", help="FSDP2 per block with bf16 compute (GPUs)")
-    sf.add_argument("--checkpoint-every", type=int, default=100)
-    from tasks.recipe import recipe_flags
-    recipe_flags(sf)
-    sf.set_defaults(fn=cmd_sft)
-
-    rl = sub.add_parser("rl", help="ParaRL from an SFT checkpoint (re-run the same --run-id to resume)",
-                        description="Fields not given keep rl/learner.RLConfig's defaults; --config sets any of them.")
-    rl.add_argument("--checkpoint", required=True, help="SFT checkpoint folder (e.g. runs/default/sft/checkpoints/"
-                    "sft-toy-tiny/final)")
-    rl.add_argument("--root", default="data")
-    rl.add_argument("--dataset", default="toy-tiny", help="dataset whose train split gives the prompts")
-    rl.add_argument("--out", default="runs/rl")
-    rl.add_argument("--run-id", default="rl-toy-tiny")
-    rl.add_argument("--rounds", type=int, default=None)
-    rl.add_argument("--prompts", type=int, default=None, help="prompts per round (B)")
-    rl.add_argument("--group-size", type=int, default=None, help="samples per prompt (G)")
-    rl.add_argument("--k", type=int, default=None, help="sampled (rewarded) denoising steps per rollout (K)")
-    rl.add_argument("--reward", choices=("clip", "exact"), default=None)
-    rl.add_argument("--mode", choices=("trajectory", "output"), default=None, help="where the reward is taken")
-    rl.add_argument("--lr", type=float, default=None)
-    rl.add_argument("--beta", type=float, default=None, help="KL weight")
-    rl.add_argument("--seed", type=int, default=None)
-    rl.add_argument("--config", default=None, help="JSON object of RLConfig fields (rl/learner.py)")
-    rl.add_argument("--sampler", default=None, help='JSON object of rollout SamplerConfig fields, e.g. '
-                    '{"steps": 20, "image_steps": 10}')
-    rl.add_argument("--clip-folder", default=None, help="reward folder written by `parapipe fit-reward`")
-    rl.add_argument("--clip-model", default=None, help="open_clip architecture, e.g. ViT-L-14 (real data)")
-    rl.add_argument("--clip-pretrained", default=None, help="local weights file for --clip-model")
-    rl.add_argument("--rollout-workers", type=int, default=1)
-    rl.add_argument("--reward-workers", type=int, default=1)
-    rl.add_argument("--gpu", action="store_true", help="one GPU per rollout actor, 0.25 GPU per reward actor")
-    rl.set_defaults(fn=cmd_rl)
-
-    ev = sub.add_parser("eval", help="score a checkpoint on ParaBench's six metrics (toy ParaBench or a local copy)")
-    ev.add_argument("--checkpoint", required=True, nargs="+",
-                    help="one or more checkpoint folders, scored side by side (e.g. SFT and ParaRL)")
-    ev.add_argument("--benchmark", default="toy-parabench",
-                    help="toy-parabench (300 pinned toy tasks) or a local ParaBench folder (Hugging Face layout)")
-    ev.add_argument("--root", default="data", help="storage root for the benchmark and the evaluation tables")
-    ev.add_argument("--run-id", default="eval")
-    ev.add_argument("--modes", nargs="+", default=["parallel"], choices=("parallel", "sequential"))
-    ev.add_argument("--judge", default="exact", choices=("exact", "vlm", "clip"))
-    ev.add_argument("--judge-args", default=None, help='JSON: vlm {"base_url": "http://host:8000/v1", "model": '
-                    '"qwen", ...} (tasks/judge_vlm.py); clip {"clip_folder": DIR} or {"model_name", "pretrained"}')
-    ev.add_argument("--sampler", default=None, help="JSON of SamplerConfig fields (default: the toy recipe's, greedy)")
-    ev.add_argument("--columns", default=None, help="JSON column mapping of a local ParaBench folder")
-    ev.add_argument("--seed", type=int, default=0)
-    ev.add_argument("--batch-size", type=int, default=16)
-    ev.add_argument("--limit", type=int, default=None, help="first N items only (smoke runs)")
-    ev.add_argument("--report-dir", default=None, help="where the PNG sample grids and chart go (default runs/eval/RUN_ID)")
-    ev.set_defaults(fn=cmd_eval)
-
-    fr = sub.add_parser("fit-reward", help="train the toy world's tiny CLIP reward model (open_clip)")
-    fr.add_argument("--out", required=True)
-    fr.add_argument("--preset", default="tiny")
-    fr.add_argument("--seed", type=int, default=0)
-    fr.set_defaults(fn=cmd_fit_reward)
-
-    q = sub.add_parser("query", help="run one SQL statement over the tables and canned views")
-    q.add_argument("sql")
-    q.add_argument("--root", default="data")
-    q.add_argument("--max-rows", type=int, default=40)
-    q.set_defaults(fn=cmd_query)
-
-    i = sub.add_parser("inspect", help="interactive DuckDB session over the tables (read-only)")
-    i.add_argument("--root", default="data")
-    i.add_argument("--write-sql", default=None, help="write the view definitions to this .sql file and exit "
-                   "(open the same views from any DuckDB client: duckdb -init FILE)")
-    i.set_defaults(fn=cmd_inspect)
-
-    a = parser.parse_args(argv)
-    a.fn(a)
+    argv = sys.argv[1:] if argv is None else argv
+    debug = "--debug" in argv or os.environ.get("PARAPIPE_DEBUG") == "1"
+    try:
+        a = parse(argv, sys.modules[__name__])
+        a.debug = debug
+        a.fn(a)
+    except KeyboardInterrupt:
+        print("parapipe: interrupted", file=sys.stderr)
+        sys.exit(130)
+    except Exception as e:  # noqa: BLE001 (the boundary: one line for people, the traceback with --debug)
+        if debug:
+            raise
+        command = argv[0] if argv and not argv[0].startswith("-") else ""
+        print(f"parapipe {command}: error: {one_line(e)}".replace("  ", " "), file=sys.stderr)
+        print("(run again with --debug for the traceback)", file=sys.stderr)
+        sys.exit(2 if isinstance(e, CLIError) else 1)
 
 
 if __name__ == "__main__":

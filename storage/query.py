@@ -1,13 +1,15 @@
 """DuckDB inspection of a ParaPipe root: SQL over the committed shards, Arrow out.
 
 Holds: `connect` (an in-memory DuckDB with one view per table plus the canned views in `CANNED_VIEWS`), `query`,
-`write_views_sql` (a `.sql` file of `CREATE VIEW`s any DuckDB client can run), `format_table` and `interactive` (a
-small read-eval-print loop for `parapipe inspect`; `parapipe query "SQL"` maps to `query` + `format_table`).
+`write_views_sql` (a `.sql` file of `CREATE VIEW`s any DuckDB client can run), `format_table` / `format_csv` /
+`format_json` (intervals read `1 min 58.5 s`) and `interactive` (a small read-eval-print loop for `parapipe inspect`;
+`parapipe query "SQL"` maps to `query` + a formatter).
 Leaves out: writing data (storage/parquet.py) and S3 access inside DuckDB. DuckDB 2.0 has no httpfs offline, so every
 table is a `pyarrow.dataset` over the committed shard files (local or S3, via storage/fs.py) registered in the
 connection. Connections are read-only in effect: file access from SQL is switched off
 (`enable_external_access = false`), so SQL cannot write files, attach databases or read shards no manifest lists.
 """
+import datetime as dt
 import os
 import sys
 from typing import TextIO
@@ -35,7 +37,9 @@ CANNED_VIEWS = {
                avg(length(text)) FILTER (WHERE status = 'ok') AS mean_chars,
                avg(output_tokens) FILTER (WHERE status = 'ok') AS mean_output_tokens,
                avg(latency_s) AS mean_latency_s
-        FROM traces GROUP BY generator ORDER BY generator""",
+        FROM (SELECT * FROM traces  -- each sample's latest attempt: a failure a later one superseded is not one
+              QUALIFY row_number() OVER (PARTITION BY run, generator, sample_id ORDER BY attempt DESC) = 1)
+        GROUP BY generator ORDER BY generator""",
     "trajectories_by_step": """
         SELECT run_id, round, step, count(*) AS n,
                avg(text_mask_frac) AS mean_text_mask_frac, avg(image_mask_frac) AS mean_image_mask_frac
@@ -118,7 +122,8 @@ def _table_select(con: duckdb.DuckDBPyConnection, table: str, files: dict[str, l
 def views_sql(root: str, s3: fs.S3Config | None = None) -> str:
     """The text of `write_views_sql`: `CREATE OR REPLACE VIEW` statements over the explicit committed shard files."""
     lines = [f"-- ParaPipe views over the committed shards under {root}.",
-             "-- Load with `duckdb -init views.sql` or `.read views.sql`; rerun parapipe to pick up newer shards."]
+             "-- Python: duckdb.connect().execute(open('views.sql').read()); DuckDB CLI (installed separately):",
+             "-- duckdb -init views.sql, or .read views.sql. Rerun `parapipe inspect --write-sql` to pick up newer shards."]
     if fs.is_s3(root):
         lines.append("-- S3 paths need DuckDB's httpfs extension and a CREATE SECRET for the endpoint and keys.")
     con = duckdb.connect(":memory:")
@@ -140,19 +145,58 @@ def write_views_sql(root: str, path: str, s3: fs.S3Config | None = None) -> str:
 
 # ------------------------------------------------------------------------------------------------ printing
 
-def _cell(v: object, max_cell: int) -> str:
+def format_duration(seconds: float) -> str:
+    """1.3569 -> '1.357 s', 118.5 -> '1 min 58.5 s', 97200 -> '1 d 3 h 0 min'."""
+    sign, s = ("-" if seconds < 0 else ""), abs(seconds)
+    if s < 60:
+        return f"{sign}{s:.4g} s"
+    d, rem = divmod(s, 86400)
+    h, rem = divmod(rem, 3600)
+    m, sec = divmod(rem, 60)
+    if d:
+        return f"{sign}{int(d)} d {int(h)} h {int(m)} min"
+    if h:
+        return f"{sign}{int(h)} h {int(m)} min {sec:.0f} s"
+    return f"{sign}{int(m)} min {sec:.3g} s"
+
+
+def format_interval(v: object) -> str:
+    """A DuckDB INTERVAL (Arrow month_day_nano) or Arrow duration as a person reads it."""
+    if isinstance(v, dt.timedelta):
+        return format_duration(v.total_seconds())
+    months, days, ns = v.months, v.days, v.nanoseconds
+    parts = [f"{months} mon"] if months else []
+    if days or not ns and not parts:
+        parts.append(f"{days} d" if days or parts else "0 s")
+    if ns:
+        parts.append(format_duration(ns / 1e9))
+    return " ".join(parts)
+
+
+def _text(v: object) -> str:
+    """A cell's full text: NULL, <N bytes>, 6 significant digits, human intervals."""
     if v is None:
         return "NULL"
     if isinstance(v, bytes):
         return f"<{len(v)} bytes>"
-    s = f"{v:.6g}" if isinstance(v, float) else str(v).replace("\n", "\\n")
-    return s if len(s) <= max_cell else s[:max_cell - 1] + "…"
+    if isinstance(v, float):
+        return f"{v:.6g}"
+    if isinstance(v, (pa.MonthDayNano, dt.timedelta)):
+        return format_interval(v)
+    return str(v)
+
+
+def _cell(v: object, max_cell: int) -> str:
+    s = _text(v).replace("\n", "\\n")
+    return s if not max_cell or len(s) <= max_cell else s[:max_cell - 1] + "…"
 
 
 def format_table(tbl: pa.Table, max_rows: int = MAX_ROWS, max_cell: int = MAX_CELL) -> str:
-    """A fixed-width text rendering of the first `max_rows` rows; bytes show as `<N bytes>`, numbers right-aligned."""
+    """A fixed-width text rendering of the first `max_rows` rows (0: all), cells cut at `max_cell` characters
+    (0: never); bytes show as `<N bytes>`, intervals as `1 min 58.5 s`, numbers right-aligned."""
     names = tbl.column_names
-    rows = [[_cell(v, max_cell) for v in r.values()] for r in tbl.slice(0, max_rows).to_pylist()]
+    shown_tbl = tbl.slice(0, max_rows) if max_rows else tbl
+    rows = [[_cell(v, max_cell) for v in r.values()] for r in shown_tbl.to_pylist()]
     numeric = [pa.types.is_integer(t) or pa.types.is_floating(t) or pa.types.is_decimal(t) for t in tbl.schema.types]
     widths = [max([len(n)] + [len(r[i]) for r in rows]) for i, n in enumerate(names)]
 
@@ -163,6 +207,37 @@ def format_table(tbl: pa.Table, max_rows: int = MAX_ROWS, max_cell: int = MAX_CE
     out = [header, "-+-".join("-" * w for w in widths)] + [line(r, numeric) for r in rows]
     shown = f"{len(rows)} of {tbl.num_rows} rows" if tbl.num_rows > len(rows) else f"{tbl.num_rows} rows"
     return "\n".join(out + [f"({shown})"])
+
+
+def format_csv(tbl: pa.Table, max_rows: int = 0) -> str:
+    """CSV with a header row, full cell text (no cutting); NULL is an empty field."""
+    import csv
+    import io
+
+    buf = io.StringIO()
+    w = csv.writer(buf, lineterminator="\n")
+    w.writerow(tbl.column_names)
+    for r in (tbl.slice(0, max_rows) if max_rows else tbl).to_pylist():
+        w.writerow(["" if v is None else _text(v) for v in r.values()])
+    return buf.getvalue()
+
+
+def _json_value(v: object):
+    if isinstance(v, (pa.MonthDayNano, dt.timedelta)):
+        return format_interval(v)
+    if isinstance(v, bytes):
+        return f"<{len(v)} bytes>"
+    if isinstance(v, (dt.date, dt.datetime, dt.time)):
+        return v.isoformat()
+    return str(v)  # Decimal, UUID, ...
+
+
+def format_json(tbl: pa.Table, max_rows: int = 0) -> str:
+    """A JSON array of row objects with full values (bytes as `<N bytes>`, intervals as text, times ISO)."""
+    import json
+
+    rows = (tbl.slice(0, max_rows) if max_rows else tbl).to_pylist()
+    return json.dumps(rows, default=_json_value, indent=1, ensure_ascii=False)
 
 
 # ------------------------------------------------------------------------------------------------ REPL

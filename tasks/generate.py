@@ -20,6 +20,7 @@ from tasks.tokenizer import TextTokenizer, build_tiny_tokenizer
 IMAGE_TOKENIZER_DIR = "image_tokenizer"
 GRID_KEY = "parapipe_image_grid"
 SEQUENCE_KEY = "parapipe_sequence"  # the SequenceConfig a checkpoint was trained with
+SAMPLER_KEY = "parapipe_sampler"  # the SamplerConfig fields its held-out evaluation sampled with
 DEFAULT_GRID = (32, 32)  # MAGVIT-v2 at 512 x 512 (released checkpoints)
 ONE_BLOCK = 1 << 30  # a text block length above any text length: the whole text is one block
 # Published inference settings (upstream-facts §3), as `parapipe generate --settings NAME`. Upstream bugs
@@ -125,6 +126,34 @@ def sequence_layout(folder: str) -> dict:
         return json.load(f).get(SEQUENCE_KEY, {})
 
 
+def recorded_sampler(folder: str) -> tuple[dict, str]:
+    """(SamplerConfig fields, where they come from) a checkpoint should be sampled with by default.
+
+    A checkpoint our SFT wrote records the sampler its evaluation used (`parapipe_sampler` in config.json). An
+    older one of ours (a `parapipe_sequence` but no sampler) gets the recipes' evaluation sampler: greedy, one
+    text block per output text. Anything else (released checkpoints) gets {} (the caller's defaults)."""
+    with open(os.path.join(folder, CONFIG_FILE)) as f:
+        raw = json.load(f)
+    if raw.get(SAMPLER_KEY):
+        return dict(raw[SAMPLER_KEY]), f"recorded in {folder}/{CONFIG_FILE}"
+    if SEQUENCE_KEY in raw:
+        from tasks.recipe import Recipe
+
+        sampler = Recipe.model_fields["sampler"].default_factory()
+        text_tokens = raw[SEQUENCE_KEY].get("text_tokens")
+        return ({**sampler, **({"text_block_length": text_tokens} if text_tokens else {})},
+                "the SFT recipes' evaluation sampler (the checkpoint records none)")
+    return {}, "defaults (the checkpoint records no sampler)"
+
+
+def sampler_meta(sampler: SamplerConfig) -> dict:
+    """SamplerConfig fields for meta.json: the one-block sentinel is recorded as null (the whole text)."""
+    d = asdict(sampler)
+    if d.get("text_block_length", 0) >= ONE_BLOCK:
+        d["text_block_length"] = None
+    return d
+
+
 def pad_instruction_ids(ids: list[int], layout: dict, eos_id: int) -> list[int]:
     """Instruction ids <eos>-padded as in training (tasks/sft_data.pad_instruction)."""
     n = layout.get("instruction_tokens", 0)
@@ -136,9 +165,10 @@ def pad_instruction_ids(ids: list[int], layout: dict, eos_id: int) -> list[int]:
 
 def generate_to_files(checkpoint: str, prompt: str, out_dir: str, sampler: SamplerConfig,
                       text_tokens: int | None = None, image_path: str | None = None, seed: int = 0,
-                      device: str = "cpu", resize: str = "squash", image_tokenizer: str | None = None) -> dict:
+                      device: str = "cpu", resize: str = "squash", image_tokenizer: str | None = None,
+                      image_name: str = "image.png") -> dict:
     """Samples one (image, reasoning text) for a prompt (and input image for editing) and writes
-    text.txt, image.png or image_codes.txt, and meta.json into out_dir. Returns the meta dict.
+    text.txt, `image_name` (or image_codes.txt), and meta.json into out_dir. Returns the meta dict.
     image_tokenizer: a tokenizer folder for checkpoints that ship without image_tokenizer/ (released
     MMaDA-Parallel-M pairs with showlab/magvitv2)."""
     model, vocab = from_pretrained(checkpoint, device=device)
@@ -177,12 +207,12 @@ def generate_to_files(checkpoint: str, prompt: str, out_dir: str, sampler: Sampl
     with open(os.path.join(out_dir, "text.txt"), "w") as f:
         f.write(text + "\n")
     if img_tok is not None:
-        write_png(img_tok.decode(grid[None])[0], os.path.join(out_dir, "image.png"))
+        write_png(img_tok.decode(grid[None])[0], os.path.join(out_dir, image_name))
     else:
         with open(os.path.join(out_dir, "image_codes.txt"), "w") as f:
             f.write("\n".join(" ".join(str(c) for c in row) for row in grid.tolist()) + "\n")
     meta = {"checkpoint": checkpoint, "prompt": prompt, "input_image": image_path, "seed": seed,
-            "nfe": out.nfe, "text": text, "sampler": asdict(sampler), "grid": [h, w]}
+            "nfe": out.nfe, "text": text, "sampler": sampler_meta(sampler), "grid": [h, w]}
     with open(os.path.join(out_dir, "meta.json"), "w") as f:
         json.dump(meta, f, indent=2)
     return meta
@@ -206,23 +236,64 @@ def _dimoo_prompts(tok, vocab, prompt: str, codes: list[int] | None, grid: tuple
         tok.encode(A.instruction_text(A.GEN_SYSTEM_PROMPT, None)))
 
 
+def example_folder_name(index: int, category: str | None, instruction: str, max_chars: int = 48) -> str:
+    """'00-recolor-paint-the-blue-square-green': index, category, then the instruction as a short slug."""
+    words = "".join(c if c.isalnum() else " " for c in instruction.lower()).split()
+    slug = "-".join(words)[:max_chars].rstrip("-")
+    return "-".join(p for p in (f"{index:02d}", category, slug) if p)
+
+
+def _reference_traces(root: str, dataset: str, sample_ids: list[str]) -> dict[str, str]:
+    """sample_id -> the ok trace text the model was trained on (traces table), where one exists."""
+    import pyarrow.compute as pc
+
+    from storage.parquet import list_runs, read_table
+
+    if dataset not in list_runs(root, "traces"):
+        return {}
+    tbl = read_table(root, "traces", run=dataset, columns=["sample_id", "text"],
+                     filter=pc.field("sample_id").isin(sample_ids) & (pc.field("status") == "ok"))
+    return {r["sample_id"]: r["text"] for r in tbl.to_pylist()}
+
+
+EXAMPLE_FILES = {"input.png": "the input image", "target.png": "the reference output image (the dataset's)",
+                 "model_output.png": "the image the model generated", "text.txt": "instruction, model text, "
+                 "reference trace", "meta.json": "checkpoint, sampler, seed, sample id"}
+
+
+def _example_text(instruction: str, model_text: str, reference: str | None) -> str:
+    return (f"instruction:\n  {instruction}\n\nmodel text:\n  {model_text}\n\n"
+            f"reference trace:\n  {reference if reference else '(none recorded)'}\n")
+
+
 def generate_examples_fn(checkpoint: str, root: str, dataset: str, out_dir: str, sampler: SamplerConfig,
                          n: int = 4, split: str = "val", text_tokens: int | None = None, seed: int = 0) -> list[dict]:
-    """Generates for the first n editing samples of a split; writes input/target PNGs beside each output."""
+    """Generates for the first n editing samples of a split, one readable folder each (`EXAMPLE_FILES`), named
+    `{index}-{category}-{instruction slug}`, e.g. 00-recolor-paint-the-blue-square-green/."""
     import pyarrow.compute as pc
 
     from storage.parquet import read_table
 
     tbl = read_table(root, "samples", run=dataset, filter=(pc.field("split") == split) & (pc.field("kind") == "edit"),
-                     columns=["sample_id", "instruction", "input_image", "output_image"]).slice(0, n)
+                     columns=["sample_id", "category", "instruction", "input_image", "output_image",
+                              "reference_trace"]).slice(0, n)
+    rows = tbl.to_pylist()
+    traces = _reference_traces(root, dataset, [r["sample_id"] for r in rows])
     results = []
-    for row in tbl.to_pylist():
-        folder = os.path.join(out_dir, row["sample_id"])
+    for i, row in enumerate(rows):
+        folder = os.path.join(out_dir, example_folder_name(i, row["category"], row["instruction"]))
         os.makedirs(folder, exist_ok=True)
-        for name in ("input_image", "output_image"):
-            with open(os.path.join(folder, f"{name}.png"), "wb") as f:
-                f.write(row[name])
+        for name, key in (("input.png", "input_image"), ("target.png", "output_image")):
+            with open(os.path.join(folder, name), "wb") as f:
+                f.write(row[key])
         meta = generate_to_files(checkpoint, row["instruction"], folder, sampler, text_tokens=text_tokens,
-                                 image_path=os.path.join(folder, "input_image.png"), seed=seed)
-        results.append({"sample_id": row["sample_id"], "instruction": row["instruction"], "text": meta["text"]})
+                                 image_path=os.path.join(folder, "input.png"), seed=seed, image_name="model_output.png")
+        reference = traces.get(row["sample_id"]) or row["reference_trace"]
+        with open(os.path.join(folder, "text.txt"), "w") as f:
+            f.write(_example_text(row["instruction"], meta["text"], reference))
+        with open(os.path.join(folder, "meta.json"), "w") as f:
+            json.dump({**meta, "sample_id": row["sample_id"], "category": row["category"], "split": split,
+                       "files": EXAMPLE_FILES}, f, indent=2)
+        results.append({"sample_id": row["sample_id"], "instruction": row["instruction"], "text": meta["text"],
+                        "folder": folder})
     return results
