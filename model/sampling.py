@@ -19,7 +19,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-from model.layout import IMAGE, TEXT, OutputShape, left_pad, output_regions, output_template
+from model.cache import StepForward
+from model.layout import IMAGE, TEXT, OutputShape, output_regions, output_template
 from model.tokens import Vocab
 
 
@@ -49,6 +50,17 @@ class SamplerConfig:
     """low_confidence (keep the most confident predictions) or random."""
     mode: str = "parallel"
     """parallel (joint timeline) or sequential (text first, then image)."""
+    batch_cfg: bool = True
+    """Exact: cond and uncond rows in one forward pass; False runs them as separate passes (upstream)."""
+    cache: str = "none"
+    """Approximate KV cache (model/cache.py): none (exact), prefix (prompt + input image cached) or
+    dual (also the output slots a step does not need; Fast-dLLM DualCache). Off by default."""
+    cache_refresh: int = 4
+    """With a cache: a full pass every this many passes and at each new text block; 1 is exact."""
+    text_threshold: float | None = None
+    """Fast-dLLM confidence-aware parallel text decoding: per step commit every masked slot of the
+    row's current block whose confidence exceeds it (at least one, and enough to finish the text by
+    step S). Steps left with nothing to do are skipped. None (default) keeps the fixed schedule."""
 
     def __post_init__(self):
         if self.mode not in ("parallel", "sequential"):
@@ -57,6 +69,13 @@ class SamplerConfig:
             raise ValueError(f"SamplerConfig.text_remasking={self.text_remasking!r}; use 'low_confidence' or 'random'")
         if self.steps < 1 or self.image_steps < 1:
             raise ValueError(f"steps={self.steps} and image_steps={self.image_steps} must be >= 1")
+        if self.cache not in ("none", "prefix", "dual"):
+            raise ValueError(f"SamplerConfig.cache={self.cache!r}; use 'none', 'prefix' or 'dual'")
+        if self.cache_refresh < 1:
+            raise ValueError(f"SamplerConfig.cache_refresh={self.cache_refresh} must be >= 1 (1 = a full pass each step)")
+        if self.text_threshold is not None and self.text_remasking != "low_confidence":
+            raise ValueError(f"text_threshold={self.text_threshold} ranks by confidence; it needs "
+                             f"text_remasking='low_confidence' (got {self.text_remasking!r})")
         if self.mode == "parallel" and self.image_steps > self.steps:
             raise ValueError(f"image_steps={self.image_steps} > steps={self.steps}: in parallel mode "
                              f"image steps sit on the text timeline; lower image_steps or raise steps")
@@ -136,6 +155,30 @@ def unmask_text(x: torch.Tensor, logits: torch.Tensor, allowed: torch.Tensor, k:
     return x.scatter(1, idx, x0.gather(1, idx))
 
 
+def unmask_text_threshold(x: torch.Tensor, logits: torch.Tensor, block_length: int, threshold: float,
+                          min_k: torch.Tensor, mask_id: int, temperature: float,
+                          generator: torch.Generator | None) -> torch.Tensor:
+    """Fast-dLLM confidence-aware parallel decoding (`get_transfer_index` with a threshold).
+
+    In each row's current block (the first with masked slots; every block when min_k covers all
+    that is left) commits every prediction with confidence > threshold, and at least min_k of the
+    most confident. x (B, T) ids; logits (B, T, V); min_k (B,) long. Returns new x.
+    """
+    B, T = x.shape
+    x0 = add_gumbel_noise(logits, temperature, generator).argmax(-1)  # (B, T)
+    conf = torch.softmax(logits.to(torch.float64), dim=-1).gather(-1, x0[..., None]).squeeze(-1)  # (B, T)
+    masked = x == mask_id
+    block = torch.arange(T, device=x.device) // block_length  # (T,)
+    first = torch.where(masked, block, T).min(dim=1).values  # (B,)
+    left = masked.sum(-1)
+    allowed = masked & ((block[None] == first[:, None]) | (min_k >= left)[:, None])
+    conf = conf.masked_fill(~allowed, -math.inf)
+    k = torch.maximum((conf > threshold).sum(-1), min_k).clamp(max=allowed.sum(-1))  # (B,)
+    rank = conf.argsort(dim=-1, descending=True, stable=True).argsort(dim=-1)  # (B, T)
+    take = allowed & (rank < k[:, None])
+    return torch.where(take, x0, x)
+
+
 def decode_image(codes: torch.Tensor, logits: torch.Tensor, keep: int, ratio: float, cfg: SamplerConfig,
                  generator: torch.Generator | None) -> torch.Tensor:
     """One MaskGIT step over image codes.
@@ -209,26 +252,12 @@ class SampleResult:
     """(B, M) long: the step at which each slot was decoded; -1 for sentinels (trace=True)."""
     logp: torch.Tensor | None = None
     """(B, M) float: each slot's behaviour log-prob at the step that decoded it; NaN at sentinels (trace=True)."""
-
-
-class _Forward:
-    """Runs the model on prompt + output part; joins cond and uncond rows in one pass."""
-
-    def __init__(self, model, prompts, uncond_prompts, pad_id: int, M: int):
-        self.model, self.M = model, M
-        dev = next(model.parameters()).device
-        rows = prompts + (uncond_prompts or [])
-        ids, mask = left_pad(rows, pad_id)
-        self.ids, self.mask, self.B = ids.to(dev), mask.to(dev), len(prompts)
-
-    @torch.no_grad()
-    def __call__(self, y: torch.Tensor, with_uncond: bool):
-        k = 2 if with_uncond else 1
-        ids = torch.cat([self.ids[:k * self.B], y.repeat(k, 1)], dim=1)
-        mask = torch.cat([self.mask[:k * self.B], torch.ones(ids.shape[0], self.M, dtype=torch.bool,
-                                                             device=ids.device)], dim=1)
-        logits = self.model(ids, mask, last_n=self.M).float()  # (k*B, M, V)
-        return (logits[:self.B], logits[self.B:]) if with_uncond else (logits, None)
+    full_passes: int = 0
+    """Forward calls over the whole sequence (a joined cond + uncond pass counts once)."""
+    partial_passes: int = 0
+    """Forward calls over a few columns against a KV cache (SamplerConfig.cache)."""
+    columns: int = 0
+    """Sequence columns run through the blocks, summed over calls (a cost measure for the caches)."""
 
 
 def _guided(c: torch.Tensor, u: torch.Tensor | None, w: float) -> torch.Tensor:
@@ -261,36 +290,52 @@ def generate(model, vocab: Vocab, shape: OutputShape, prompts: list[list[int]], 
     prompts, uncond_prompts = rep(prompts), rep(uncond_prompts) if uncond_prompts else None
     regions = torch.tensor(output_regions(shape))
     img_cols, txt_cols = (regions == IMAGE).nonzero().squeeze(1), (regions == TEXT).nonzero().squeeze(1)
-    fwd = _Forward(model, prompts, uncond_prompts, vocab.pad_id, shape.length)
+    fwd = StepForward(model, prompts, uncond_prompts, vocab.pad_id, shape.length, cfg.cache, cfg.cache_refresh,
+                      cfg.batch_cfg)
     dev = fwd.ids.device
     img_cols, txt_cols = img_cols.to(dev), txt_cols.to(dev)
     y = torch.tensor(output_template(vocab, shape), device=dev).repeat(len(prompts), 1)  # (B, M)
     codes = torch.full((len(prompts), shape.image_tokens), -1, dtype=torch.long, device=dev)  # (B, N)
-    text_plan = text_schedule(shape.text_tokens, min(cfg.text_block_length, shape.text_tokens), cfg.steps)
-    if cfg.mode == "parallel":
-        img_steps = image_step_indices(cfg.steps, cfg.image_steps, int(cfg.steps * cfg.image_start))
-        plan = [(text_plan[k], k in img_steps, (k + 1) / cfg.steps, k == img_steps[-1]) for k in range(cfg.steps)]
-    else:
-        J = cfg.image_steps
-        plan = [(t, False, 0.0, False) for t in text_plan] + [(None, True, (j + 1) / J, j == J - 1) for j in range(J)]
+    plan = _plan(cfg, shape)
     block_len = min(cfg.text_block_length, shape.text_tokens)
     result = SampleResult(tokens=y)
     if trace:
         result.step_map = torch.full(y.shape, -1, dtype=torch.long, device=dev)
         result.logp = torch.full(y.shape, math.nan, dtype=torch.float32, device=dev)
+    last_block = -1
     for step, (text_step, image_step, ratio, last_image) in enumerate(plan):
+        text_masked = y[:, txt_cols] == vocab.mask_id  # (B, T)
+        in_block = _text_block(text_step, shape.text_tokens, block_len, cfg.text_threshold is not None, dev)  # (T,)
+        allowed = text_masked & in_block[None]  # (B, T)
+        text_now = text_step is not None and text_step[1] > 0 and bool(allowed.any())
+        if not (text_now or image_step):  # nothing changes at this step: no pass, no random draws
+            if step in record_steps:
+                result.snapshots[step] = y.clone()
+            continue
         before = y.clone() if trace else None
-        uncond = (cfg.text_cfg > 0 and text_step is not None) or (cfg.image_cfg > 0 and image_step)
-        c, u = fwd(y, with_uncond=bool(uncond))
+        uncond = (cfg.text_cfg > 0 and text_now) or (cfg.image_cfg > 0 and image_step)
+        need = torch.zeros(shape.length, dtype=torch.bool, device=dev)
+        if text_now:
+            need[txt_cols] = allowed.any(0)
+        if image_step:
+            need[img_cols] = (codes < 0).any(0)
+        block = int(torch.where(text_masked, torch.arange(shape.text_tokens, device=dev) // block_len,
+                                shape.text_tokens).min()) if text_now else last_block
+        c, u = fwd(y, with_uncond=bool(uncond), need=need, force_refresh=block != last_block)
+        last_block = block
         result.nfe += 2 if uncond else 1
-        if text_step is not None:
-            block, k = text_step
+        if text_now:
             lt = _guided(c[:, txt_cols], None if u is None else u[:, txt_cols], cfg.text_cfg)  # (B, T, V)
             lt = text_logits(lt, vocab)
-            allowed = torch.zeros(shape.text_tokens, dtype=torch.bool, device=dev)
-            allowed[block * block_len:(block + 1) * block_len] = True
-            y[:, txt_cols] = unmask_text(y[:, txt_cols], lt, allowed, k, vocab.mask_id, cfg.text_temperature,
-                                         cfg.text_remasking, generator)
+            if cfg.text_threshold is None:
+                y[:, txt_cols] = unmask_text(y[:, txt_cols], lt, in_block, text_step[1], vocab.mask_id,
+                                             cfg.text_temperature, cfg.text_remasking, generator)
+            else:
+                steps_left = cfg.steps - step  # text steps are the first S of the plan in both modes
+                min_k = (text_masked.sum(-1) + steps_left - 1) // steps_left  # (B,) finish by step S
+                y[:, txt_cols] = unmask_text_threshold(y[:, txt_cols], lt, block_len, cfg.text_threshold,
+                                                       min_k.clamp(min=1), vocab.mask_id, cfg.text_temperature,
+                                                       generator)
         if image_step:
             sl = slice(vocab.image_offset, vocab.image_offset + vocab.codebook_size)
             li = _guided(c[:, img_cols, sl], None if u is None else u[:, img_cols, sl], cfg.image_cfg)  # (B, N, K)
@@ -308,7 +353,27 @@ def generate(model, vocab: Vocab, shape: OutputShape, prompts: list[list[int]], 
             result.snapshots[step] = y.clone()
     assert not (y[:, torch.cat([img_cols, txt_cols])] == vocab.mask_id).any(), "sampler left masked slots"
     result.tokens = y
+    result.full_passes, result.partial_passes, result.columns = fwd.full_passes, fwd.partial_passes, fwd.columns
     return result
+
+
+def _plan(cfg: SamplerConfig, shape: OutputShape) -> list[tuple]:
+    """Per step: ((text block, tokens to unmask) or None, image step?, image ratio, last image step?)."""
+    text_plan = text_schedule(shape.text_tokens, min(cfg.text_block_length, shape.text_tokens), cfg.steps)
+    if cfg.mode == "parallel":
+        img_steps = image_step_indices(cfg.steps, cfg.image_steps, int(cfg.steps * cfg.image_start))
+        return [(text_plan[k], k in img_steps, (k + 1) / cfg.steps, k == img_steps[-1]) for k in range(cfg.steps)]
+    J = cfg.image_steps
+    return [(t, False, 0.0, False) for t in text_plan] + [(None, True, (j + 1) / J, j == J - 1) for j in range(J)]
+
+
+def _text_block(text_step, T: int, block_len: int, dynamic: bool, device) -> torch.Tensor:
+    """(T,) bool: text slots this step may commit: the planned block, or with a threshold (dynamic)
+    every slot (unmask_text_threshold narrows it to each row's current block); none on image-only steps."""
+    in_block = torch.zeros(T, dtype=torch.bool, device=device)
+    if text_step is not None:
+        in_block[slice(None) if dynamic else slice(text_step[0] * block_len, (text_step[0] + 1) * block_len)] = True
+    return in_block
 
 
 @torch.no_grad()

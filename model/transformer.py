@@ -164,13 +164,22 @@ class Block(nn.Module):
         self.up_proj = nn.Linear(cfg.d_model, cfg.mlp_hidden_size, bias=False)
         self.ff_out = nn.Linear(cfg.mlp_hidden_size, cfg.d_model, bias=False)
 
-    def forward(self, x, cos, sin, key_mask):
+    def forward(self, x, cos, sin, key_mask, kv: list | None = None, cols: torch.Tensor | None = None):
+        """x (B, L, D) -> (B, L, D). With `kv` and no `cols`, appends this layer's (k, v) (B, Hkv, L, hd).
+        With `kv` = [(k, v)] and `cols` (A,), x holds only those A columns of the sequence: their
+        fresh k/v are written into the cached ones in place and the A queries attend to all L keys."""
         B, L, _ = x.shape
         n = self.attn_norm(x)
         q = self.q_proj(n).view(B, L, self.n_heads, self.head_dim).transpose(1, 2)  # (B, H, L, hd)
         k = self.k_proj(n).view(B, L, self.kv_heads, self.head_dim).transpose(1, 2)
         v = self.v_proj(n).view(B, L, self.kv_heads, self.head_dim).transpose(1, 2)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if cols is not None:
+            kc, vc = kv[0]
+            kc[:, :, cols], vc[:, :, cols] = k, v
+            k, v = kc, vc
+        elif kv is not None:
+            kv.append((k, v))
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=key_mask, is_causal=False,
                                            enable_gqa=self.kv_heads != self.n_heads)
         h = x + self.attn_out(y.transpose(1, 2).reshape(B, L, -1))
@@ -213,7 +222,7 @@ class DiffusionLM(nn.Module):
         return self
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
-                last_n: int | None = None) -> torch.Tensor:
+                last_n: int | None = None, kv: list | None = None) -> torch.Tensor:
         """Logits for every position (or only the last `last_n`, sparing the head on the prompt).
 
         Args:
@@ -221,6 +230,8 @@ class DiffusionLM(nn.Module):
             attention_mask: (B, L) bool, True on real tokens; pads are never attended to and do
                 not advance the position ids. None means no padding.
             last_n: if set, return logits of the last last_n positions only.
+            kv: if a list, each layer appends its post-RoPE (k, v), each (B, Hkv, L, hd), for
+                forward_cols (the samplers' approximate caches); the logits do not change.
         Returns:
             (B, L, V) logits in the parameters' dtype ((B, last_n, V) with last_n).
         """
@@ -239,10 +250,42 @@ class DiffusionLM(nn.Module):
             if self.gradient_checkpointing and self.training:
                 x = torch.utils.checkpoint.checkpoint(block, x, cos, sin, key_mask, use_reentrant=False)
             else:
-                x = block(x, cos, sin, key_mask)
+                x = block(x, cos, sin, key_mask, kv)
         if last_n is not None:
             x = x[:, -last_n:]
         return t.ff_out(t.ln_f(x))  # (B, L, V)
+
+    def forward_cols(self, input_ids: torch.Tensor, cols: torch.Tensor, attention_mask: torch.Tensor | None,
+                     kv: list) -> torch.Tensor:
+        """Logits of a few columns against cached keys/values of the rest (approximate KV cache).
+
+        Only the A columns in `cols` run through the blocks; every other position contributes the
+        k/v stored in `kv` by an earlier forward(..., kv=[]) (stale where its context changed since:
+        Fast-dLLM's prefix / dual cache). The fresh k/v of `cols` overwrite the cached ones in place.
+        With every column in `cols` the result equals forward() up to float rounding.
+
+        Args:
+            input_ids: (B, L) the whole current sequence (only `cols` are read).
+            cols: (A,) long column indices, the same for every row.
+            attention_mask: (B, L) bool as in forward, or None.
+            kv: per layer (k, v), each (B, Hkv, L, hd), as forward(..., kv=[]) filled it.
+        Returns:
+            (B, A, V) logits.
+        """
+        t = self.model.transformer
+        B, L = input_ids.shape
+        if attention_mask is None:
+            positions = cols.expand(B, -1)  # (B, A)
+            key_mask = None
+        else:
+            attention_mask = attention_mask.bool()
+            positions = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, cols]  # (B, A)
+            key_mask = attention_mask[:, None, None, :]
+        cos, sin = rope_cos_sin(positions, self.config.d_model // self.config.n_heads, self.config.rope_theta)
+        x = t.wte(input_ids[:, cols])  # (B, A, D)
+        for block, layer_kv in zip(t.blocks, kv):
+            x = block(x, cos, sin, key_mask, [layer_kv], cols)
+        return t.ff_out(t.ln_f(x))  # (B, A, V)
 
     def num_params(self) -> int:
         return sum(p.numel() for p in self.parameters())

@@ -1,0 +1,118 @@
+"""The sampler's forward passes: cond + uncond rows, and the approximate KV caches.
+
+StepForward runs the model on prompt + output part for model.sampling.generate. Exact by default:
+one full pass per step over every row, cond and uncond rows joined in one batch (upstream runs the
+unconditional prompts as separate passes: `batch_cfg=False`), the head only on the output part.
+The approximate caches follow Fast-dLLM (arXiv 2505.22618, `generate_with_prefix_cache` /
+`generate_with_dual_cache`): a full pass stores every layer's keys and values; until the next
+refresh only some columns run through the blocks and attend to the stored k/v of the rest, whose
+context has moved on since (hence approximate).
+- "prefix": the prompt (instruction + input image) is cached; the whole output part is recomputed.
+- "dual": also the output slots that are not needed this step are cached; recomputed are the
+  slots whose logits the step needs (masked slots of the current text block, masked image slots on
+  image steps) and every slot whose token changed since its k/v was written (so a cached entry
+  always belongs to the token now at its position, as in dKV-Cache's delayed caching).
+A refresh (full pass) comes every `refresh` passes of a half (cond or uncond rows) and whenever
+the sampler asks (a new text block, as Fast-dLLM refreshes per block); refresh=1 is exact.
+Knows nothing about schedules or tokens; it returns logits. Shapes: B rows, P padded prompt
+length, M output length, V vocab, A recomputed columns.
+"""
+import torch
+
+from model.layout import left_pad
+
+CACHE_MODES = ("none", "prefix", "dual")
+
+
+class _Half:
+    """Cache state of one group of rows (cond or uncond)."""
+
+    def __init__(self, rows: slice):
+        self.rows, self.kv, self.age, self.written = rows, None, 0, None
+
+
+class StepForward:
+    """Logits of the output part for the cond rows (and the uncond rows when asked)."""
+
+    def __init__(self, model, prompts: list[list[int]], uncond_prompts: list[list[int]] | None, pad_id: int,
+                 M: int, cache: str = "none", refresh: int = 1, batch_cfg: bool = True):
+        if cache not in CACHE_MODES:
+            raise ValueError(f"cache={cache!r}; use one of {CACHE_MODES}")
+        if cache != "none" and not hasattr(model, "forward_cols"):
+            raise ValueError(f"cache={cache!r} needs a model with forward_cols (model.transformer.DiffusionLM); "
+                             f"got {type(model).__name__}: use cache='none'")
+        self.model, self.M, self.cache, self.refresh, self.batch_cfg = model, M, cache, max(1, refresh), batch_cfg
+        dev = next(model.parameters()).device
+        rows = prompts + (uncond_prompts or [])
+        ids, mask = left_pad(rows, pad_id)
+        self.ids, self.mask, self.B, self.P = ids.to(dev), mask.to(dev), len(prompts), ids.shape[1]
+        self.halves = [_Half(slice(0, self.B)), _Half(slice(self.B, 2 * self.B))]
+        self.full_passes = self.partial_passes = 0
+        self.columns = 0
+        """Sequence columns run through the blocks, summed over passes (cost accounting)."""
+
+    @torch.no_grad()
+    def __call__(self, y: torch.Tensor, with_uncond: bool, need: torch.Tensor | None = None,
+                 force_refresh: bool = False):
+        """Logits (B, M, V) for the cond rows and (B, M, V) or None for the uncond rows.
+
+        y (B, M) current output parts; need (M,) bool: output columns whose logits the caller reads
+        (only used by the caches; elsewhere the logits are zeros).
+        """
+        halves = self.halves[:2 if with_uncond else 1]
+        if self.batch_cfg or len(halves) == 1:
+            out = self._run(halves, y, need, force_refresh)
+        else:  # upstream: one pass for the cond rows, another for the uncond rows
+            out = torch.cat([self._run([h], y, need, force_refresh) for h in halves])
+        return (out[:self.B], out[self.B:]) if with_uncond else (out, None)
+
+    def _run(self, halves: list[_Half], y: torch.Tensor, need, force_refresh: bool) -> torch.Tensor:
+        rows = slice(halves[0].rows.start, halves[-1].rows.stop)
+        ids = torch.cat([self.ids[rows], y.repeat(len(halves), 1)], dim=1)  # (r, P + M)
+        mask = torch.cat([self.mask[rows], torch.ones(ids.shape[0], self.M, dtype=torch.bool, device=ids.device)],
+                         dim=1)
+        stale = any(h.kv is None or h.age >= self.refresh for h in halves)
+        if self.cache == "none" or stale or force_refresh or need is None:
+            return self._full(halves, ids, mask)
+        return self._partial(halves, ids, mask, need)
+
+    def _full(self, halves, ids, mask) -> torch.Tensor:
+        kv = [] if self.cache != "none" else None
+        logits = self.model(ids, mask, last_n=self.M, kv=kv) if kv is not None else \
+            self.model(ids, mask, last_n=self.M)
+        self.full_passes += 1
+        self.columns += ids.shape[1]
+        if kv is not None:
+            n = 0
+            for h in halves:
+                r = h.rows.stop - h.rows.start
+                h.kv = [(k[n:n + r], v[n:n + r]) for k, v in kv]
+                h.written, h.age, n = ids[n:n + r].clone(), 1, n + r
+        return logits.float()  # (r, M, V)
+
+    def _partial(self, halves, ids, mask, need) -> torch.Tensor:
+        written = torch.cat([h.written for h in halves])  # (r, P + M)
+        changed = (ids != written).any(0)  # (P + M,)
+        out_cols = need | changed[self.P:] if self.cache == "dual" else torch.ones_like(need)
+        cols = out_cols.nonzero().squeeze(1) + self.P  # (A,)
+        if len(halves) == 1:
+            kv = halves[0].kv
+        else:  # join the halves' caches (a copy), then write the fresh columns back to each
+            kv = [(torch.cat([a[0], b[0]]), torch.cat([a[1], b[1]])) for a, b in zip(halves[0].kv, halves[1].kv)]
+        logits_a = self.model.forward_cols(ids, cols, mask, kv).float()  # (r, A, V)
+        if len(halves) > 1:
+            B = self.B
+            for layer, (k, v) in enumerate(kv):
+                for i, h in enumerate(halves):
+                    h.kv[layer][0][:, :, cols] = k[i * B:(i + 1) * B, :, cols]
+                    h.kv[layer][1][:, :, cols] = v[i * B:(i + 1) * B, :, cols]
+        n = 0
+        for h in halves:
+            r = h.rows.stop - h.rows.start
+            h.written[:, cols] = ids[n:n + r, cols]
+            h.age, n = h.age + 1, n + r
+        self.partial_passes += 1
+        self.columns += len(cols)
+        logits = logits_a.new_zeros(ids.shape[0], self.M, logits_a.shape[-1])
+        logits[:, cols - self.P] = logits_a
+        return logits

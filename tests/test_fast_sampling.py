@@ -1,0 +1,157 @@
+"""Fast sampling: exact modes reproduce the reference sampler token for token; the approximate
+ones (KV caches, threshold decoding) respect their options and their caches invalidate."""
+import dataclasses
+
+import pytest
+import torch
+
+from model.cache import StepForward
+from model.layout import TEXT, OutputShape, edit_prompt, generation_prompt, output_regions
+from model.sampling import SamplerConfig, generate, image_step_indices
+from tests.helpers import VOCAB, MockModel, tiny_model
+from tests.sampler_reference import reference_generate
+
+SHAPE = OutputShape(image_tokens=16, text_tokens=16)
+TXT = torch.tensor(output_regions(SHAPE)) == TEXT
+PROMPTS = [edit_prompt(VOCAB, list(range(16)), [20, 21]), generation_prompt(VOCAB, [22, 23, 24])]
+UNCOND = [edit_prompt(VOCAB, None, None), generation_prompt(VOCAB, None)]
+BASES = {
+    "greedy": dict(steps=8, image_steps=4, text_block_length=16, image_temperature=0.0),
+    "sampled+cfg": dict(steps=8, image_steps=4, text_block_length=16, text_temperature=1.0, text_cfg=1.0,
+                        image_cfg=2.0),
+    "blocks+image_cfg": dict(steps=8, image_steps=4, text_block_length=8, image_cfg=1.5),
+    "sequential": dict(steps=8, image_steps=4, text_block_length=8, text_temperature=0.7, image_cfg=1.0,
+                       mode="sequential"),
+}
+EXACT = {"default": {}, "separate_cfg_passes": dict(batch_cfg=False),
+         "prefix_refresh_1": dict(cache="prefix", cache_refresh=1),
+         "dual_refresh_1": dict(cache="dual", cache_refresh=1)}
+
+
+def _run(sampler, cfg, model, seed=5, **kw):
+    return sampler(model, VOCAB, SHAPE, PROMPTS, cfg, UNCOND, num_samples=2,
+                   generator=torch.Generator().manual_seed(seed), **kw)
+
+
+@pytest.fixture(scope="module")
+def model():
+    return tiny_model(seed=3)
+
+
+@pytest.mark.parametrize("base", BASES)
+def test_exact_modes_give_the_reference_tokens(model, base):
+    cfg = SamplerConfig(**BASES[base])
+    ref = _run(reference_generate, cfg, model)
+    for name, extra in EXACT.items():
+        out = _run(generate, dataclasses.replace(cfg, **extra), model)
+        assert torch.equal(out.tokens, ref.tokens), name
+        assert out.nfe == ref.nfe and out.partial_passes == 0, name
+
+
+def test_exact_trace_matches_the_reference(model):
+    cfg = SamplerConfig(steps=8, image_steps=4, text_block_length=8, text_temperature=1.0)
+    ref = _run(reference_generate, cfg, model, trace=True)
+    out = _run(generate, dataclasses.replace(cfg, cache="dual", cache_refresh=1), model, trace=True)
+    assert torch.equal(out.step_map, ref.step_map)
+    assert torch.allclose(out.logp, ref.logp, equal_nan=True)
+
+
+def test_threshold_one_degenerates_to_one_token_per_step(model):
+    # T == S, one block: conf > 1.0 never holds, so exactly the most confident slot per step, as the
+    # fixed schedule transfer_counts(16, 16) = [1] * 16 does
+    base = SamplerConfig(steps=16, image_steps=4, text_block_length=16, text_temperature=1.0)
+    ref = _run(reference_generate, base, model)
+    out = _run(generate, dataclasses.replace(base, text_threshold=1.0), model, record_steps=tuple(range(16)))
+    assert torch.equal(out.tokens, ref.tokens)
+    for k in range(16):
+        assert ((out.snapshots[k][:, TXT] == VOCAB.mask_id).sum(-1) == 15 - k).all()
+
+
+def test_threshold_one_keeps_pace_when_text_outnumbers_steps(model):
+    base = SamplerConfig(steps=8, image_steps=4, text_block_length=16)  # 2 tokens per step
+    ref = _run(reference_generate, base, model)
+    out = _run(generate, dataclasses.replace(base, text_threshold=1.0), model)
+    assert torch.equal(out.tokens, ref.tokens)
+
+
+def test_low_threshold_decodes_the_block_at_once_and_skips_idle_steps():
+    cfg = SamplerConfig(steps=16, image_steps=4, text_block_length=8, text_threshold=0.0)
+    m = MockModel(VOCAB.vocab_size)
+    out = _run(generate, cfg, m, record_steps=(0, 1))
+    text0, text1 = out.snapshots[0][:, TXT], out.snapshots[1][:, TXT]
+    assert (text0[:, :8] != VOCAB.mask_id).all() and (text0[:, 8:] == VOCAB.mask_id).all()  # block 0 only
+    assert (text1 != VOCAB.mask_id).all()
+    img = image_step_indices(16, 4, 4)
+    assert out.nfe == 2 + len(img) and m.calls == 4 * out.nfe  # 4 rows; text in 2 passes, then image steps only
+    assert not (out.tokens == VOCAB.mask_id).any()
+
+
+def test_threshold_finishes_text_by_step_s_per_row():
+    # a model whose confidence is never high: the pace floor still finishes every row in S steps
+    cfg = SamplerConfig(steps=4, image_steps=2, text_block_length=4, text_threshold=0.99)
+    out = _run(generate, cfg, MockModel(VOCAB.vocab_size), record_steps=(3,))
+    assert ((out.snapshots[3][:, TXT] == VOCAB.mask_id).sum() == 0)
+
+
+def test_approximate_caches_run_and_count_their_passes(model):
+    for cache in ("prefix", "dual"):
+        for R in (2, 3):
+            cfg = SamplerConfig(steps=8, image_steps=4, text_block_length=16, cache=cache, cache_refresh=R)
+            out = _run(generate, cfg, model)
+            assert not (out.tokens == VOCAB.mask_id).any()
+            assert out.full_passes == -(-8 // R) and out.full_passes + out.partial_passes == 8, (cache, R)
+    # a new text block forces a refresh: blocks start at steps 0, 2, 4, 6
+    out = _run(generate, SamplerConfig(steps=8, image_steps=4, text_block_length=4, cache="dual", cache_refresh=8),
+               model)
+    assert out.full_passes == 4
+
+
+def _forward(model, cache, refresh=8):
+    fwd = StepForward(model, [PROMPTS[0]], None, VOCAB.pad_id, SHAPE.length, cache=cache, refresh=refresh)
+    y = torch.full((1, SHAPE.length), VOCAB.mask_id)
+    return fwd, y
+
+
+def test_cache_recomputes_needed_and_changed_columns_and_refreshes(model):
+    fwd, y = _forward(model, "dual", refresh=3)
+    need = torch.zeros(SHAPE.length, dtype=torch.bool)
+    need[-4:] = True
+    full, _ = fwd(y, False, need)  # first call: full pass, fills the cache
+    assert fwd.full_passes == 1 and fwd.columns == fwd.P + SHAPE.length
+    same, _ = fwd(y, False, need)  # nothing changed: the cache is exact for this sequence
+    assert fwd.partial_passes == 1 and fwd.columns == fwd.P + SHAPE.length + 4
+    assert torch.allclose(same[0, -4:], full[0, -4:], atol=1e-5)
+    assert (same[0, :-4] == 0).all()  # only the needed columns are computed
+    y2 = y.clone()
+    y2[0, 3] = VOCAB.image_offset + 2  # a changed slot is recomputed with the need
+    before = fwd.columns
+    fwd(y2, False, need)
+    assert fwd.columns - before == 5 and fwd.halves[0].written[0, fwd.P + 3] == VOCAB.image_offset + 2
+    fwd(y2, False, need)  # third use since the refresh: a full pass again
+    assert fwd.full_passes == 2
+
+
+def test_prefix_cache_recomputes_the_whole_output_and_refresh_one_is_a_full_pass(model):
+    fwd, y = _forward(model, "prefix")
+    need = torch.zeros(SHAPE.length, dtype=torch.bool)
+    need[-1] = True
+    full, _ = fwd(y, False, need)
+    again, _ = fwd(y, False, need)
+    assert fwd.columns == fwd.P + 2 * SHAPE.length
+    assert torch.allclose(again, full, atol=1e-5)
+    fwd1, y = _forward(model, "prefix", refresh=1)
+    for _ in range(3):
+        fwd1(y, False, need)
+    assert fwd1.full_passes == 3 and fwd1.partial_passes == 0
+
+
+def test_options_are_checked():
+    with pytest.raises(ValueError, match="cache"):
+        SamplerConfig(cache="kv")
+    with pytest.raises(ValueError, match="cache_refresh"):
+        SamplerConfig(cache_refresh=0)
+    with pytest.raises(ValueError, match="low_confidence"):
+        SamplerConfig(text_threshold=0.9, text_remasking="random")
+    with pytest.raises(ValueError, match="forward_cols"):
+        generate(MockModel(VOCAB.vocab_size), VOCAB, SHAPE, PROMPTS, SamplerConfig(cache="dual", steps=8,
+                                                                                   image_steps=4))
