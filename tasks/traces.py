@@ -218,23 +218,44 @@ def _apply_clip(reqs, results, statuses, scorer, cfg: FilterConfig) -> None:
             statuses[i] = ("filtered", f"low_clip_score: {score:.3f} < {cfg.min_clip_score}")
 
 
-@task(retries=1, retry_delay_seconds=5)
+def progress_text(counts: dict, total: int, secs: float, out_tokens: int) -> str:
+    """The progress card's line: what is done and how it went, failures first when there are any."""
+    done = sum(counts.values())
+    text = f"{done}/{total} traces: {counts['ok']} ok, {counts['filtered']} filtered, {counts['failed']} failed"
+    if counts["failed"]:
+        text = f"{counts['failed']} of {done} FAILED; " + text
+    return text + f"; {done / max(secs, 1e-9):.1f} samples/s, {out_tokens / max(secs, 1e-9):.1f} output tokens/s"
+
+
+def _transient(task, task_run, state) -> bool:
+    """Prefect retry condition: a generator that cannot start or whose engine died is not retried."""
+    from tasks.generators import GeneratorDeadError, GeneratorStartError
+
+    return not isinstance(state.data, (GeneratorStartError, GeneratorDeadError))  # data: the exception
+
+
+@task(retries=1, retry_delay_seconds=5, retry_condition_fn=_transient)
 def generate_traces(root: str, dataset: str, generator: dict, pending: dict[str, int], run_id: str,
                     batch_size: int = 16, filters: dict | None = None, progress_id=None,
                     commit_every_s: float = COMMIT_EVERY_S) -> dict:
     """Generates traces for the pending samples batch by batch. Finished rows are committed once
     commit_every_s has passed since the last commit (every batch when 0), at COMMIT_ROWS rows, and at
     the end: a crash loses at most that much work, and a fast generator does not pay a Parquet
-    commit per small batch."""
+    commit per small batch. Nothing pending: returns at once without starting the generator.
+    Raises GeneratorStartError (not retried) when the generator cannot start, GeneratorDeadError
+    (after committing the rows so far) when its engine dies."""
     import pyarrow as pa
     import pyarrow.compute as pc
     from prefect.artifacts import update_progress_artifact
 
     from storage.parquet import open_dataset, write_rows
-    from tasks.generators import GeneratorSpec, make_generator
+    from tasks.generators import GeneratorDeadError, GeneratorSpec, make_generator
 
     spec, cfg = GeneratorSpec(**generator), FilterConfig(**(filters or {}))
     prov = Provenance(generator_key(generator), spec.model, spec.revision, template_hash(), run_id, spec.seed)
+    if not pending:  # a resume with nothing to do never loads the model
+        return {"ok": 0, "filtered": 0, "failed": 0, "generator": prov.generator, "seconds": 0.0,
+                "output_tokens": 0, "samples_per_s": 0.0}
     scorer = None
     if cfg.min_clip_score is not None:
         from rl.reward import ClipScorer
@@ -266,10 +287,15 @@ def generate_traces(root: str, dataset: str, generator: dict, pending: dict[str,
             if progress_id is not None and (secs - last_report >= PROGRESS_EVERY_S or done == len(pending)):
                 last_report = secs
                 update_progress_artifact(progress_id, 100.0 * done / max(1, len(pending)),
-                                         description=f"{done}/{len(pending)} traces, {done / secs:.1f} samples/s, "
-                                                     f"{out_tokens / secs:.1f} output tokens/s")
+                                         description=progress_text(counts, len(pending), secs, out_tokens))
+            if getattr(gen, "dead", None):
+                break
         if buffer:
             write_rows(root, "traces", buffer, run=dataset)
+        if getattr(gen, "dead", None):
+            raise GeneratorDeadError(f"the generator's engine died after {sum(counts.values())} of {len(pending)} "
+                                     f"traces ({counts}): {gen.dead}. The rows so far are committed; re-run to "
+                                     f"resume once the cause (see the engine's log above) is fixed")
         secs = time.perf_counter() - t0  # generation only: the engine's start and shutdown are not counted
     finally:
         gen.close()
