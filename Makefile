@@ -5,7 +5,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: run test test-fast bench lock clean
+.PHONY: run test test-fast bench lock clean pools
 
 $(STAMP): requirements/cpu.txt pyproject.toml tools/cpu_fixes.py
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -25,6 +25,10 @@ test-fast: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) benchmarks/sampler.py
+
+# The work pools prefect.yaml names (missing ones only), on the server PREFECT_API_URL points at; then `prefect deploy --all`.
+pools: $(STAMP)
+	$(PY) -m flows.deploy pools
 
 lock: $(STAMP)
 	(echo "# CPU lock for the embedded default: pip freeze of a working venv (make lock regenerates it)."; \
