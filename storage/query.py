@@ -146,18 +146,17 @@ def write_views_sql(root: str, path: str, s3: fs.S3Config | None = None) -> str:
 # ------------------------------------------------------------------------------------------------ printing
 
 def format_duration(seconds: float) -> str:
-    """1.3569 -> '1.357 s', 118.5 -> '1 min 58.5 s', 97200 -> '1 d 3 h 0 min'."""
+    """1.3569 -> '1.357 s', 118.5 -> '1 min 58.5 s', 10800 -> '3 h', 97230 -> '1 d 3 h 0 min 30 s'."""
     sign, s = ("-" if seconds < 0 else ""), abs(seconds)
     if s < 60:
         return f"{sign}{s:.4g} s"
     d, rem = divmod(s, 86400)
     h, rem = divmod(rem, 3600)
     m, sec = divmod(rem, 60)
-    if d:
-        return f"{sign}{int(d)} d {int(h)} h {int(m)} min"
-    if h:
-        return f"{sign}{int(h)} h {int(m)} min {sec:.0f} s"
-    return f"{sign}{int(m)} min {sec:.3g} s"
+    parts = [(d, "d"), (h, "h"), (m, "min"), (round(sec, 3), "s")]
+    first = next(i for i, (v, _) in enumerate(parts) if v)
+    last = max(i for i, (v, _) in enumerate(parts) if v)
+    return sign + " ".join(f"{v:g} {unit}" for v, unit in parts[first:last + 1])
 
 
 def format_interval(v: object) -> str:
@@ -236,7 +235,8 @@ def format_json(tbl: pa.Table, max_rows: int = 0) -> str:
     """A JSON array of row objects with full values (bytes as `<N bytes>`, intervals as text, times ISO)."""
     import json
 
-    rows = (tbl.slice(0, max_rows) if max_rows else tbl).to_pylist()
+    rows = [{k: format_interval(v) if isinstance(v, pa.MonthDayNano) else v for k, v in r.items()}
+            for r in (tbl.slice(0, max_rows) if max_rows else tbl).to_pylist()]  # a namedtuple would be a list
     return json.dumps(rows, default=_json_value, indent=1, ensure_ascii=False)
 
 

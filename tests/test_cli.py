@@ -1,13 +1,20 @@
-"""`parapipe generate` / `init-tiny` / `run` end to end on a tiny random checkpoint."""
+"""`parapipe` as a user runs it: errors, help, config files and query output (fast, no Prefect start), then
+`generate` / `init-tiny` on a tiny random checkpoint and `run` end to end (slow)."""
 import json
 import os
 import pathlib
 import subprocess
-
-import pytest
 import sys
 
+import pytest
+
 from flows.cli import main
+from flows.cli_parser import parse
+from flows.cli_support import CLIError
+from storage.parquet import write_rows
+from tasks.generate import example_folder_name
+from tests.test_query import populate, trace
+from tests.test_storage import sample
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
@@ -30,6 +37,132 @@ def test_generate_from_a_tiny_checkpoint(tmp_path, capsys):
     assert "wrote" in capsys.readouterr().out
 
 
+def run_cli(capsys, *argv: str) -> tuple[int, str, str]:
+    """main(argv) as the console script runs it: (exit code, stdout, stderr)."""
+    try:
+        main(list(argv))
+        code = 0
+    except SystemExit as e:
+        code = e.code if isinstance(e.code, int) else 1
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+@pytest.fixture
+def lake(tmp_path, monkeypatch) -> str:
+    """A root with dataset 'a' (samples, quarantine, traces, trajectories), the working directory a bare tmp dir."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("PARAPIPE_ROOT", raising=False)
+    root = str(tmp_path / "lake")
+    populate(root)
+    write_rows(root, "traces", [trace("s003", "g1", "ok", "word " * 20, 1.0, 20)], run="syn1")
+    return root
+
+
+def test_missing_root_is_an_error_naming_what_exists(lake, tmp_path, capsys):
+    (tmp_path / "runs" / "old" / "data" / "samples").mkdir(parents=True)
+    for argv in (["query", "--root", "nope", "SELECT * FROM samples_by_source"], ["traces", "--root", "nope"],
+                 ["inspect", "--root", "nope"]):
+        code, out, err = run_cli(capsys, *argv)
+        assert code == 2 and out == "", argv
+        first = err.splitlines()[0]
+        assert first.startswith(f"parapipe {argv[0]}: error: --root 'nope' does not exist; roots found here: "
+                                f"{os.path.join('runs', 'old', 'data')}"), first
+    (tmp_path / "empty").mkdir()
+    code, _, err = run_cli(capsys, "query", "--root", str(tmp_path / "empty"), "SELECT 1")  # a folder, no tables
+    assert code == 2 and "holds no ParaPipe tables" in err
+
+
+def test_missing_dataset_lists_the_datasets_under_the_root(lake, capsys):
+    write_rows(lake, "samples", [sample(9)], run="b")
+    code, out, err = run_cli(capsys, "traces", "--root", lake, "--dataset", "c")
+    assert code == 2 and out == ""
+    assert f"--dataset 'c' is not under --root '{lake}' (datasets under {lake}: a, b)" in err
+
+
+def test_bad_json_option_is_named_in_one_line_and_debug_shows_the_traceback(lake, capsys):
+    code, _, err = run_cli(capsys, "traces", "--root", lake, "--dataset", "a", "--filters", "{min_words: 3")
+    assert code == 2
+    assert err.splitlines() == ["parapipe traces: error: --filters '{min_words: 3' is not valid JSON (Expecting "
+                                "property name enclosed in double quotes at character 1) and is not a file; give a "
+                                "JSON object like '{\"key\": 1}' or a path to a .json / .yaml file",
+                                "(run again with --debug for the traceback)"]
+    code, _, err = run_cli(capsys, "traces", "--root", lake, "--dataset", "a", "--generator", '{"kind": "vlm"}')
+    assert code == 2 and "--generator kind 'vlm' is unknown; use one of teacher, vllm, http, ray" in err
+    with pytest.raises(CLIError, match="--filters"):
+        main(["traces", "--root", lake, "--dataset", "a", "--filters", "{min_words: 3", "--debug"])
+
+
+def test_errors_as_the_console_script_prints_them():
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    cmd = [sys.executable, "-m", "flows.cli", "query", "--root", "does-not-exist", "SELECT 1"]
+    plain = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    assert plain.returncode == 2 and plain.stdout == "" and "Traceback" not in plain.stderr
+    assert len(plain.stderr.splitlines()) == 2 and "--root 'does-not-exist' does not exist" in plain.stderr
+    debug = subprocess.run(cmd + ["--debug"], capture_output=True, text=True, env=env)
+    assert debug.returncode == 1 and "Traceback (most recent call last)" in debug.stderr
+    assert debug.stderr.rstrip().splitlines()[-1].startswith("flows.cli_support.CLIError: --root 'does-not-exist'")
+
+
+def test_version_and_help_show_defaults_and_examples(capsys):
+    code, out, _ = run_cli(capsys, "--version")
+    assert code == 0 and out.startswith("parapipe ")
+    code, out, _ = run_cli(capsys, "traces", "--help")
+    flat = " ".join(out.split())
+    assert code == 0 and "examples:" in out and "parapipe traces --dataset toy-tiny" in out
+    assert "samples per generator call (default: 16)" in flat
+    assert "kind is one of teacher, vllm, http, ray" in flat and "in seconds (0: after every batch) (default: 10.0)" in flat
+    assert "--root ROOT storage root" in flat and "$PARAPIPE_ROOT" in flat
+    code, out, _ = run_cli(capsys, "sft", "--help")
+    flat = " ".join(out.split())
+    assert "checkpoint every N optimiser steps (default: 100)" in flat and "--sft.lr" in flat
+
+
+def test_default_root_is_said_and_config_files_fill_options(lake, tmp_path, monkeypatch, capsys):
+    import flows.cli as cli
+
+    monkeypatch.setenv("PARAPIPE_ROOT", lake)
+    a = parse(["traces"], cli)
+    assert a.root == lake and capsys.readouterr().err == f"root: {lake} ($PARAPIPE_ROOT)\n"
+    monkeypatch.delenv("PARAPIPE_ROOT")
+    (tmp_path / "runs" / "default" / "data").mkdir(parents=True)
+    assert parse(["query", "SELECT 1"], cli).root == os.path.join("runs", "default", "data")
+    cfg = tmp_path / "traces.yaml"
+    cfg.write_text("batch_size: 8\ncommit-every-s: 0\ngenerator: {kind: teacher, seed: 3}\n")
+    a = parse(["traces", "--config", str(cfg), "--batch-size", "4"], cli)  # the flag wins over the file
+    assert (a.batch_size, a.commit_every_s, json.loads(a.generator)) == (4, 0, {"kind": "teacher", "seed": 3})
+    cfg.write_text("resize: stretch\n")
+    with pytest.raises(CLIError, match="resize='stretch' is not allowed; choose from squash, center_crop"):
+        parse(["aggregate", "--config", str(cfg)], cli)
+    cfg.write_text("bach_size: 8\n")
+    with pytest.raises(CLIError, match=r"\['bach_size'\] are not options of `parapipe traces`"):
+        parse(["traces", "--config", str(cfg)], cli)
+
+
+def test_query_width_formats_and_intervals(lake, capsys):
+    sql = "SELECT text FROM traces WHERE sample_id = 's003'"
+    cut = run_cli(capsys, "query", "--root", lake, sql)[1].splitlines()[2]
+    assert len(cut) == 40 and cut.endswith("…")
+    assert run_cli(capsys, "query", "--root", lake, "--width", "12", sql)[1].splitlines()[2] == "word word w…"
+    assert run_cli(capsys, "query", "--root", lake, "--max-width", "0", sql)[1].splitlines()[2] == ("word " * 20).strip()
+    code, out, _ = run_cli(capsys, "query", "--root", lake, "--format", "csv", "SELECT sample_id, latency_s, text FROM "
+                           "traces WHERE generator = 'g1' ORDER BY sample_id")
+    assert out.splitlines() == ["sample_id,latency_s,text", "s000,1,abc", "s001,2,abcdefg", "s002,3,",
+                                "s003,1,word word word word word word word word word word word word word word word "
+                                "word word word word word "]
+    sql = ("SELECT INTERVAL 90 SECOND AS a, INTERVAL '1 day 3 hours' AS b, INTERVAL 14 MONTH AS c, "
+           "TIMESTAMP '2026-01-01 10:00:00' - TIMESTAMP '2026-01-01 09:58:01.5' AS d")
+    assert run_cli(capsys, "query", "--root", lake, sql)[1].splitlines()[2] == \
+        "1 min 30 s | 1 d 3 h | 14 mon | 1 min 58.5 s"
+    assert json.loads(run_cli(capsys, "query", "--root", lake, "--format", "json", sql)[1]) == [
+        {"a": "1 min 30 s", "b": "1 d 3 h", "c": "14 mon", "d": "1 min 58.5 s"}]
+
+
+def test_example_folder_names_read_as_what_they_hold():
+    assert example_folder_name(0, "recolour", "Paint the blue square green!") == "00-recolour-paint-the-blue-square-green"
+    assert example_folder_name(12, None, "x " * 40, max_chars=9) == "12-x-x-x-x-x"
+
+
 @pytest.mark.slow
 def test_run_pipeline_then_query_and_inspect(tmp_path):
     """`parapipe run` (its own ephemeral Prefect server), then DuckDB over what it wrote."""
@@ -39,12 +172,15 @@ def test_run_pipeline_then_query_and_inspect(tmp_path):
                           "--sft-steps", "4"], capture_output=True, text=True, cwd=tmp_path, env=env)
     tmp_path = tmp_path / "rel"
     assert run.returncode == 0, run.stderr[-3000:]
-    assert "run finished" in run.stdout and "200 samples" in run.stdout and "held-out exact" in run.stdout
+    assert "run finished" in run.stdout and "200 samples" in run.stdout and "Traceback" not in run.stdout
+    assert "toy ParaBench" in run.stdout or "held-out exact" in run.stdout
+    assert "parapipe query --root" in run.stdout
     examples = sorted((tmp_path / "examples").iterdir())
-    assert len(examples) == 4
+    assert len(examples) == 4 and examples[0].name.startswith("00-")
     for ex in examples:
-        assert {"image.png", "text.txt", "meta.json", "input_image.png", "output_image.png"} <= \
-            {p.name for p in ex.iterdir()}
+        assert {"input.png", "target.png", "model_output.png", "text.txt", "meta.json"} <= {p.name for p in ex.iterdir()}
+        assert (ex / "text.txt").read_text().startswith("instruction:\n")
+        assert json.loads((ex / "meta.json").read_text())["sampler"]["text_block_length"] is not None
     root = str(tmp_path / "data")
     q = subprocess.run([sys.executable, "-m", "flows.cli", "query", "--root", root,
                         "SELECT split, sum(n) AS n FROM samples_by_source GROUP BY split ORDER BY split"],
