@@ -17,8 +17,8 @@ import tarfile
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
-from tasks.source_io import (Rejected, check_text, clean, inside, iter_lines, open_regular, read_capped,
-                             resolve_in_root, source_files)
+from tasks.source_io import (Rejected, clean, inside, iter_lines, open_regular, read_capped, resolve_in_root,
+                             source_files)
 
 SOURCE_TYPES = ("toy", "jsonl", "parquet", "webdataset")
 MAX_FILE_BYTES = 64 << 20
@@ -252,8 +252,8 @@ def _parquet_file(spec: SourceSpec, root: str, rel: str, path: str) -> Iterator[
     except Rejected as r:
         yield _error(spec, rel, r)
     except Exception as e:  # a corrupt file or page: what was read stays, the rest of the file is one quarantine row
-        yield _error(spec, f"{rel}:{row_no}", Rejected("bad_file", f"{rel} cannot be read from row {row_no} on: "
-                                                                   f"{type(e).__name__}: {e}"))
+        broken = Rejected("bad_file", f"{rel} cannot be read from row {row_no} on: {type(e).__name__}: {e}")
+        yield _error(spec, f"{rel}:{row_no}" if row_no else rel, broken)
 
 
 def _rows(batch) -> list[dict]:
@@ -342,6 +342,10 @@ def _tar_records(spec: SourceSpec, root: str, rel: str, path: str) -> Iterator[R
                         yield _tar_record(spec, group)
                     group = _new_group(rel, key, index, seen)
                 _add_member(tar, member, field_name, group, spec.max_file_bytes)
+            if group is not None and not _ended(tar):
+                group["errors"].insert(0, Rejected("bad_tar", f"{rel} stops after member {index} without an "
+                                                              f"end-of-archive marker (cut, or a corrupt header); "
+                                                              f"the last sample may be incomplete"))
     except Rejected as r:
         yield _error(spec, rel, r)
         return
@@ -354,6 +358,12 @@ def _tar_records(spec: SourceSpec, root: str, rel: str, path: str) -> Iterator[R
         group["errors"].insert(0, broken)
     if group is not None:
         yield _tar_record(spec, group)
+
+
+def _ended(tar: tarfile.TarFile) -> bool:
+    """Whether the archive stops at its end-of-archive zero block (tarfile stops quietly at a cut or bad header)."""
+    tar.fileobj.seek(tar.offset)
+    return tar.fileobj.read(tarfile.BLOCKSIZE) == tarfile.NUL * tarfile.BLOCKSIZE
 
 
 def _new_group(rel: str, key: str, index: int, seen: set) -> dict:
