@@ -1,0 +1,107 @@
+"""Process hygiene for a parapipe run: nothing it starts outlives it, even when it is SIGKILLed.
+
+A run starts long-lived helpers: Prefect's ephemeral API server (a `uvicorn` subprocess Prefect
+starts when PREFECT_API_URL is unset and stops only from an atexit hook), Ray's local cluster
+(gcs_server, raylet, dashboard agents, workers) and vLLM's engine processes. A SIGKILL skips every
+atexit hook, so they keep running (Prefect's server alone holds ~200 MB and a port).
+
+`install_process_guard()` marks the run's environment with a token (`PARAPIPE_RUN_GUARD`), which
+every child and grandchild inherits, and starts a tiny watchdog process (this file run as a script:
+standard library only, no Prefect, no torch). The watchdog waits for the run's process to end, by
+any means, then sends SIGTERM (and SIGKILL after `GRACE_S`) to every process whose environment
+carries the token. On a normal exit Prefect and Ray have already stopped their processes, and the
+watchdog finds nothing to do. The marker is matched in /proc/<pid>/environ, the environment a
+process started with, so it works across sessions and process groups and after re-parenting.
+Linux only (/proc); elsewhere the guard is a no-op that says so.
+
+Leaves out: temporary files. Each stage writes its own under the run's folder (tasks/sft.py puts
+Ray Train's checkpoint staging under `{out}/tmp`); `install_process_guard(tmp_dir=...)` also points
+TMPDIR there for the whole process tree.
+"""
+import os
+import signal
+import subprocess
+import sys
+import time
+import uuid
+
+GUARD_ENV = "PARAPIPE_RUN_GUARD"
+GRACE_S = 5.0
+"""Seconds between SIGTERM and SIGKILL for a process that outlived its run."""
+POLL_S = 0.5
+"""How often the watchdog checks that the run's process is still alive."""
+
+
+def install_process_guard(tmp_dir: str | None = None) -> str | None:
+    """Starts the watchdog for this process (once per process); returns the run's token.
+
+    Args:
+        tmp_dir: when given, TMPDIR for this process and its children (created if missing), so
+            temporary files land under the run's folder. Keep it short: Ray puts Unix sockets under
+            it, and a socket path has at most 107 bytes.
+    """
+    if tmp_dir is not None:
+        import tempfile
+
+        os.makedirs(tmp_dir, exist_ok=True)
+        os.environ["TMPDIR"] = os.path.abspath(tmp_dir)
+        tempfile.tempdir = None  # re-read TMPDIR on the next call
+    if not os.path.isdir("/proc/self"):
+        print("parapipe: no /proc here; processes a killed run started are not cleaned up", file=sys.stderr)
+        return None
+    token = os.environ.get(GUARD_ENV, "")
+    if token.startswith(f"{os.getpid()}-"):
+        return token  # already guarding this process
+    token = f"{os.getpid()}-{uuid.uuid4().hex[:12]}"
+    env = {k: v for k, v in os.environ.items() if k != GUARD_ENV}  # the watchdog must not match itself
+    subprocess.Popen([sys.executable, "-S", os.path.abspath(__file__), str(os.getpid()), token], env=env,
+                     stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                     start_new_session=True)  # a Ctrl-C in the terminal does not reach it
+    os.environ[GUARD_ENV] = token
+    return token
+
+
+def guarded_pids(token: str) -> list[int]:
+    """Processes whose starting environment carries `PARAPIPE_RUN_GUARD=token`."""
+    marker = f"{GUARD_ENV}={token}".encode()
+    pids = []
+    for name in os.listdir("/proc"):
+        if not name.isdigit() or int(name) == os.getpid():
+            continue
+        try:
+            with open(f"/proc/{name}/environ", "rb") as f:
+                if marker in f.read().split(b"\0"):
+                    pids.append(int(name))
+        except OSError:  # gone, or not ours to read
+            continue
+    return pids
+
+
+def reap(token: str, grace_s: float = GRACE_S) -> list[int]:
+    """SIGTERM every guarded process, SIGKILL those still alive after grace_s; returns the pids found."""
+    found = guarded_pids(token)
+    for sig, wait in ((signal.SIGTERM, grace_s), (signal.SIGKILL, 1.0)):
+        alive = guarded_pids(token)
+        for pid in alive:
+            try:
+                os.kill(pid, sig)
+            except OSError:
+                pass
+        deadline = time.monotonic() + wait
+        while alive and time.monotonic() < deadline:
+            time.sleep(0.1)
+            alive = guarded_pids(token)
+        found += [p for p in alive if p not in found]
+    return sorted(set(found))
+
+
+def _watch(parent: int, token: str) -> None:
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
+    while os.getppid() == parent:  # re-parented once the run's process is gone
+        time.sleep(POLL_S)
+    reap(token)
+
+
+if __name__ == "__main__":
+    _watch(int(sys.argv[1]), sys.argv[2])
