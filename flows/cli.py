@@ -192,6 +192,14 @@ def _load_sources(path: str | None) -> list[dict] | None:
     if not isinstance(sources, list) or not all(isinstance(s, dict) for s in sources):
         raise CLIError(f"--sources {path!r} must hold a list of source dicts (or {{\"sources\": [...]}}), "
                        f"got {type(sources).__name__}")
+    from tasks.sources import SourceSpec
+
+    for i, spec in enumerate(sources):
+        try:
+            SourceSpec.from_dict(spec)
+        except (TypeError, ValueError) as e:
+            raise CLIError(f"--sources {path!r}, source {i} {json.dumps(spec)}: {one_line(e)} (fields: "
+                           f"tasks/sources.SourceSpec)") from None
     return sources
 
 
@@ -326,7 +334,17 @@ def cmd_query(a) -> None:
 
     if a.max_width < 0 or a.max_rows < 0:
         raise CLIError(f"--max-width {a.max_width} / --max-rows {a.max_rows} must be >= 0 (0: no limit)")
-    tbl = query(a.root, a.sql)
+    import duckdb
+
+    try:
+        tbl = query(a.root, a.sql)
+    except duckdb.Error as e:
+        head = []
+        for line in str(e).splitlines():  # the message and DuckDB's "Did you mean", not the SQL excerpt
+            if not line.strip() or line.startswith("LINE "):
+                break
+            head.append(line.strip())
+        raise CLIError(f"SQL: {' '.join(head)} (`parapipe inspect` then .tables lists the tables and views)") from None
     if a.format == "csv":
         sys.stdout.write(format_csv(tbl, max_rows=a.max_rows))
     elif a.format == "json":

@@ -147,7 +147,7 @@ def human_value(key: str, v) -> str:
     if isinstance(v, bool) or v is None:
         return {True: "yes", False: "no", None: "-"}[v]
     if isinstance(v, float):
-        if key.endswith(("_s", "seconds")) or key in ("s", "time"):
+        if (key.endswith(("_s", "seconds")) and "per_s" not in key) or key in ("s", "time"):
             return human_seconds(v)
         return f"{v:.3g}" if math.isfinite(v) else str(v)
     if isinstance(v, int):

@@ -199,3 +199,35 @@ def test_run_pipeline_then_query_and_inspect(tmp_path):
     session = subprocess.run([sys.executable, "-m", "flows.cli", "inspect", "--root", root],
                              input="SELECT count(*) AS n FROM quarantine;\n.quit\n", capture_output=True, text=True)
     assert session.returncode == 0 and "0" in session.stdout
+
+
+def test_generate_defaults_to_the_checkpoint_sampler_and_warns_on_departures(tmp_path, capsys):
+    import argparse
+
+    from flows.cli import ONE_BLOCK, _sampler_config
+    from model.sampling import SamplerConfig
+    from tasks.generate import sampler_meta
+
+    flags = dict(settings=None, steps=None, image_steps=None, block_length=None, text_cfg=None, image_cfg=None,
+                 text_temperature=None, image_temperature=None, text_length=None, mode="parallel")
+    ours = {"steps": 20, "image_steps": 10, "text_block_length": 32, "text_temperature": 0.0,
+            "image_temperature": 0.0, "image_noise": 0.0}
+    for name, extra in (("recorded", {"parapipe_sampler": ours}), ("older", {"parapipe_sequence": {"text_tokens": 32}}),
+                        ("released", {})):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "config.json").write_text(json.dumps({"d_model": 8, **extra}))
+    for name in ("recorded", "older"):  # the SFT recipes' evaluation sampler: greedy, one block per text
+        sampler, text_tokens = _sampler_config(argparse.Namespace(checkpoint=str(tmp_path / name), **flags))
+        assert (sampler.steps, sampler.image_steps, sampler.text_block_length, sampler.image_temperature,
+                text_tokens) == (20, 10, 32, 0.0, None), name
+    assert "warning" not in capsys.readouterr().err
+    a = argparse.Namespace(checkpoint=str(tmp_path / "recorded"), **{**flags, "steps": 32, "image_temperature": 1.0})
+    sampler, _ = _sampler_config(a)
+    err = capsys.readouterr().err
+    assert (sampler.steps, sampler.image_temperature) == (32, 1.0)
+    assert "warning: --steps 32 departs from the sampler" in err and "(steps=20)" in err
+    assert "warning: --image-temperature 1.0 departs" in err and "(image_temperature=0.0)" in err
+    sampler, _ = _sampler_config(argparse.Namespace(checkpoint=str(tmp_path / "released"), **flags))
+    assert (sampler.steps, sampler.text_block_length, sampler.image_temperature) == (32, ONE_BLOCK, 1.0)
+    assert sampler_meta(sampler)["text_block_length"] is None  # meta.json: null, the whole text is one block
+    assert sampler_meta(SamplerConfig(text_block_length=8))["text_block_length"] == 8
