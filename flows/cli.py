@@ -116,6 +116,8 @@ def cmd_run(a) -> None:
     if "config" in params and config is not None:
         result = pipeline(config=config)
     else:
+        if a.config:
+            raise CLIError(f"--config {a.config!r}: this pipeline takes no config; use the flags")
         kw = dict(out=a.out or "runs/default", toy_samples=a.toy_samples, seed=a.seed or 0, sft_steps=a.sft_steps,
                   num_workers=a.workers or 2)
         if "gpu" in params:
@@ -177,9 +179,14 @@ def _quiet(a) -> None:
 def _load_sources(path: str | None) -> list[dict] | None:
     if path is None:
         return None
+    if path.lstrip().startswith("["):  # inline JSON
+        try:
+            return _check_sources(path, json.loads(path))
+        except json.JSONDecodeError as e:
+            raise CLIError(f"--sources {path!r} is not valid JSON ({e.msg} at character {e.pos})") from None
     if not os.path.isfile(path):
-        raise CLIError(f"--sources {path!r} does not exist; give a JSON or YAML file holding a list of source "
-                       f"dicts, e.g. [{{\"type\": \"toy\", \"name\": \"toy-tiny\", \"n\": 200}}]")
+        raise CLIError(f"--sources {path!r} does not exist; give a JSON or YAML file (or inline JSON) of a list "
+                       f"of source dicts, e.g. [{{\"type\": \"toy\", \"name\": \"toy-tiny\", \"n\": 200}}]")
     import yaml
 
     with open(path) as f:
@@ -187,8 +194,10 @@ def _load_sources(path: str | None) -> list[dict] | None:
             sources = yaml.safe_load(f)  # JSON is YAML
         except yaml.YAMLError as e:
             raise CLIError(f"--sources {path!r} is neither JSON nor YAML: {str(e).splitlines()[0]}") from None
-    if isinstance(sources, dict) and "sources" in sources:
-        sources = sources["sources"]
+    return _check_sources(path, sources["sources"] if isinstance(sources, dict) and "sources" in sources else sources)
+
+
+def _check_sources(path: str, sources) -> list[dict]:
     if not isinstance(sources, list) or not all(isinstance(s, dict) for s in sources):
         raise CLIError(f"--sources {path!r} must hold a list of source dicts (or {{\"sources\": [...]}}), "
                        f"got {type(sources).__name__}")
@@ -220,7 +229,8 @@ def cmd_traces(a) -> None:
 
     generator = load_object("--generator", a.generator)
     if generator.get("kind", "teacher") not in GENERATOR_KINDS:
-        raise CLIError(f"--generator kind {generator.get('kind')!r} is unknown; use one of {', '.join(GENERATOR_KINDS)}")
+        raise CLIError(f"--generator kind {generator.get('kind')!r} is unknown; use one of "
+                       f"{', '.join(GENERATOR_KINDS)}")
     check_fields("--generator", generator, GeneratorSpec)
     filters = load_object("--filters", a.filters)
     if filters is not None:
@@ -271,7 +281,8 @@ def cmd_rl(a) -> None:
     if sampler is not None:
         check_fields("--sampler", sampler, SamplerConfig)
     if a.clip_folder is not None and not os.path.isdir(a.clip_folder):
-        raise CLIError(f"--clip-folder {a.clip_folder!r} does not exist; write one with `parapipe fit-reward --out DIR`")
+        raise CLIError(f"--clip-folder {a.clip_folder!r} does not exist; write one with "
+                       f"`parapipe fit-reward --out DIR`")
     from flows.pararl import pararl
 
     _quiet(a)
@@ -359,8 +370,9 @@ def cmd_inspect(a) -> None:
 
     if a.write_sql:
         print(f"wrote {write_views_sql(a.root, a.write_sql)}")
-        print(f"open it with: python -c \"import duckdb; c = duckdb.connect(); c.execute(open('{a.write_sql}').read()); "
-              f"print(c.sql('FROM samples_by_source'))\"  (or the DuckDB CLI, if installed: duckdb -init {a.write_sql})")
+        print(f"open it with: python -c \"import duckdb; c = duckdb.connect(); "
+              f"c.execute(open('{a.write_sql}').read()); print(c.sql('FROM samples_by_source'))\"\n"
+              f"  (or the DuckDB CLI, if installed: duckdb -init {a.write_sql})")
         return
     sys.exit(interactive(a.root))
 

@@ -10,7 +10,8 @@ from flows.cli_support import CLIError, default_root, load_object
 EXAMPLES = {
     "generate": ["parapipe generate --checkpoint runs/default/sft/checkpoints/sft-toy-tiny/final \\\n"
                  "    --prompt 'paint the blue square green' --image input.png --out out/",
-                 "parapipe init-tiny --out tiny && parapipe generate --checkpoint tiny --prompt 'a red circle' --out out/"],
+                 "parapipe init-tiny --out tiny && parapipe generate --checkpoint tiny --prompt 'a red circle' "
+                 "--out out/"],
     "init-tiny": ["parapipe init-tiny --out runs/tiny-ckpt --seed 1"],
     "run": ["parapipe run                      # the whole pipeline into runs/default (~20 min on 2 cores)",
             "parapipe run --out runs/quick --toy-samples 200 --sft-steps 50",
@@ -18,7 +19,8 @@ EXAMPLES = {
     "aggregate": ["parapipe aggregate --root data --dataset toy-tiny      # the toy world",
                   "parapipe aggregate --sources sources.yaml --dataset magicbrush --resolution 256"],
     "traces": ["parapipe traces --dataset toy-tiny",
-               "parapipe traces --generator '{\"kind\": \"http\", \"model\": \"qwen\", \"base_url\": \"http://gpu:8000/v1\"}'",
+               "parapipe traces --generator '{\"kind\": \"http\", \"model\": \"qwen\", "
+               "\"base_url\": \"http://gpu:8000/v1\"}'",
                "parapipe traces --generator vllm.yaml --filters '{\"min_words\": 5}'"],
     "sft": ["parapipe sft --dataset toy-tiny --steps 200",
             "parapipe sft --recipe small --dataset magicbrush --gpu --workers 8 --sft.lr 3e-4",
@@ -48,7 +50,8 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescript
 
     def _get_help_string(self, action):
         h = action.help or ""
-        if "default" in h or action.default in (None, False, argparse.SUPPRESS) or not action.option_strings:
+        hidden = action.default is None or action.default is False or action.default == argparse.SUPPRESS
+        if "default" in h or hidden or not action.option_strings:
             return h
         return h + " (default: %(default)s)"
 
@@ -98,8 +101,9 @@ def _sampler_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--settings", default=None, choices=("mmada-parallel-m", "mmada-parallel-a"),
                    help="upstream's published inference settings for released checkpoints "
                    "(tasks/generate.RELEASED_SETTINGS, bugs fixed); explicit flags still win")
-    g = p.add_argument_group("sampler (default: the sampler recorded in the checkpoint; a warning when a flag "
-                             "departs from it; a checkpoint that records none gets the value in brackets)")
+    g = p.add_argument_group("sampler", "Default: the sampler the checkpoint records (its evaluation's); a flag that "
+                             "departs from it prints a warning.\nA checkpoint that records none gets [the value in "
+                             "brackets].")
     g.add_argument("--steps", type=int, default=None, help="text denoising steps on the shared timeline (S) [32]")
     g.add_argument("--image-steps", type=int, default=None, help="image decoding steps [16]")
     g.add_argument("--text-length", type=int, default=None, help="output text slots [what the checkpoint was "
@@ -163,8 +167,8 @@ def _generate_parsers(sub, cli) -> None:
 
 def _stage_parsers(sub, cli, command: str | None) -> None:
     ag = _sub(sub, "aggregate", "aggregate sources into a validated, deduplicated samples table (resumable)")
-    ag.add_argument("--sources", default=None, metavar="FILE", help="JSON or YAML file: a list of source dicts "
-                    "(tasks/sources.py) [default: the toy world, 2000 tasks]")
+    ag.add_argument("--sources", default=None, metavar="FILE|JSON", help="JSON or YAML file (or inline JSON): a list "
+                    "of source dicts, tasks/sources.SourceSpec fields [default: the toy world, 2000 tasks]")
     _root(ag, "storage root to write into: a folder (created) or s3://bucket/prefix")
     _dataset(ag, "dataset name to write (the run partition of the samples and quarantine tables)")
     ag.add_argument("--resolution", type=int, default=32, help="output image side in pixels")
@@ -296,7 +300,7 @@ def build(cli, command: str | None = None) -> tuple[argparse.ArgumentParser, dic
     parser = argparse.ArgumentParser(prog="parapipe", description=DESCRIPTION, formatter_class=HelpFormatter,
                                      epilog="run `parapipe COMMAND --help` for a command's options and examples")
     parser.add_argument("--version", action="version", version=f"parapipe {_version()}")
-    parser.add_argument("--debug", action="store_true", help="show the full traceback on errors (also "
+    parser.add_argument("--debug", action="store_true", default=False, help="show the full traceback on errors (also "
                         "PARAPIPE_DEBUG=1)")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     _generate_parsers(sub, cli)

@@ -123,7 +123,8 @@ def views_sql(root: str, s3: fs.S3Config | None = None) -> str:
     """The text of `write_views_sql`: `CREATE OR REPLACE VIEW` statements over the explicit committed shard files."""
     lines = [f"-- ParaPipe views over the committed shards under {root}.",
              "-- Python: duckdb.connect().execute(open('views.sql').read()); DuckDB CLI (installed separately):",
-             "-- duckdb -init views.sql, or .read views.sql. Rerun `parapipe inspect --write-sql` to pick up newer shards."]
+             "-- duckdb -init views.sql, or .read views.sql.",
+             "-- Rerun `parapipe inspect --write-sql` to pick up newer shards."]
     if fs.is_s3(root):
         lines.append("-- S3 paths need DuckDB's httpfs extension and a CREATE SECRET for the endpoint and keys.")
     con = duckdb.connect(":memory:")

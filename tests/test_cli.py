@@ -111,7 +111,8 @@ def test_version_and_help_show_defaults_and_examples(capsys):
     flat = " ".join(out.split())
     assert code == 0 and "examples:" in out and "parapipe traces --dataset toy-tiny" in out
     assert "samples per generator call (default: 16)" in flat
-    assert "kind is one of teacher, vllm, http, ray" in flat and "in seconds (0: after every batch) (default: 10.0)" in flat
+    assert "kind is one of teacher, vllm, http, ray" in flat
+    assert "in seconds (0: after every batch) (default: 10.0)" in flat
     assert "--root ROOT storage root" in flat and "$PARAPIPE_ROOT" in flat
     code, out, _ = run_cli(capsys, "sft", "--help")
     flat = " ".join(out.split())
@@ -134,6 +135,13 @@ def test_default_root_is_said_and_config_files_fill_options(lake, tmp_path, monk
     cfg.write_text("resize: stretch\n")
     with pytest.raises(CLIError, match="resize='stretch' is not allowed; choose from squash, center_crop"):
         parse(["aggregate", "--config", str(cfg)], cli)
+    cfg.write_text(json.dumps({"rounds": 2, "credit": "uniform", "root": lake, "sampler": {"steps": 8}}))
+    a = parse(["rl", "--checkpoint", "ckpt", "--config", str(cfg), "--root", "elsewhere"], cli)
+    assert (a.rounds, a.root, json.loads(a.sampler), a.rl_fields) == (2, "elsewhere", {"steps": 8},
+                                                                      {"credit": "uniform"})
+    cfg.write_text("workers: 4\nsft.lr: 0.001\ncategories: [add, remove]\n")
+    a = parse(["sft", "--config", str(cfg)], cli)  # recipe fields by their flag names, as the flags' text
+    assert (a.workers, getattr(a, "recipe:sft.lr"), getattr(a, "recipe:categories")) == (4, "0.001", "add,remove")
     cfg.write_text("bach_size: 8\n")
     with pytest.raises(CLIError, match=r"\['bach_size'\] are not options of `parapipe traces`"):
         parse(["traces", "--config", str(cfg)], cli)
@@ -144,7 +152,8 @@ def test_query_width_formats_and_intervals(lake, capsys):
     cut = run_cli(capsys, "query", "--root", lake, sql)[1].splitlines()[2]
     assert len(cut) == 40 and cut.endswith("…")
     assert run_cli(capsys, "query", "--root", lake, "--width", "12", sql)[1].splitlines()[2] == "word word w…"
-    assert run_cli(capsys, "query", "--root", lake, "--max-width", "0", sql)[1].splitlines()[2] == ("word " * 20).strip()
+    full = run_cli(capsys, "query", "--root", lake, "--max-width", "0", sql)[1]
+    assert full.splitlines()[2] == ("word " * 20).strip()
     code, out, _ = run_cli(capsys, "query", "--root", lake, "--format", "csv", "SELECT sample_id, latency_s, text FROM "
                            "traces WHERE generator = 'g1' ORDER BY sample_id")
     assert out.splitlines() == ["sample_id,latency_s,text", "s000,1,abc", "s001,2,abcdefg", "s002,3,",
@@ -159,7 +168,8 @@ def test_query_width_formats_and_intervals(lake, capsys):
 
 
 def test_example_folder_names_read_as_what_they_hold():
-    assert example_folder_name(0, "recolour", "Paint the blue square green!") == "00-recolour-paint-the-blue-square-green"
+    name = example_folder_name(0, "recolour", "Paint the blue square green!")
+    assert name == "00-recolour-paint-the-blue-square-green"
     assert example_folder_name(12, None, "x " * 40, max_chars=9) == "12-x-x-x-x-x"
 
 
@@ -178,7 +188,8 @@ def test_run_pipeline_then_query_and_inspect(tmp_path):
     examples = sorted((tmp_path / "examples").iterdir())
     assert len(examples) == 4 and examples[0].name.startswith("00-")
     for ex in examples:
-        assert {"input.png", "target.png", "model_output.png", "text.txt", "meta.json"} <= {p.name for p in ex.iterdir()}
+        files = {p.name for p in ex.iterdir()}
+        assert {"input.png", "target.png", "model_output.png", "text.txt", "meta.json"} <= files
         assert (ex / "text.txt").read_text().startswith("instruction:\n")
         assert json.loads((ex / "meta.json").read_text())["sampler"]["text_block_length"] is not None
     root = str(tmp_path / "data")

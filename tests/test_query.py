@@ -140,9 +140,10 @@ def test_intervals_and_durations_read_as_people_write_them():
 
     from storage.query import format_csv, format_interval
 
-    assert [format_interval(pa.MonthDayNano([m, d, ns])) for m, d, ns in
-            [(0, 0, 1_356_939_835), (0, 0, 0), (0, 2, 0), (14, 0, 90 * 10**9), (0, 1, 30 * 10**9), (0, 0, -5 * 10**9)]] \
-        == ["1.357 s", "0 s", "2 d", "14 mon 1 min 30 s", "1 d 30 s", "-5 s"]
+    s = 10**9
+    values = [(0, 0, 1_356_939_835), (0, 0, 0), (0, 2, 0), (14, 0, 90 * s), (0, 1, 30 * s), (0, 0, -5 * s)]
+    assert [format_interval(pa.MonthDayNano(v)) for v in values] == \
+        ["1.357 s", "0 s", "2 d", "14 mon 1 min 30 s", "1 d 30 s", "-5 s"]
     assert format_interval(dt.timedelta(hours=2, seconds=5)) == "2 h 0 min 5 s"
     tbl = pa.table({"d": pa.array([dt.timedelta(seconds=1.5), None], pa.duration("us")), "s": ["a,b", "x"]})
     assert format_table(tbl).splitlines()[2:4] == ["1.5 s | a,b", "NULL  | x"]
