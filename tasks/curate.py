@@ -22,6 +22,7 @@ SPLITS = (("train", 0.90), ("val", 0.05), ("test", 0.05))
 DHASH_SIDE = 8  # 8 x 8 = 64-bit difference hash per image
 PHASH_BITS = 128  # input + output dHash
 IMAGE_FORMATS = ("PNG", "JPEG", "WEBP", "GIF", "BMP", "TIFF")  # decoders tried; never EPS (ghostscript) and the like
+EXIF_ORIENTATION = 0x0112
 RAW_FIELD_CHARS = 2000  # longest text field copied into a quarantine row's raw_json
 CATEGORY_KEYWORDS = (  # first match wins; checked in this order
     ("counting", ("as many", "how many", "count")), ("swap", ("swap",)), ("move", ("move", "shift")),
@@ -123,6 +124,8 @@ def _upright(img):
     from PIL import ImageOps
 
     try:
+        if img.getexif().get(EXIF_ORIENTATION, 1) == 1:
+            return img  # upright already (most images): skip exif_transpose's copy
         return ImageOps.exif_transpose(img)
     except Exception:
         return img

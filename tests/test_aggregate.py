@@ -188,3 +188,24 @@ def test_ingest_to_s3_then_duckdb(tmp_path, s3_server, s3_root, monkeypatch):
     assert _ingest(spec, s3_root)["already_present"] == 60
     rows = query(s3_root, "SELECT kind, count(*) AS n FROM samples GROUP BY kind ORDER BY kind").to_pylist()
     assert sum(r["n"] for r in rows) == 60 and {r["kind"] for r in rows} == {"edit", "generate"}
+
+
+def test_flow_checks_sources_first_and_runs_past_a_failing_source(tmp_path, prefect_harness, monkeypatch):
+    from flows.aggregate import aggregate
+
+    toy = {"type": "toy", "name": "toy", "preset": "tiny", "n": 30, "seed": 2}
+    with pytest.raises(ValueError, match="named more than once"):  # before anything is read
+        aggregate(sources=[toy, toy], root=str(tmp_path / "lake"), dataset="twice")
+    real = agg.read_source
+
+    def failing(source):  # a reader bug: not retried, and the next source still runs
+        if source.name == "folder":
+            raise RuntimeError("bug in a reader")
+        yield from real(source)
+
+    monkeypatch.setattr(agg, "read_source", failing)
+    with pytest.raises(RuntimeError, match="1 of 2 sources failed: folder: failed: RuntimeError: bug in a reader"):
+        aggregate(sources=[_jsonl_source(tmp_path), toy], root=str(tmp_path / "lake"), dataset="partial")
+    expected = len(list(real(SourceSpec.from_dict(toy))))
+    assert read_table(str(tmp_path / "lake"), "samples", run="partial").num_rows == expected
+    assert not (tmp_path / "lake" / "samples" / "run=twice").exists()
