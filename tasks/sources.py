@@ -21,6 +21,7 @@ from tasks.source_io import (Rejected, clean, inside, iter_lines, open_regular, 
                              source_files)
 
 SOURCE_TYPES = ("toy", "jsonl", "parquet", "webdataset")
+COLUMN_FIELDS = ("instruction", "input_image", "output_image", "trace", "category")
 MAX_FILE_BYTES = 64 << 20
 MAX_LINE_BYTES = 1 << 20
 
@@ -92,6 +93,12 @@ class SourceSpec:
             raise ValueError(f"source type {self.type!r} is unknown; use one of {SOURCE_TYPES}")
         if self.type != "toy" and not self.path:
             raise ValueError(f"source {self.name!r} of type {self.type} needs a path")
+        if not isinstance(self.allow_outside_root, bool):
+            raise ValueError(f"source {self.name!r}: allow_outside_root={self.allow_outside_root!r}; use true or false")
+        unknown = sorted(set(dict(self.columns)) - set(COLUMN_FIELDS))
+        if unknown:
+            raise ValueError(f"source {self.name!r}: columns maps unknown fields {unknown}; map some of {COLUMN_FIELDS} "
+                             f"to your column names")
         if self.max_file_bytes < 1 or self.max_line_bytes < 1:
             raise ValueError(f"source {self.name!r}: max_file_bytes={self.max_file_bytes} and "
                              f"max_line_bytes={self.max_line_bytes} must be >= 1")

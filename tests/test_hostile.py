@@ -136,7 +136,10 @@ def test_broken_configuration_fails_before_any_source_is_read(tmp_path):
              ([{"type": "parquet", "name": "p", "path": str(tmp_path / "*.parquet")}], FileNotFoundError,
               "no .parquet"),
              ([{**TOY, "preset": "huge"}], ValueError, "toy preset 'huge'"),
-             ([{**ok, "allow_outside": True}], ValueError, "unknown keys")]
+             ([{**ok, "allow_outside": True}], ValueError, "unknown keys"),
+             ([{**ok, "allow_outside_root": "yes"}], ValueError, "use true or false"),
+             ([{"type": "parquet", "name": "p", "path": str(tmp_path), "columns": {"prompt": "text"}}], ValueError,
+              "unknown fields \\['prompt'\\]")]
     for sources, error, message in cases:
         with pytest.raises(error, match=message):
             check_sources(sources)
