@@ -242,3 +242,23 @@ def test_generate_defaults_to_the_checkpoint_sampler_and_warns_on_departures(tmp
     assert (sampler.steps, sampler.text_block_length, sampler.image_temperature) == (32, ONE_BLOCK, 1.0)
     assert sampler_meta(sampler)["text_block_length"] is None  # meta.json: null, the whole text is one block
     assert sampler_meta(SamplerConfig(text_block_length=8))["text_block_length"] == 8
+
+
+def test_run_report_says_scores_outputs_and_how_to_look():
+    from flows.cli_support import format_summary, run_report
+
+    table = "| checkpoint | overall |\n|---|---|\n| sft (parallel) | 0.40 |"
+    text = run_report({"out": "runs/x", "root": "runs/x/data", "samples": 2000, "quarantined": 0,
+                       "traces": {"pending": 2000, "ok": 1990, "failed": 10, "filtered": 0, "seconds": 1.36},
+                       "sft": {"checkpoint": "runs/x/sft/final"}, "rl": {"checkpoint": "runs/x/rl/final"},
+                       "eval": {"items": 300, "markdown": table, "reports": ["runs/x/eval/chart.png"]},
+                       "examples": [{"folder": "runs/x/examples/00-add-add-a-red-circle"}]}, "runs/x")
+    lines = text.splitlines()
+    assert lines[2] == "data      runs/x/data: 2,000 samples, 0 quarantined; traces ok 1,990, failed 10, filtered 0"
+    assert "sft       runs/x/sft/final" in lines and "rl        runs/x/rl/final" in lines
+    assert "toy ParaBench (300 items):" in lines and table in text and "  runs/x/examples/00-add-add-a-red-circle" in lines
+    assert "  parapipe query --root runs/x/data 'SELECT * FROM samples_by_source'" in lines
+    assert format_summary({"seconds": 1.3569398350000483, "samples_per_s": 154.2, "quarantine_reasons": {},
+                           "by_split": {"train": 1800}}).splitlines() == [
+        "seconds:            1.36 s", "samples per s:      154", "quarantine reasons: none", "by split:",
+        "  train: 1,800"]
