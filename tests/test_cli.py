@@ -256,7 +256,8 @@ def test_run_report_says_scores_outputs_and_how_to_look():
     lines = text.splitlines()
     assert lines[2] == "data      runs/x/data: 2,000 samples, 0 quarantined; traces ok 1,990, failed 10, filtered 0"
     assert "sft       runs/x/sft/final" in lines and "rl        runs/x/rl/final" in lines
-    assert "toy ParaBench (300 items):" in lines and table in text and "  runs/x/examples/00-add-add-a-red-circle" in lines
+    assert "toy ParaBench (300 items):" in lines and table in text
+    assert "  runs/x/examples/00-add-add-a-red-circle" in lines
     assert "  parapipe query --root runs/x/data 'SELECT * FROM samples_by_source'" in lines
     assert format_summary({"seconds": 1.3569398350000483, "samples_per_s": 154.2, "quarantine_reasons": {},
                            "by_split": {"train": 1800}}).splitlines() == [
