@@ -365,6 +365,9 @@ def _header_offset(data: bytes, name: str) -> int:
 def build(tmp: Path) -> tuple[list[dict], dict[tuple[str, str], Case], list[str]]:
     """Writes the corpus; returns (sources, expected outcome per (source, ref), paths no source may open)."""
     out, c = _outside(tmp), _Corpus()
-    sources = [_jsonl(tmp, out, c), _jsonl_open(tmp, out, c), _parquet(tmp, out, c), _webdataset(tmp, out, c)]
+    (tmp / "jsonl-empty").mkdir()
+    (tmp / "jsonl-empty" / "manifest.jsonl").write_bytes(b"\xef\xbb\xbf\n\n")  # a BOM and blank lines: no records
+    sources = [_jsonl(tmp, out, c), _jsonl_open(tmp, out, c), _parquet(tmp, out, c), _webdataset(tmp, out, c),
+               {"type": "jsonl", "name": "jsonl-empty", "path": str(tmp / "jsonl-empty")}]
     forbidden = [str(out / n) for n in ("secret.png", "pipe", "outside.parquet", "outside.tar")] + ["/dev/zero"]
     return sources, c.expected, forbidden

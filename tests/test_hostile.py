@@ -111,7 +111,7 @@ def test_hostile_corpus_quarantined_record_by_record_and_rerun_idempotent(tmp_pa
             assert (s["read"], s["quarantined"], s["already_present"]) == (per_source[s["source"]], bad[s["source"]], 0)
         else:
             assert s["accepted"] == s["read"] > 0
-    roots = [str(tmp_path / d) + os.sep for d in ("jsonl", "jsonl-open", "parquet", "wds", "lake")]
+    roots = [str(tmp_path / d) + os.sep for d in ("jsonl", "jsonl-open", "jsonl-empty", "parquet", "wds", "lake")]
     allowed_outside = str(tmp_path / "outside" / "shared.png")  # only jsonl-open, which opts in, reads it
     leaks = [p for p in first["opened"] if not p.startswith(tuple(roots)) and p != allowed_outside]
     assert not leaks and not set(forbidden) & set(first["opened"]), leaks
@@ -123,7 +123,7 @@ def test_hostile_corpus_quarantined_record_by_record_and_rerun_idempotent(tmp_pa
             (a["read"], 0, a["accepted"], a["quarantined"]), (a, b)
     again_q, again_s = _lake(tmp_path)
     assert again_q.keys() == quarantine.keys() and again_s.keys() == samples.keys()
-    print(f"hostile corpus: {len(expected)} records in 4 sources + toy, {sum(bad.values())} quarantined, "
+    print(f"hostile corpus: {len(expected)} records in 5 sources + toy, {sum(bad.values())} quarantined, "
           f"{len(expected) - sum(bad.values())} accepted; runs {first['seconds']:.1f} s and {second['seconds']:.1f} s")
 
 
