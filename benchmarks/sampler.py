@@ -1,65 +1,214 @@
-"""Sampler throughput on a tiny model: parallel vs sequential decoding, batched vs one at a time.
+"""Sampler speed: each exact and approximate mode against an upstream-equivalent sampler, side by side.
 
-    python benchmarks/sampler.py [--prompts 8] [--repeats 3]
+    python benchmarks/sampler.py [--items 100] [--repeats 2] [--skip-speed] [--skip-toy] [--skip-drift]
+    python benchmarks/sampler.py --gpu        # 8B-shaped random model, 1024 codes, 256 text, 128 steps
 
-Prints output tokens/s and forward passes per sample for each setting, measured side by side in
-one run, and the ratios between them.
+Upstream-equivalent = the same algorithm as upstream MMaDA-Parallel runs it: one prompt at a time,
+a full forward pass per step over the whole sequence (the head on every position), no cache, the
+unconditional CFG rows as separate passes. Every other row is measured in the same process right
+after it, so the ratios hold on a shared machine even when the absolute numbers move.
+1. speed: a ~100M-parameter random model (random weights are enough for speed), output tokens/s.
+2. toy: the trained toy checkpoint on the toy ParaBench (exact judge): tokens/s and Output
+   Alignment (OA) per mode; exact modes must give OA identical to the reference, approximate ones
+   print their OA change.
+3. drift: how far rollout-time behaviour log-probs under each approximate mode are from the
+   learner's full-pass replay (benchmarks/sampler_drift.py), i.e. which modes RL may use.
 """
 import argparse
+import copy
+import dataclasses
+import glob
+import os
+import sys
 import time
 
 import torch
 
-from model.layout import OutputShape, edit_prompt
-from model.sampling import SamplerConfig, generate
-from model.tokens import tiny_vocab
-from model.transformer import DiffusionLM, ModelConfig
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from model.layout import OutputShape, edit_prompt  # noqa: E402
+from model.sampling import SamplerConfig, generate  # noqa: E402
+from model.tokens import tiny_vocab  # noqa: E402
+from model.transformer import DiffusionLM, ModelConfig  # noqa: E402
+
+TOY_CHECKPOINTS = ("runs/toy-all/sft/checkpoints/*/final", "runs/default/sft/checkpoints/*/final")
+# (name, SamplerConfig overrides, batched?, bf16?, exact?)
+MODES = [
+    ("exact: batched, CFG rows joined, idle steps skipped", {}, True, False, True),
+    ("approx: prefix cache, refresh 4", dict(cache="prefix", cache_refresh=4), True, False, False),
+    ("approx: dual cache, refresh 4", dict(cache="dual", cache_refresh=4), True, False, False),
+    ("approx: dual cache, refresh 8", dict(cache="dual", cache_refresh=8), True, False, False),
+    ("approx: threshold 0.9", dict(text_threshold=0.9), True, False, False),
+    ("approx: dual 4 + threshold 0.9", dict(cache="dual", cache_refresh=4, text_threshold=0.9), True, False, False),
+    ("approx: dual 8 + threshold 0.7", dict(cache="dual", cache_refresh=8, text_threshold=0.7), True, False, False),
+    ("approx: bf16 weights", {}, True, True, False),
+]
 
 
-def _run(model, vocab, shape, prompts, cfg, batched: bool, repeats: int) -> tuple[float, float]:
-    """Returns (output tokens per second, forward passes per sample), best of `repeats`."""
-    best, nfe = float("inf"), 0
-    for r in range(repeats):
-        gen = torch.Generator().manual_seed(r)
-        t0 = time.perf_counter()
-        if batched:
-            nfe = generate(model, vocab, shape, prompts, cfg, generator=gen).nfe
-        else:
-            nfe = sum(generate(model, vocab, shape, [p], cfg, generator=gen).nfe for p in prompts) / len(prompts)
-        best = min(best, time.perf_counter() - t0)
-    tokens = len(prompts) * (shape.image_tokens + shape.text_tokens)
-    return tokens / best, nfe
+class FullHead(torch.nn.Module):
+    """Upstream's forward: logits on every position, the output part sliced afterwards."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.inner = model
+
+    def forward(self, ids, mask=None, last_n=None):
+        logits = self.inner(ids, mask)
+        return logits if last_n is None else logits[:, -last_n:]
+
+
+def _sync(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def random_model(cfg: ModelConfig, device: str, dtype=torch.float32, seed: int = 0) -> DiffusionLM:
+    """Random weights drawn on the device (an 8B model would take minutes through init_weights on CPU)."""
+    torch.manual_seed(seed)
+    with torch.device(device):
+        model = DiffusionLM(cfg).to(dtype)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            p.fill_(1.0) if p.dim() == 1 else p.normal_(0.0, cfg.init_std)
+    return model.eval()
+
+
+def timed_generate(model, vocab, shape, prompts, uncond, cfg, batch: int, device: str, seed: int = 0):
+    """Samples every prompt (in chunks of `batch`); returns (tokens (n, M), seconds)."""
+    out = []
+    _sync(device)
+    t0 = time.perf_counter()
+    for i in range(0, len(prompts), batch):
+        gen = torch.Generator(device=device).manual_seed(seed + i)
+        out.append(generate(model, vocab, shape, prompts[i:i + batch], cfg,
+                            uncond_prompts=uncond[i:i + batch] if uncond else None, generator=gen).tokens)
+    _sync(device)
+    return torch.cat(out), time.perf_counter() - t0
+
+
+def _mode_cfg(base: SamplerConfig, overrides: dict) -> SamplerConfig:
+    return dataclasses.replace(base, **overrides)
+
+
+def speed_section(a) -> None:
+    """Tokens/s of each mode on a random ~100M model (or the 8B-shaped one with --gpu)."""
+    dev = "cuda" if a.gpu else "cpu"
+    if a.gpu:  # LLaDA-8B shape, PA settings (upstream-facts 1.1, 3.1)
+        vocab = tiny_vocab(126000, 8192)
+        mc = ModelConfig(vocab_size=vocab.vocab_size, embedding_size=vocab.vocab_size)
+        shape, in_codes, instr = OutputShape(1024, 256), 1024, 64
+        base = SamplerConfig(steps=128, image_steps=64, text_block_length=256, image_cfg=4.0)
+        batches, n_up, dtype = (1, 16), 1, torch.bfloat16
+    else:
+        vocab = tiny_vocab(4096, 1024)
+        mc = ModelConfig(d_model=768, n_layers=12, n_heads=12, mlp_hidden_size=2048, vocab_size=vocab.vocab_size,
+                         embedding_size=vocab.vocab_size, rope_theta=10000.0)
+        shape, in_codes, instr = OutputShape(64, 32), 64, 16
+        base = SamplerConfig(steps=16, image_steps=8, text_block_length=32, image_cfg=4.0)
+        batches, n_up, dtype = (a.batch,), 1, torch.float32
+    model = random_model(mc, dev, dtype)
+    g = torch.Generator().manual_seed(0)
+    n = max(batches)
+    prompts = [edit_prompt(vocab, torch.randint(0, vocab.codebook_size, (in_codes,), generator=g).tolist(),
+                           torch.randint(10, 1000, (instr,), generator=g).tolist()) for _ in range(n)]
+    uncond = [edit_prompt(vocab, None, None)] * n
+    print(f"\n## speed: random model {model.num_params() / 1e6:.0f}M params on {dev} ({dtype}), output {shape}, "
+          f"prompt {len(prompts[0])} tokens, {base.steps} steps, {base.image_steps} image steps, image_cfg "
+          f"{base.image_cfg}, threads {torch.get_num_threads()}")
+    up_cfg = _mode_cfg(base, dict(batch_cfg=False))
+    rows = []
+    for r in range(a.repeats):
+        _, s_up = timed_generate(FullHead(model), vocab, shape, prompts[:n_up], uncond, up_cfg, 1, dev)
+        up_tps = n_up * (shape.image_tokens + shape.text_tokens) / s_up
+        rows.append(("upstream-equivalent (batch 1, full head, separate CFG passes)", 1, up_tps, up_tps))
+        for name, over, batched, bf16, _ in MODES:
+            if bf16 and a.gpu:
+                continue  # the GPU model is bf16 already
+            m = random_model(mc, dev, torch.bfloat16) if bf16 else model
+            for B in (batches if batched else (1,)):
+                _, s = timed_generate(m, vocab, shape, prompts[:B], uncond, _mode_cfg(base, over), B, dev)
+                rows.append((name, B, B * (shape.image_tokens + shape.text_tokens) / s, up_tps))
+    print(f"{'mode':58s} {'batch':>5s} {'tokens/s':>10s} {'vs upstream':>11s}   (repeat, in order)")
+    for name, B, tps, up in rows:
+        print(f"{name:58s} {B:5d} {tps:10.1f} {tps / up:10.2f}x")
+
+
+def toy_section(a) -> None:
+    """The trained toy checkpoint on the toy ParaBench: tokens/s and Output Alignment per mode."""
+    from tasks.evaluate import _prompt, eval_layout
+    from tasks.generate import load_image_tokenizer
+    from tasks.judge_exact import ExactToyJudge
+    from tasks.judges import EvalOutput
+    from tasks.parabench import build_toy_parabench
+    from tasks.sft_data import output_shape
+    from tasks.tokenizer import TextTokenizer
+    from tasks.toy_eval import decode_outputs
+    from tasks.evaluate import _png
+    from flows.evaluate import DEFAULT_SAMPLER
+    from model.checkpoint import from_pretrained
+
+    ckpt = a.checkpoint or next((p for pat in TOY_CHECKPOINTS for p in sorted(glob.glob(pat))), None)
+    if ckpt is None:
+        print("\n## toy: no toy checkpoint found (train one with `parapipe sft`); skipped")
+        return
+    model, vocab = from_pretrained(ckpt)
+    model.eval()
+    tok, vq = TextTokenizer.load(ckpt), load_image_tokenizer(ckpt)
+    seq = eval_layout(ckpt, vocab, tok, vq)
+    shape = output_shape(seq)
+    items = build_toy_parabench("tiny")
+    items = [items[i] for i in range(0, len(items), max(1, len(items) // a.items))][:a.items]  # edits + generations
+    pairs = [_prompt(it, vocab, seq, tok, vq) for it in items]
+    prompts, uncond = [p for p, _ in pairs], [u for _, u in pairs]
+    base = SamplerConfig(**DEFAULT_SAMPLER)
+    judge = ExactToyJudge("tiny")
+
+    def oa(tokens) -> float:
+        images, texts = decode_outputs(tokens, shape, vocab, tok, vq)
+        outs = [EvalOutput(it.item_id, t, _png(im.numpy())) for it, im, t in zip(items, images, texts)]
+        js = judge.judge(items, outs)
+        return 100 * sum(j.scores["output_alignment"] for j in js) / len(js)
+
+    print(f"\n## toy: {ckpt} ({model.num_params() / 1e6:.2f}M params), toy ParaBench {len(items)} of 300 items "
+          f"(every {max(1, 300 // a.items)}th), output {shape}, eval sampler {DEFAULT_SAMPLER}")
+    up_tokens, s_up = timed_generate(FullHead(model), vocab, shape, prompts, uncond,
+                                     _mode_cfg(base, dict(batch_cfg=False)), 1, "cpu")
+    n_tok = len(items) * (shape.image_tokens + shape.text_tokens)
+    up_oa = oa(up_tokens)
+    print(f"{'mode':58s} {'batch':>5s} {'tokens/s':>10s} {'vs upstream':>11s} {'OA':>6s} {'dOA':>6s} same-tokens")
+    print(f"{'upstream-equivalent (batch 1, full head, separate CFG)':58s} {1:5d} {n_tok / s_up:10.1f} "
+          f"{1.0:10.2f}x {up_oa:6.1f} {0.0:+6.1f}")
+    for name, over, batched, bf16, exact in MODES:
+        m = copy.deepcopy(model).to(torch.bfloat16) if bf16 else model
+        tokens, s = timed_generate(m, vocab, shape, prompts, uncond, _mode_cfg(base, over), a.batch, "cpu")
+        score = oa(tokens)
+        same = (tokens == up_tokens).all(1).float().mean().item()
+        print(f"{name:58s} {a.batch:5d} {n_tok / s:10.1f} {s_up / s:10.2f}x {score:6.1f} {score - up_oa:+6.1f} "
+              f"{100 * same:5.1f}% of rows")
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__)
-    ap.add_argument("--prompts", type=int, default=8)
-    ap.add_argument("--repeats", type=int, default=3)
-    ap.add_argument("--steps", type=int, default=32)
-    ap.add_argument("--image-steps", type=int, default=16)
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--items", type=int, default=100, help="toy ParaBench items (of 300), spread evenly")
+    ap.add_argument("--batch", type=int, default=16, help="rows per generate call for the batched modes")
+    ap.add_argument("--repeats", type=int, default=1, help="repeats of the speed table")
+    ap.add_argument("--checkpoint", default=None, help="toy checkpoint folder (default: runs/toy-all's final)")
+    ap.add_argument("--gpu", action="store_true", help="8B-shaped random bf16 model on cuda, PA settings, "
+                                                       "batch 1 and 16 (speed table only)")
+    ap.add_argument("--skip-speed", action="store_true")
+    ap.add_argument("--skip-toy", action="store_true")
+    ap.add_argument("--skip-drift", action="store_true")
     a = ap.parse_args()
-    torch.manual_seed(0)
-    vocab = tiny_vocab(384, 64)
-    cfg = ModelConfig(d_model=128, n_layers=4, n_heads=4, mlp_hidden_size=384, vocab_size=vocab.vocab_size,
-                      embedding_size=vocab.vocab_size, rope_theta=10000.0)
-    model = DiffusionLM(cfg).init_weights(0).eval()
-    shape = OutputShape(image_tokens=64, text_tokens=32)
-    prompts = [edit_prompt(vocab, [i % 64] * 64, list(range(10, 20 + i))) for i in range(a.prompts)]
-    print(f"model {model.num_params() / 1e6:.2f}M params, {a.prompts} prompts, output {shape}, "
-          f"threads {torch.get_num_threads()}")
-    results = {}
-    for mode in ("parallel", "sequential"):
-        sc = SamplerConfig(steps=a.steps, image_steps=a.image_steps, text_block_length=shape.text_tokens, mode=mode)
-        for batched in (True, False):
-            tps, nfe = _run(model, vocab, shape, prompts, sc, batched, a.repeats)
-            results[(mode, batched)] = (tps, nfe)
-            print(f"{mode:10s} {'batched' if batched else 'one-by-one':10s} {tps:9.0f} tokens/s  "
-                  f"{nfe:5.0f} forward passes/sample")
-    par, seq = results[("parallel", True)], results[("sequential", True)]
-    print(f"parallel / sequential: {par[0] / seq[0]:.2f}x tokens/s, {seq[1] / par[1]:.2f}x fewer forward passes")
-    for mode in ("parallel", "sequential"):
-        b, o = results[(mode, True)], results[(mode, False)]
-        print(f"{mode}: batched / one-by-one: {b[0] / o[0]:.2f}x tokens/s")
+    if not a.skip_speed:
+        speed_section(a)
+    if a.gpu:
+        return
+    if not a.skip_toy:
+        toy_section(a)
+    if not a.skip_drift:
+        from benchmarks.sampler_drift import drift_section
+
+        drift_section(a.checkpoint, TOY_CHECKPOINTS)
 
 
 if __name__ == "__main__":
