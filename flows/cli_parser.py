@@ -138,6 +138,9 @@ def _generate_parsers(sub, cli) -> None:
     t.add_argument("--seed", type=int, default=0, help="weight initialisation seed")
     t.set_defaults(fn=cli.cmd_init_tiny)
 
+
+
+def _run_parser(sub, cli) -> None:
     r = _sub(sub, "run", "the whole pipeline on the embedded default: aggregate, reward, traces, SFT, ParaRL, eval",
              "Runs every stage into --out (data/, sft/, rl/, eval/, examples/). Unchanged stages are skipped on a "
              "re-run. Options below override --config (PipelineConfig fields, tasks/pipeline_config.py).")
@@ -157,13 +160,6 @@ def _generate_parsers(sub, cli) -> None:
     _json_flag(r)
     r.set_defaults(fn=cli.cmd_run)
 
-    fr = _sub(sub, "fit-reward", "train the toy world's tiny CLIP reward model (open_clip)")
-    fr.add_argument("--out", required=True, help="folder for the reward model (pass it to rl --clip-folder)")
-    fr.add_argument("--preset", default="tiny", help="toy-world preset the reward is fitted on")
-    fr.add_argument("--seed", type=int, default=0, help="training seed")
-    _json_flag(fr)
-    fr.set_defaults(fn=cli.cmd_fit_reward)
-
 
 def _stage_parsers(sub, cli, command: str | None) -> None:
     ag = _sub(sub, "aggregate", "aggregate sources into a validated, deduplicated samples table (resumable)")
@@ -177,12 +173,11 @@ def _stage_parsers(sub, cli, command: str | None) -> None:
     _option_file(ag), _json_flag(ag)
     ag.set_defaults(fn=cli.cmd_aggregate)
 
-    from_kinds = "teacher, vllm, http, ray"
     tr = _sub(sub, "traces", "write a reasoning trace for every sample (resumable: re-run to continue)")
     _root(tr), _dataset(tr)
     tr.add_argument("--generator", default='{"kind": "teacher"}', metavar="JSON|FILE",
                     help=f"JSON object or JSON/YAML file of GeneratorSpec fields (tasks/generators.py); kind is one "
-                    f"of {from_kinds}, e.g. {{\"kind\": \"vllm\", \"model\": FOLDER}}")
+                    f"of teacher, vllm, http, ray, e.g. {{\"kind\": \"vllm\", \"model\": FOLDER}}")
     tr.add_argument("--filters", default=None, metavar="JSON|FILE", help="FilterConfig fields (tasks/traces.py), e.g. "
                     "{\"min_words\": 5}; [default: FilterConfig's]")
     tr.add_argument("--batch-size", type=int, default=16, help="samples per generator call")
@@ -213,6 +208,8 @@ def _stage_parsers(sub, cli, command: str | None) -> None:
         recipe_flags(sf)
     sf.set_defaults(fn=cli.cmd_sft)
 
+
+def _rl_eval_parsers(sub, cli) -> None:
     rl = _sub(sub, "rl", "ParaRL from an SFT checkpoint (re-run the same --run-id to resume)",
               "Fields not given keep rl/learner.RLConfig's defaults; --config sets any of them (and any rl option).")
     rl.add_argument("--checkpoint", required=True, help="SFT checkpoint folder (e.g. runs/default/sft/checkpoints/"
@@ -244,6 +241,13 @@ def _stage_parsers(sub, cli, command: str | None) -> None:
     rl.add_argument("--gpu", action="store_true", help="one GPU per rollout actor, 0.25 GPU per reward actor")
     _json_flag(rl)
     rl.set_defaults(fn=cli.cmd_rl)
+
+    fr = _sub(sub, "fit-reward", "train the toy world's tiny CLIP reward model (open_clip)")
+    fr.add_argument("--out", required=True, help="folder for the reward model (pass it to rl --clip-folder)")
+    fr.add_argument("--preset", default="tiny", help="toy-world preset the reward is fitted on")
+    fr.add_argument("--seed", type=int, default=0, help="training seed")
+    _json_flag(fr)
+    fr.set_defaults(fn=cli.cmd_fit_reward)
 
     ev = _sub(sub, "eval", "score checkpoints on ParaBench's six metrics (toy ParaBench or a local copy)")
     ev.add_argument("--checkpoint", required=True, nargs="+",
@@ -303,8 +307,10 @@ def build(cli, command: str | None = None) -> tuple[argparse.ArgumentParser, dic
     parser.add_argument("--debug", action="store_true", default=False, help="show the full traceback on errors (also "
                         "PARAPIPE_DEBUG=1)")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    _generate_parsers(sub, cli)
+    _run_parser(sub, cli)
     _stage_parsers(sub, cli, command)
+    _rl_eval_parsers(sub, cli)
+    _generate_parsers(sub, cli)
     _look_parsers(sub, cli)
     return parser, dict(sub.choices)
 
