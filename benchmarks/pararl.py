@@ -102,7 +102,7 @@ def main() -> None:
     base = baseline(a.checkpoint, paths)
     print(f"SFT start: " + "  ".join(f"{m} {base[m]:.3f}" for m in METRICS), flush=True)
     results = {name: [run_arm(name, s, a, paths, clip) for s in a.seeds] for name in a.arms}
-    n_val = len(torch.load(paths["val"], weights_only=False)["sample_id"])
+    n_val = len(torch.load(paths["val"], weights_only=True)["sample_id"])
     print(f"\nheld-out val ({n_val} tasks), {a.rounds} rounds, seeds {a.seeds}: mean ± population std")
     print(f"| arm | {' | '.join(METRICS)} | Δ agreement |")
     print("|---|" + "---|" * (len(METRICS) + 1))

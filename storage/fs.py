@@ -12,7 +12,7 @@ import functools
 import json
 import os
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import pyarrow as pa
@@ -30,8 +30,8 @@ class S3Config:
     """`host:port` or `http(s)://host:port` of an S3-compatible server; None means AWS itself."""
     access_key: str | None = None
     """Access key id; None lets pyarrow use its default credential chain."""
-    secret_key: str | None = None
-    """Secret access key, required when `access_key` is set."""
+    secret_key: str | None = field(default=None, repr=False)
+    """Secret access key, required when `access_key` is set. Left out of repr: it never reaches a log or error."""
     region: str = DEFAULT_REGION
     """Signing region."""
 

@@ -10,6 +10,7 @@ vllm, ray and the HTTP client are imported inside the generator that needs them.
 """
 import base64
 import io
+import os
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -99,6 +100,8 @@ class GeneratorDeadError(RuntimeError):
 
 def model_len_limit(model: str, revision: str | None, wanted: int | None) -> int | None:
     """min(wanted, the model config's max_position_embeddings); wanted when the config cannot be read."""
+    if os.path.isabs(model) and not os.path.isdir(model):
+        return wanted  # no such folder: vLLM names it when it starts
     from transformers import AutoConfig
 
     try:
@@ -193,8 +196,6 @@ class HTTPGenerator:
     """OpenAI-compatible `/chat/completions`, `concurrency` requests in flight."""
 
     def __init__(self, spec: GeneratorSpec):
-        import os
-
         import httpx
 
         self.spec = spec

@@ -54,10 +54,10 @@ def prepare_rl(checkpoint: str, root: str, dataset: str, out: str, categories: t
                eval_per_category: int = 32) -> dict:
     """Tokenised train prompts (+ toy val set and scenes) saved under out/data; returns their paths."""
     from tasks.generate import load_image_tokenizer
-    from tasks.sft import save_set
+    from tasks.sft import save_scenes, save_set
     from tasks.sft_data import load_or_tokenise, read_samples
     from tasks.tokenizer import TextTokenizer
-    from tasks.toy_eval import select_per_category, toy_scenes
+    from tasks.toy_eval import select_per_category
 
     seq, _, _ = checkpoint_layout(checkpoint)
     _, vocab = from_pretrained(checkpoint)
@@ -72,9 +72,9 @@ def prepare_rl(checkpoint: str, root: str, dataset: str, out: str, categories: t
     if all('"toy"' in (r.get("extra_json") or "") for r in val_rows):
         val = select_per_category(load_or_tokenise(val_rows, tok, vq, vocab, seq, cache, val_traces),
                                   eval_per_category)
-        torch.save(toy_scenes([r for r in val_rows if r["sample_id"] in set(val.sample_id)]),
-                   os.path.join(data_dir, "val_scenes.pt"))
-        paths.update(val=save_set(val, os.path.join(data_dir, "val.pt")), scenes=os.path.join(data_dir, "val_scenes.pt"),
+        scenes = save_scenes([r for r in val_rows if r["sample_id"] in set(val.sample_id)],
+                             os.path.join(data_dir, "val_scenes.json"))
+        paths.update(val=save_set(val, os.path.join(data_dir, "val.pt")), scenes=scenes,
                      preset=json.loads(val_rows[0]["extra_json"])["toy"]["preset"])
     return paths
 
@@ -151,14 +151,14 @@ def heldout_eval(policy, paths: dict, vocab, seq: SequenceConfig, start: str, sa
     if "val" not in paths:
         return {}
     from tasks.generate import load_image_tokenizer
-    from tasks.sft import load_set
+    from tasks.sft import load_scenes, load_set
     from tasks.tokenizer import TextTokenizer
     from tasks.toy.scene import PRESETS
     from tasks.toy_eval import evaluate, greedy_sampler
 
     val, train = load_set(paths["val"]), load_set(paths["train"])
     greedy = greedy_sampler(seq.text_tokens, sampler.steps, sampler.image_steps)
-    rows = evaluate(policy, val, torch.load(paths["scenes"], weights_only=False), train, vocab, seq,
+    rows = evaluate(policy, val, load_scenes(paths["scenes"]), train, vocab, seq,
                     TextTokenizer.load(start), load_image_tokenizer(start), PRESETS[paths["preset"]], greedy,
                     baselines=False)
     policy.train()
@@ -192,7 +192,7 @@ def run_rl(start: str, paths: dict, cfg: RLConfig, out: str, root: str, run_id: 
     policy, vocab = from_pretrained(resume or start)
     ref = from_pretrained(start)[0].eval().requires_grad_(False) if cfg.beta > 0 else None
     optimizer = torch.optim.AdamW(policy.parameters(), lr=cfg.lr, weight_decay=0.0)
-    state = torch.load(os.path.join(resume, LEARNER_STATE), weights_only=False) if resume else None
+    state = torch.load(os.path.join(resume, LEARNER_STATE), weights_only=True) if resume else None
     if state:
         optimizer.load_state_dict(state["optimizer"])
     first_round = state["round"] + 1 if state else 0

@@ -34,12 +34,31 @@ def step_seed(seed: int, rank: int, step: int) -> int:
 
 
 def save_set(data: TokenisedSet, path: str) -> str:
+    """Plain lists / dicts of primitives: loadable with weights_only=True (no pickled classes)."""
     torch.save(dataclasses.asdict(data), path)
     return path
 
 
 def load_set(path: str) -> TokenisedSet:
-    return TokenisedSet(**torch.load(path, weights_only=False))
+    return TokenisedSet(**torch.load(path, weights_only=True))
+
+
+def save_scenes(rows: list[dict], path: str) -> str:
+    """The true output scenes of toy rows as JSON (sample_id -> description), never a pickle."""
+    from tasks.toy.scene import describe
+    from tasks.toy_eval import toy_scenes
+
+    with open(path, "w") as f:
+        json.dump({sid: describe(scene) for sid, scene in toy_scenes(rows).items()}, f)
+    return path
+
+
+def load_scenes(path: str) -> dict:
+    """sample_id -> Scene, read back from save_scenes's JSON."""
+    from tasks.toy.scene import parse_description
+
+    with open(path) as f:
+        return {sid: parse_description(text) for sid, text in json.load(f).items()}
 
 
 def _unwrap(model):
@@ -100,7 +119,7 @@ def _restore(model, optimizer_state_holder: dict) -> int:
     with ckpt.as_directory() as d:
         loaded, _ = from_pretrained(d)
         model.load_state_dict(loaded.state_dict())
-        state = torch.load(os.path.join(d, TRAIN_STATE), weights_only=False)
+        state = torch.load(os.path.join(d, TRAIN_STATE), weights_only=True)
     optimizer_state_holder["state"] = state["optimizer"]
     return int(state["step"])
 
@@ -151,7 +170,7 @@ def _evaluate(model, cfg: dict, vocab, step: int) -> list[dict]:
 
     ev = cfg["eval"]
     val, train = load_set(ev["val_data"]), load_set(cfg["train_data"])
-    scenes = torch.load(ev["scenes"], weights_only=False)
+    scenes = load_scenes(ev["scenes"])
     rows = evaluate(_unwrap(model), val, scenes, train, vocab, SequenceConfig(**cfg["seq"]),
                     TextTokenizer.load(cfg["base"]),
                     open_image_tokenizer(cfg.get("image_tokenizer") or os.path.join(cfg["base"], "image_tokenizer")),
@@ -206,7 +225,8 @@ def train_loop_per_worker(cfg: dict) -> None:
         if rank == 0 and cfg.get("eval") and (last or (step + 1) % cfg["eval"]["interval"] == 0):
             evals = _evaluate(model, cfg, vocab, step + 1)
             metrics.update({r["metric"]: r["value"] for r in evals if r["suite"] == "toy/model"})
-        with tempfile.TemporaryDirectory() as tmp:
+        # under the run's folder, never /tmp: a killed run leaves nothing outside its root
+        with tempfile.TemporaryDirectory(dir=_tmp_dir(cfg)) as tmp:
             checkpoint = None
             if rank == 0:
                 _save_checkpoint(model, optimizer, step + 1, cfg, vocab, tmp)
@@ -218,6 +238,16 @@ def train_loop_per_worker(cfg: dict) -> None:
                 _full_state_dict(model)  # every rank takes part in the gather
             ray.train.report({**metrics, "train_s": time.perf_counter() - t_run}, checkpoint=checkpoint)
         pending = []
+
+
+def _tmp_dir(cfg: dict) -> str | None:
+    """{out}/tmp (or {root}/tmp): where a rank writes a checkpoint before Ray copies it to storage."""
+    base = cfg.get("out") or cfg["root"]
+    if "://" in base:  # an object-store run has no local folder: the system's temporary folder it is
+        return None
+    folder = os.path.join(base, "tmp")
+    os.makedirs(folder, exist_ok=True)
+    return folder
 
 
 @task
@@ -264,7 +294,7 @@ def prepare_sft(root: str, dataset: str, out: str, recipe: dict, init_from: str 
     from model.tokens import LUMINA_TEXT_VOCAB_SIZE
     from tasks.sft_data import dimoo_prompt_ids, load_or_tokenise, pick_traces, read_samples
     from tasks.tokenizer import TextTokenizer, build_tiny_tokenizer
-    from tasks.toy_eval import select_per_category, toy_scenes
+    from tasks.toy_eval import select_per_category
 
     seq, sft = SequenceConfig(**recipe["seq"]), SFTConfig(**recipe["sft"])
     select = dict(categories=_tuple(recipe.get("categories")), kinds=_tuple(recipe.get("kinds")))
@@ -311,11 +341,11 @@ def prepare_sft(root: str, dataset: str, out: str, recipe: dict, init_from: str 
     paths["val_dropped"] = val_all.dropped
     if all('"toy"' in (r.get("extra_json") or "") for r in val_rows):
         val = select_per_category(val_all, eval_per_category)
-        scenes = toy_scenes([r for r in val_rows if r["sample_id"] in set(val.sample_id)])
-        torch.save(scenes, os.path.join(data_dir, "val_scenes.pt"))
+        scenes = save_scenes([r for r in val_rows if r["sample_id"] in set(val.sample_id)],
+                             os.path.join(data_dir, "val_scenes.json"))
         paths.update(preset=json.loads(val_rows[0]["extra_json"])["toy"]["preset"],
                      val_data=save_set(val, os.path.join(data_dir, "val.pt")),
-                     scenes=os.path.join(data_dir, "val_scenes.pt"), val_size=len(val))
+                     scenes=scenes, val_size=len(val))
     return paths
 
 

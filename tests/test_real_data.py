@@ -103,7 +103,7 @@ def test_photos_through_magvit2_sft_and_generate(tmp_path, prefect_harness, caps
                                         "image_grid": [4, 4], "prompt_ids": None}
     assert json.load(open(os.path.join(ckpt, "image_tokenizer", "config.json")))["_class_name"] == "MAGVITv2"
     # the generic recipe trained every row (no toy category filter) except the too-long traces
-    train = torch.load(os.path.join(out, "data", "train.pt"), weights_only=False)
+    train = torch.load(os.path.join(out, "data", "train.pt"), weights_only=True)
     assert len(train["sample_id"]) == summary["train_size"]
     assert set(train["category"]) == {"other"}
     assert all(len(codes) == 16 for codes in train["input_codes"])  # 64 x 64 -> 4 x 4 MAGVIT-v2 codes
