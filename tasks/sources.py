@@ -332,13 +332,14 @@ def _read_webdataset(spec: SourceSpec) -> Iterator[RawRecord]:
 
 
 def _tar_records(spec: SourceSpec, root: str, rel: str, path: str) -> Iterator[RawRecord]:
-    """One record per group of adjacent members sharing a key (`dir/key.field`), streamed."""
+    """One record per group of adjacent members sharing a key (`dir/key.field`), streamed. Uncompressed tars only
+    (WebDataset's `.tar`): reading one is bounded by its size on disk, where a gzip bomb would not be."""
     group, seen, index = None, set(), 0
     try:
         if not spec.allow_outside_root and not inside(path, root):
             raise Rejected("outside_root", f"{rel} resolves to {os.path.realpath(path)}, outside the source root "
                                            f"{root}; set allow_outside_root: true to read it")
-        with open_regular(path, "tar shard") as fh, tarfile.open(fileobj=fh) as tar:
+        with open_regular(path, "tar shard") as fh, tarfile.open(fileobj=fh, mode="r:") as tar:
             for index, member in enumerate(tar):
                 if member.isdir():
                     continue
@@ -360,7 +361,8 @@ def _tar_records(spec: SourceSpec, root: str, rel: str, path: str) -> Iterator[R
         broken = Rejected("bad_tar", f"{rel} breaks at member {index}: {type(e).__name__}: {e}; the sample being "
                                      f"read may be incomplete and later members are lost")
         if group is None:
-            yield _error(spec, rel, broken)
+            yield _error(spec, rel, Rejected("bad_tar", f"{rel} is not a readable uncompressed tar ({type(e).__name__}: "
+                                                        f"{e}); decompress a compressed shard first"))
             return
         group["errors"].insert(0, broken)
     if group is not None:

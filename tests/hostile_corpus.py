@@ -289,6 +289,12 @@ def _tar(groups: list[tuple[str, dict]], links: dict[str, str] | None = None) ->
     return buf.getvalue()
 
 
+def _gzip(data: bytes) -> bytes:
+    import gzip
+
+    return gzip.compress(data)
+
+
 def _member_count(groups: list[tuple[str, dict]]) -> int:
     return sum(len(m) for _, m in groups)
 
@@ -340,6 +346,8 @@ def _webdataset(tmp: Path, out: Path, c: _Corpus) -> dict:
     c.add("wds", "d/notatar.tar", "bad_tar", "d/notatar.tar")
     (d / "e" / "empty.tar").write_bytes(b"")
     c.add("wds", "e/empty.tar", "bad_tar", "e/empty.tar")
+    (d / "e" / "gzip.tar").write_bytes(_gzip(_tar([("z", {"output.jpg": jpg(24), "input_text.txt": b"x"})])))
+    c.add("wds", "e/gzip.tar", "bad_tar", "uncompressed")  # a gzip bomb would stall the reader: not read
     os.symlink(out / "outside.tar", d / "f" / "link.tar")
     c.add("wds", "f/link.tar", "outside_root", "outside.tar")
     os.mkfifo(d / "g" / "fifo.tar")
