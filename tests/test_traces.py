@@ -255,3 +255,13 @@ def test_a_generator_that_cannot_start_fails_once_with_a_clear_error(lake, prefe
     [gen] = [r for r in runs if r.name.startswith("generate_traces")]
     assert gen.run_count == 1 and gen.state.is_failed()  # not retried as if it were transient
     assert read_table(lake, "traces").num_rows == 0
+
+
+def test_the_cli_exits_non_zero_with_the_count_when_every_trace_failed(lake, prefect_harness, capsys):
+    from flows.cli import main
+
+    gen = '{"kind": "http", "base_url": "http://127.0.0.1:9/v1", "retries": 0, "timeout_s": 2}'
+    with pytest.raises(SystemExit) as exit_:
+        main(["traces", "--root", lake, "--dataset", "d", "--generator", gen], console=True)
+    assert exit_.value.code == 1
+    assert "40 of 40 traces failed" in capsys.readouterr().err
