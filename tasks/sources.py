@@ -97,8 +97,8 @@ class SourceSpec:
             raise ValueError(f"source {self.name!r}: allow_outside_root={self.allow_outside_root!r}; use true or false")
         unknown = sorted(set(dict(self.columns)) - set(COLUMN_FIELDS))
         if unknown:
-            raise ValueError(f"source {self.name!r}: columns maps unknown fields {unknown}; map some of {COLUMN_FIELDS} "
-                             f"to your column names")
+            raise ValueError(f"source {self.name!r}: columns maps unknown fields {unknown}; map some of "
+                             f"{COLUMN_FIELDS} to your column names")
         if self.max_file_bytes < 1 or self.max_line_bytes < 1:
             raise ValueError(f"source {self.name!r}: max_file_bytes={self.max_file_bytes} and "
                              f"max_line_bytes={self.max_line_bytes} must be >= 1")
@@ -361,8 +361,8 @@ def _tar_records(spec: SourceSpec, root: str, rel: str, path: str) -> Iterator[R
         broken = Rejected("bad_tar", f"{rel} breaks at member {index}: {type(e).__name__}: {e}; the sample being "
                                      f"read may be incomplete and later members are lost")
         if group is None:
-            yield _error(spec, rel, Rejected("bad_tar", f"{rel} is not a readable uncompressed tar ({type(e).__name__}: "
-                                                        f"{e}); decompress a compressed shard first"))
+            not_tar = f"{rel} is not a readable uncompressed tar ({type(e).__name__}: {e}); decompress it first"
+            yield _error(spec, rel, Rejected("bad_tar", not_tar))
             return
         group["errors"].insert(0, broken)
     if group is not None:
