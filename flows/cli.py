@@ -341,14 +341,18 @@ def cmd_inspect(a) -> None:
 
 # ------------------------------------------------------------------------------------------------ main
 
-def main(argv: list[str] | None = None) -> None:
+def main(argv: list[str] | None = None, console: bool | None = None) -> None:
+    """The `parapipe` console script. As a console (argv None: the installed script, `python -m flows.cli`), an error
+    prints one line and exits 2 (a mistake in the arguments) or 1; `--debug` or PARAPIPE_DEBUG=1 re-raises instead.
+    Called with an argv list (from Python, tests), errors propagate as exceptions unless console=True."""
     from flows.cli_parser import parse
 
     # Prefect's ephemeral server: allow a slow first start on a fresh database, send no telemetry
     os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "300")
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    console = argv is None if console is None else console
     argv = sys.argv[1:] if argv is None else argv
-    debug = "--debug" in argv or os.environ.get("PARAPIPE_DEBUG") == "1"
+    debug = "--debug" in argv or os.environ.get("PARAPIPE_DEBUG") == "1" or not console  # raise, print tracebacks
     try:
         a = parse(argv, sys.modules[__name__])
         a.debug = debug
@@ -366,4 +370,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    main()

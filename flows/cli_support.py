@@ -15,7 +15,7 @@ RUN_ROOT = os.path.join("runs", "default", "data")  # where `make run` / `parapi
 PLAIN_ROOT = "data"
 
 
-class CLIError(Exception):
+class CLIError(ValueError):
     """A mistake in what the user asked for: printed as one line (no traceback without --debug), exit code 2."""
 
 

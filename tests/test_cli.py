@@ -40,7 +40,7 @@ def test_generate_from_a_tiny_checkpoint(tmp_path, capsys):
 def run_cli(capsys, *argv: str) -> tuple[int, str, str]:
     """main(argv) as the console script runs it: (exit code, stdout, stderr)."""
     try:
-        main(list(argv))
+        main(list(argv), console=True)
         code = 0
     except SystemExit as e:
         code = e.code if isinstance(e.code, int) else 1
@@ -89,8 +89,11 @@ def test_bad_json_option_is_named_in_one_line_and_debug_shows_the_traceback(lake
                                 "(run again with --debug for the traceback)"]
     code, _, err = run_cli(capsys, "traces", "--root", lake, "--dataset", "a", "--generator", '{"kind": "vlm"}')
     assert code == 2 and "--generator kind 'vlm' is unknown; use one of teacher, vllm, http, ray" in err
+    argv = ["traces", "--root", lake, "--dataset", "a", "--filters", "{min_words: 3"]
     with pytest.raises(CLIError, match="--filters"):
-        main(["traces", "--root", lake, "--dataset", "a", "--filters", "{min_words: 3", "--debug"])
+        main(argv + ["--debug"], console=True)
+    with pytest.raises(ValueError, match="--filters"):  # from Python, errors are exceptions (CLIError is one)
+        main(argv)
 
 
 def test_errors_as_the_console_script_prints_them():
