@@ -30,6 +30,8 @@ GRACE_S = 5.0
 """Seconds between SIGTERM and SIGKILL for a process that outlived its run."""
 POLL_S = 0.5
 """How often the watchdog checks that the run's process is still alive."""
+RAY_TMP_ROOM = 40
+"""Longest tmp_dir Ray can use: it adds ~66 bytes (ray/session_<date>_<pid>/sockets/plasma_store) of 107."""
 
 
 def install_process_guard(tmp_dir: str | None = None) -> str | None:
@@ -43,9 +45,14 @@ def install_process_guard(tmp_dir: str | None = None) -> str | None:
     if tmp_dir is not None:
         import tempfile
 
+        tmp_dir = os.path.abspath(tmp_dir)
         os.makedirs(tmp_dir, exist_ok=True)
-        os.environ["TMPDIR"] = os.path.abspath(tmp_dir)
+        os.environ["TMPDIR"] = tmp_dir  # Python's tempfile, Ray (its session folder), torch, vLLM
         tempfile.tempdir = None  # re-read TMPDIR on the next call
+        if len(tmp_dir) > RAY_TMP_ROOM:  # Ray's socket paths would pass the 107-byte limit
+            os.environ.setdefault("RAY_TMPDIR", "/tmp")
+            print(f"parapipe: {tmp_dir} is too long a path for Ray's sockets; Ray's session folder stays in /tmp",
+                  file=sys.stderr)
     if not os.path.isdir("/proc/self"):
         print("parapipe: no /proc here; processes a killed run started are not cleaned up", file=sys.stderr)
         return None

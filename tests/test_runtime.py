@@ -4,10 +4,13 @@ Each run is started with a marker in its environment (PARAPIPE_TEST_MARK=<uuid>,
 descendant, independent of the guard's own token), killed with SIGKILL on its pid only, and then
 /proc is searched for processes that still carry the marker.
 """
+import glob
 import os
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 import uuid
 
@@ -90,7 +93,7 @@ def test_a_killed_traces_run_leaves_no_prefect_server(tmp_path):
 RAY_SCRIPT = """
 import sys, time
 from flows.runtime import install_process_guard
-install_process_guard()
+install_process_guard(tmp_dir=sys.argv[1])
 import ray
 ray.init(num_cpus=1, include_dashboard=True, log_to_driver=False)  # as run_sft does: dashboard + agents
 @ray.remote
@@ -104,7 +107,8 @@ time.sleep(600)
 
 def test_a_killed_run_leaves_no_ray_processes(tmp_path):
     mark = uuid.uuid4().hex
-    proc = _start(RAY_SCRIPT, [], mark, tmp_path)
+    short_tmp = tempfile.mkdtemp(prefix="pp-", dir="/tmp")  # a run's tmp folder, short enough for Ray's sockets
+    proc = _start(RAY_SCRIPT, [short_tmp], mark, tmp_path)
     _wait_for(mark, "raylet", proc)
     deadline = time.monotonic() + 120
     while "ray up" not in (tmp_path / "run.log").read_text() and time.monotonic() < deadline:
@@ -112,5 +116,7 @@ def test_a_killed_run_leaves_no_ray_processes(tmp_path):
         time.sleep(0.25)
     started = _marked(mark)
     assert any("gcs_server" in cmd for _, cmd in started) and len(started) >= 3
+    assert glob.glob(os.path.join(short_tmp, "ray", "session_*"))  # Ray's temporary files follow TMPDIR
     left = _kill_and_check(proc, mark, wait_s=20.0)
     assert left == [], f"outlived the run: {left}"
+    shutil.rmtree(short_tmp, ignore_errors=True)
