@@ -10,7 +10,7 @@ import os
 import sys
 
 from flows.cli_support import (CLIError, check_checkpoint, check_dataset, check_fields, check_root,
-                               console_tracebacks_off, format_summary, load_object, one_line, run_report)
+                               console_tracebacks_off, format_summary, load_object, one_line)
 
 ONE_BLOCK = 1 << 30  # a block length above any text length: the whole text is one block (tasks/generate.py)
 SAMPLER_DEFAULTS = dict(steps=32, image_steps=16, text_block_length=ONE_BLOCK, text_cfg=0.0, image_cfg=0.0,
@@ -102,33 +102,17 @@ def _pipeline_config(a):
 
 def cmd_run(a) -> None:
     """The whole pipeline on the embedded default (the toy world, tiny models, local storage)."""
-    import inspect
-
     _positive(a, "workers", "toy_samples", "sft_steps")
-    try:
-        config = _pipeline_config(a)
-    except ImportError:  # a pipeline without a PipelineConfig: keyword arguments
-        config = None
-    from flows.pipeline import pipeline
+    config = _pipeline_config(a)  # validated before Prefect starts
+    from tasks.progress import quiet_internals
+
+    if not a.debug:
+        quiet_internals()  # progress bars and warnings; Ray and Prefect chatter off (the UI keeps every log)
+    from flows.pipeline import pipeline, summary_text
 
     _quiet(a)
-    params = inspect.signature(pipeline).parameters
-    if "config" in params and config is not None:
-        result = pipeline(config=config)
-    else:
-        if a.config:
-            raise CLIError(f"--config {a.config!r}: this pipeline takes no config; use the flags")
-        kw = dict(out=a.out or "runs/default", toy_samples=a.toy_samples, seed=a.seed or 0, sft_steps=a.sft_steps,
-                  num_workers=a.workers or 2)
-        if "gpu" in params:
-            kw["gpu"] = a.gpu
-        elif a.gpu:
-            raise CLIError("--gpu: this pipeline has no GPU option yet; run the stages by hand (sft --gpu, rl --gpu)")
-        result = pipeline(**kw)
-    if a.json:
-        print(json.dumps(result, indent=2, default=str))
-    else:
-        print(run_report(result, a.out or "runs/default"))
+    result = pipeline(config=config)
+    print(json.dumps(result, indent=2, default=str) if a.json else summary_text(result))
 
 
 # ------------------------------------------------------------------------------------------------ stages

@@ -172,44 +172,6 @@ def format_summary(d: dict, indent: int = 0) -> str:
     return "\n".join(lines)
 
 
-def _exact_table(exact: dict) -> list[str]:
-    """The older pipeline's held-out table: exact output images per category, model next to two baselines."""
-    lines = ["held-out exact output images (model / copy input / most common output):"]
-    return lines + [f"  {c:>12s}: {m.get('model', 0):.2f} / {m.get('copy_input', 0):.2f} / "
-                    f"{m.get('common_output', 0):.2f}" for c, m in sorted(exact.items())]
-
-
-def run_report(result: dict, out: str) -> str:
-    """What a person wants after `parapipe run`: the scores, where every output is, how to look at them."""
-    out = result.get("out", out)
-    root = result.get("root", os.path.join(out, "data"))
-    traces = result.get("traces") or {}
-    lines = [f"run finished: {out}", "",
-             f"data      {root}: {result.get('samples', 0):,} samples, {result.get('quarantined', 0):,} quarantined"
-             + (f"; traces ok {traces.get('ok', 0):,}, failed {traces.get('failed', 0):,}, filtered "
-                f"{traces.get('filtered', 0):,}" if traces else "")]
-    for stage in ("sft", "rl"):
-        if isinstance(result.get(stage), dict) and result[stage].get("checkpoint"):
-            lines.append(f"{stage:<9s} {result[stage]['checkpoint']}")
-    if result.get("checkpoint"):
-        lines.append(f"checkpoint {result['checkpoint']}")
-    ev = result.get("eval") or {}
-    if ev.get("markdown"):
-        lines += ["", f"toy ParaBench ({ev.get('items', '?')} items):", ev["markdown"]]
-        lines += [f"report    {r}" for r in ev.get("reports", [])]
-    elif ev.get("exact_image"):
-        lines += [""] + _exact_table(ev["exact_image"])
-    examples = [e.get("folder") or e.get("sample_id") for e in result.get("examples", [])]
-    if examples:
-        lines += ["", f"examples  {len(examples)} folders (input.png, target.png, model_output.png, text.txt):"]
-        lines += [f"  {e}" for e in examples]
-    lines += ["", "look at the tables:",
-              f"  parapipe query --root {root} 'SELECT * FROM samples_by_source'",
-              f"  parapipe inspect --root {root}        # SQL prompt; .tables lists every table and view",
-              "look at the runs in the Prefect UI: prefect server start, then open http://127.0.0.1:4200"]
-    return "\n".join(lines)
-
-
 def one_line(exc: BaseException) -> str:
     """The user-facing line for an exception: a Ray / Prefect wrapper's cause, the message's first line."""
     cause = getattr(exc, "cause", None)

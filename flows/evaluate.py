@@ -18,7 +18,7 @@ from tasks.judges import METRICS, EvalOutput
 TOY_BENCHMARK = "toy-parabench"
 
 
-@task(name="load-benchmark")
+@task(name="load-benchmark", persist_result=False)
 def load_benchmark(root: str, benchmark: str, preset: str = "tiny", columns: dict | None = None) -> list:
     """toy-parabench (built once with the pinned seed, then read back) or a local ParaBench folder."""
     from tasks.parabench import build_toy_parabench, read_benchmark, read_parabench, write_benchmark
@@ -39,7 +39,7 @@ def _bench_name(benchmark: str) -> str:
     return benchmark if benchmark == TOY_BENCHMARK else os.path.basename(os.path.normpath(benchmark))
 
 
-@task(name="sample-outputs")
+@task(name="sample-outputs", persist_result=False)
 def sample_outputs(checkpoint: str, items: list, root: str, run_id: str, bench: str, mode: str, seed: int,
                    sampler: dict, batch_size: int) -> list:
     """Outputs for every item in this mode; those already stored for (run, mode, seed) are reused."""
@@ -67,7 +67,7 @@ def sample_outputs(checkpoint: str, items: list, root: str, run_id: str, bench: 
     return [have[i.item_id] for i in items]
 
 
-@task(name="judge-outputs")
+@task(name="judge-outputs", persist_result=False)
 def judge_outputs(items: list, outputs: list, judge_name: str, root: str, run_id: str, bench: str, mode: str,
                   seed: int, judge_args: dict | None) -> list:
     from storage.parquet import write_rows

@@ -17,6 +17,7 @@ from prefect.artifacts import update_progress_artifact
 
 from rl.learner import RLConfig
 from tasks.pararl import prepare_rl, run_rl
+from tasks.progress import bar as progress_bar
 
 prepare = task(prepare_rl, name="prepare-rl")
 SHOWN = ("round", "reward_mean", "zero_var_frac", "kl", "clip_frac", "entropy", "heldout_agreement",
@@ -43,19 +44,26 @@ def train(checkpoint: str, paths: dict, cfg: dict, out: str, root: str, run_id: 
     rl = RLConfig(**cfg)
     progress = create_progress_artifact(0.0, key=_key("rl", run_id, "progress"), description=f"ParaRL {run_id}")
     rows: list[dict] = []
+    bar = progress_bar(f"ParaRL {run_id}", rl.rounds, unit="round")
 
     def on_round(row: dict) -> None:
         rows.append({k: row[k] for k in SHOWN})
+        bar.update(row["round"] + 1 - bar.n)
+        bar.set_postfix(reward=f"{row['reward_mean']:.3f}", refresh=False)
         update_progress_artifact(progress, 100.0 * (row["round"] + 1) / rl.rounds)
         print(" ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in rows[-1].items()
                        if v is not None))
         create_table_artifact([{k: (round(v, 4) if isinstance(v, float) else v) for k, v in r.items()} for r in rows],
                               key=_key("rl", run_id, "metrics"), description=f"ParaRL {run_id}: per-round metrics")
 
-    result = run_rl(checkpoint, paths, rl, out, root, run_id, sampler, reward_kwargs, rollout_workers,
-                    reward_workers, use_gpu, on_round=on_round)
+    try:
+        result = run_rl(checkpoint, paths, rl, out, root, run_id, sampler, reward_kwargs, rollout_workers,
+                        reward_workers, use_gpu, on_round=on_round)
+    finally:
+        bar.close()
     return {k: v for k, v in result.items() if k != "history"} | {"rounds": len(result["history"]),
                                                                  "last": result["history"][-1:] or None}
+
 
 
 @flow(name="pararl", log_prints=True)

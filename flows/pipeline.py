@@ -1,41 +1,160 @@
 """`pipeline`: the whole ParaPipe job on one dataset, stage by stage.
 
-aggregate -> reasoning traces (the toy teacher by default) -> SFT on Ray Train (fits the image
-tokenizer, trains, scores the final checkpoint on held-out edits next to two baselines) ->
-generate reasoning + images for a few held-out edits with the trained checkpoint.
-The embedded default is the toy world's tiny preset on local storage.
+aggregate -> the reward model (a tiny CLIP fitted on the toy world) -> reasoning traces (the toy
+teacher by default) -> SFT on Ray Train -> ParaRL on Ray actors -> evaluate SFT and ParaRL, parallel
+and sequential decoding, on the pinned toy ParaBench -> a few examples a person can look at.
+
+One frozen, validated `PipelineConfig` per run (a typed form in the Prefect UI), written to
+`{out}/config.json` and the `runs` table. Every stage is a Prefect task whose cache key is the stage's
+arguments, the code version and a fingerprint of its inputs (tasks/stage_cache.py): a re-run skips
+the stages whose inputs did not change (state `Cached`), and a crashed run redoes only from the
+stage that crashed, which itself resumes (aggregation chunks, traces rows, SFT and ParaRL checkpoints,
+stored evaluation outputs).
 """
+import datetime as dt
+import json
 import os
 
 from prefect import flow, task
+from prefect.runtime import flow_run
+from prefect.artifacts import create_markdown_artifact
 
 from flows.aggregate import aggregate
+from flows.evaluate import evaluate, label_of
+from flows.pararl import pararl
 from flows.sft import sft
 from flows.traces import traces
 from model.sampling import SamplerConfig
 from tasks.generate import generate_examples_fn
-from tasks.recipe import PRESETS
+from tasks.pipeline_config import PipelineConfig
+from tasks.stage_cache import CACHED, code_version, fingerprint, run_stage, stage_key
 
 generate_examples = task(generate_examples_fn, name="generate-examples")
 
 
+@task(name="aggregate-stage", **CACHED)
+def aggregate_stage(key: str, kw: dict) -> dict:
+    return aggregate.with_options(persist_result=False)(**kw)
+
+
+@task(name="fit-reward-stage", **CACHED)
+def fit_reward_stage(key: str, out: str, preset: str, steps: int, seed: int) -> str:
+    from tasks.fit_reward import fit_tiny_clip
+
+    fit_tiny_clip(out, preset=preset, seed=seed, steps=steps)
+    return out
+
+
+@task(name="traces-stage", **CACHED)
+def traces_stage(key: str, kw: dict) -> dict:
+    return traces.with_options(persist_result=False)(**kw)
+
+
+@task(name="sft-stage", **CACHED)
+def sft_stage(key: str, kw: dict) -> dict:
+    result = sft.with_options(persist_result=False)(**kw)
+    return {"checkpoint": result["checkpoint"], "eval": result["eval"]}
+
+
+@task(name="pararl-stage", **CACHED)
+def pararl_stage(key: str, kw: dict) -> dict:
+    result = pararl.with_options(persist_result=False)(**kw)
+    return {"checkpoint": result["checkpoint"], "rounds": result["rounds"], "last": result["last"]}
+
+
+@task(name="evaluate-stage", **CACHED)
+def evaluate_stage(key: str, kw: dict) -> dict:
+    result = evaluate.with_options(persist_result=False)(**kw)
+    return {"items": result["items"], "markdown": result["markdown"], "reports": result["reports"],
+            "table": {name: r["table"]["overall"] for name, r in result["results"].items()}}
+
+
+@task(name="record-config")
+def record_config(c: PipelineConfig, root: str) -> str:
+    """The frozen config beside the outputs and in the `runs` table, so a checkpoint's config can be read back."""
+    from storage.parquet import write_rows
+
+    os.makedirs(c.out, exist_ok=True)
+    path = os.path.join(c.out, "config.json")
+    with open(path, "w") as f:
+        json.dump(c.model_dump(mode="json"), f, indent=2)
+    run_id = f"pipeline-{c.dataset}-{dt.datetime.now(dt.timezone.utc):%Y%m%dT%H%M%S}"
+    write_rows(root, "runs", [{"run_id": run_id, "stage": "pipeline", "config_json": c.model_dump_json(),
+                               "code_version": code_version(), "start_time": dt.datetime.now(dt.timezone.utc)}],
+               run=run_id)
+    return path
+
+
 @flow(name="pipeline", log_prints=True)
-def pipeline(out: str = "runs/default", dataset: str = "toy-tiny", toy_samples: int | None = None, seed: int = 0,
-             sft_steps: int | None = None, num_workers: int = 2, examples: int = 4) -> dict:
-    root = os.path.join(out, "data")
-    recipe = PRESETS["toy-tiny"]
-    n = toy_samples or recipe.toy_samples
-    # the toy recipe trains the categories it can learn on 2 cores in ~15 minutes (see tasks/sft_loop.py)
-    sources = [{"type": "toy", "name": dataset, "preset": "tiny", "n": n, "seed": seed,
-                "categories": list(recipe.categories or [])}]
-    summary = aggregate(sources=sources, root=root, dataset=dataset, resolution=32)
-    trace_stats = traces(root=root, dataset=dataset, generator={"kind": "teacher", "seed": seed})
-    trained = sft(root=root, dataset=dataset, out=os.path.join(out, "sft"), run_id=f"sft-{dataset}", recipe=recipe,
-                  total_steps=sft_steps, num_workers=num_workers)
-    sampler = SamplerConfig(**recipe.sampler)
-    shown = generate_examples(trained["checkpoint"], root, dataset, os.path.join(out, "examples"), sampler, n=examples,
-                              split="test", seed=seed)
-    for e in shown:
-        print(f"{e['sample_id']}: {e['instruction']!r} -> {e['text']!r}")
-    return {"samples": summary["samples"], "quarantined": summary["quarantined"], "traces": trace_stats,
-            "checkpoint": trained["checkpoint"], "eval": trained["eval"], "examples": shown}
+def pipeline(config: PipelineConfig = PipelineConfig()) -> dict:
+    c = config
+    root, recipe, out = os.path.join(c.out, "data"), c.resolved_recipe(), os.path.abspath(c.out)
+    record_config(c, root)
+    states: dict[str, str] = {}  # stage -> "ran" | "cached"
+    sources = [{"type": "toy", "name": c.dataset, "preset": "tiny", "n": c.toy_samples or recipe.toy_samples,
+                "seed": c.seed, "categories": list(recipe.categories or [])}]
+    agg = dict(sources=sources, root=root, dataset=c.dataset, resolution=32)
+    summary = run_stage(states, aggregate_stage, out, stage_key("aggregate", agg), agg,
+                        must_exist=(os.path.join(root, "samples", f"run={c.dataset}"),))
+    reward = run_stage(states, fit_reward_stage, out, stage_key("fit-reward", c.reward_steps, c.seed),
+                       os.path.join(out, "reward"), "tiny", c.reward_steps, c.seed)
+    tr = dict(root=root, dataset=c.dataset, generator={"kind": "teacher", "seed": c.seed})
+    key = stage_key("traces", tr, fingerprint(root, "samples", c.dataset))
+    trace_stats = run_stage(states, traces_stage, out, key, tr)
+    # run ids carry the stage key: changed inputs start a fresh run, a crashed run resumes its own
+    st = dict(root=root, dataset=c.dataset, out=os.path.join(out, "sft"), recipe=recipe, total_steps=c.sft_steps,
+              num_workers=c.num_workers, use_gpu=c.gpu)
+    key = stage_key("sft", st, fingerprint(root, "traces", c.dataset))
+    trained = run_stage(states, sft_stage, out, key, {**st, "run_id": f"sft-{c.dataset}-{key[-8:]}"})
+    rl = dict(checkpoint=trained["checkpoint"], root=root, dataset=c.dataset, out=os.path.join(out, "rl"),
+              config=c.rl, clip_folder=reward, use_gpu=c.gpu)
+    key = stage_key("pararl", rl, fingerprint(trained["checkpoint"]), fingerprint(reward))
+    tuned = run_stage(states, pararl_stage, out, key, {**rl, "run_id": f"rl-{c.dataset}-{key[-8:]}"})
+    ev = dict(checkpoints=[trained["checkpoint"], tuned["checkpoint"]], root=root, modes=list(c.eval_modes),
+              sampler=recipe.sampler, limit=c.eval_limit, report_dir=os.path.join(out, "eval"))
+    key = stage_key("evaluate", ev, fingerprint(trained["checkpoint"]), fingerprint(tuned["checkpoint"]))
+    scores = run_stage(states, evaluate_stage, out, key, {**ev, "run_id": f"eval-{c.dataset}-{key[-8:]}"})
+    shown = generate_examples(tuned["checkpoint"], root, c.dataset, os.path.join(out, "examples"),
+                              SamplerConfig(**recipe.sampler), n=c.examples, split="test", seed=c.seed)
+    create_markdown_artifact(scores["markdown"], key="pipeline-" + c.dataset.lower().replace("_", "-")[:80])
+    return {"out": out, "root": os.path.abspath(root), "samples": summary["samples"],
+            "quarantined": summary["quarantined"], "traces": trace_stats, "sft": trained, "rl": tuned,
+            "eval": scores, "examples": shown, "reward": reward, "stages": states,
+            "flow_run_id": str(flow_run.id), "config": os.path.join(out, "config.json")}
+
+
+METRIC_ABBREV = {"text_quality": "TQ", "text_alignment": "TA", "image_consistency": "IC", "image_alignment": "IA",
+                 "image_quality": "IQ", "output_alignment": "OA", "overall": "overall"}
+
+
+def summary_text(r: dict) -> str:
+    """What a person reads at the end of `parapipe run`: scores, where everything is, how to look at it."""
+    rel = lambda p: os.path.relpath(p) if not os.path.relpath(p).startswith("..") else p  # noqa: E731
+    stages = ", ".join(f"{k} {v}" for k, v in r["stages"].items())
+    text = r["sft"]["eval"].get("text_correct", {}).get("overall", {}).get("model")
+    lines = [f"ParaPipe run finished in {rel(r['out'])} (config: {rel(r['config'])})", f"stages: {stages}",
+             f"{r['samples']} samples, {r['quarantined']} quarantined; traces ok {r['traces'].get('ok', 0)}, "
+             f"failed {r['traces'].get('failed', 0)}", "",
+             f"toy ParaBench, {r['eval']['items']} items, exact judge (0-100; TQ/TA text quality/alignment, "
+             "IC/IA/IQ image consistency/alignment/quality, OA output alignment):",
+             f"  {'checkpoint (decoding)':24s} " + " ".join(f"{a:>7s}" for a in METRIC_ABBREV.values())]
+    names = {label_of(r["sft"]["checkpoint"]): "SFT", label_of(r["rl"]["checkpoint"]): "ParaRL"}
+    for name, row in r["eval"]["table"].items():
+        ckpt, _, mode = name.rpartition(" (")
+        label = f"{names.get(ckpt, ckpt)} ({mode}"
+        lines.append(f"  {label[:24]:24s} " + " ".join(
+            f"{row[m]:7.1f}" if row.get(m) is not None else f"{'-':>7s}" for m in METRIC_ABBREV))
+    if text is not None:
+        lines.append(f"SFT held-out check: reasoning text right {100 * text:.0f}% of the time")
+    lines += ["", "outputs:", f"  lake (Parquet)     {rel(r['root'])}",
+              f"  SFT checkpoint     {rel(r['sft']['checkpoint'])}",
+              f"  ParaRL checkpoint  {rel(r['rl']['checkpoint'])}",
+              f"  reports (PNG)      {rel(os.path.dirname(r['eval']['reports'][-1]))}/",
+              f"  examples           {rel(os.path.join(r['out'], 'examples'))}/", "",
+              "inspect with DuckDB:",
+              f"  .venv/bin/parapipe query --root {rel(r['root'])} \"SELECT * FROM eval_results WHERE metric LIKE "
+              f"'%/overall'\"",
+              f"  .venv/bin/parapipe inspect --root {rel(r['root'])}",
+              "Prefect UI on this run: .venv/bin/prefect server start, then open "
+              f"http://127.0.0.1:4200/runs/flow-run/{r['flow_run_id']}"]
+    return "\n".join(lines)

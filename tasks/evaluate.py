@@ -94,6 +94,7 @@ def sample_items(checkpoint: str, items: list[EvalItem], sampler, seed: int = 0,
     from model.checkpoint import from_pretrained
     from model.sampling import generate
     from tasks.generate import load_image_tokenizer
+    from tasks.progress import bar
     from tasks.sft_data import output_shape
     from tasks.tokenizer import TextTokenizer
     from tasks.toy_eval import decode_outputs
@@ -113,6 +114,7 @@ def sample_items(checkpoint: str, items: list[EvalItem], sampler, seed: int = 0,
             ready.append((item, *_prompt(item, vocab, seq, tok, vq)))
         except ValueError as e:
             outputs[item.item_id], nfe[item.item_id] = EvalOutput(item.item_id, "", None, error=str(e)), 0
+    progress = bar(f"sample {sampler.mode}", len(ready), unit="item")
     for b, start in enumerate(range(0, len(ready), batch_size)):
         chunk = ready[start:start + batch_size]
         gen = torch.Generator(device=device).manual_seed(seed * 1_000_003 + b)
@@ -122,6 +124,8 @@ def sample_items(checkpoint: str, items: list[EvalItem], sampler, seed: int = 0,
         for (item, _, _), image, text in zip(chunk, images, texts):
             outputs[item.item_id] = EvalOutput(item.item_id, text, _png(image.numpy()))
             nfe[item.item_id] = res.nfe
+        progress.update(len(chunk))
+    progress.close()
     return [outputs[i.item_id] for i in items], [nfe[i.item_id] for i in items]
 
 

@@ -30,6 +30,7 @@ text). Leaves out the CLI / Prefect wiring and anything beyond the toy world.
 """
 import argparse
 import json
+import logging
 import math
 import os
 import time
@@ -38,6 +39,7 @@ import numpy as np
 import torch
 
 from rl.reward import GREY, REWARD_FILE, ClipScorer, save_clip_folder, toy_agreement
+from tasks.progress import bar
 from tasks.toy import PRESETS, render, sample_tasks, write_trace
 from tasks.toy.scene import ToyPreset
 
@@ -225,6 +227,7 @@ def train_clip(model, train: dict, preset: ToyPreset, steps: int, batch_size: in
                                               0.5 * (1 + math.cos(math.pi * (s - warm) / max(1, steps - warm))))
     loss_fn, losses, t0 = ClipLoss(), [], time.perf_counter()
     model.train()
+    progress = bar("reward CLIP", steps, unit="step")
     for step in range(steps):
         images, word_lists = train_batch(train, batch_size, rng, hard_negatives, partial_rate, max_mask,
                                          preset.token_px)
@@ -238,9 +241,11 @@ def train_clip(model, train: dict, preset: ToyPreset, steps: int, batch_size: in
         with torch.no_grad():
             model.logit_scale.clamp_(0, MAX_LOGIT_SCALE)
         losses.append(loss.item())
+        progress.update(1)
         if log_every and (step + 1) % log_every == 0:
             print(f"step {step + 1}/{steps} loss {np.mean(losses[-log_every:]):.3f} "
                   f"{time.perf_counter() - t0:.0f}s", flush=True)
+    progress.close()
     model.eval()
     return losses
 
@@ -286,7 +291,10 @@ def fit_tiny_clip(out_folder: str, preset: str = "tiny", train_pairs: int = 2000
         with open(config_path, "w") as f:
             json.dump(config, f, indent=2)
         open_clip.add_model_config(config_path)
+        root_log = logging.getLogger()
+        level, _ = root_log.level, root_log.setLevel(logging.ERROR)  # "no pretrained weights": we train it here
         model = open_clip.create_model(TOY_CLIP, pretrained=None)
+        root_log.setLevel(level)
         train = build_pairs(p, train_pairs, "train", seed)
         t1 = time.perf_counter()
         losses = train_clip(model, train, p, steps, batch_size, lr, seed, hard_negatives, partial_rate, max_mask,

@@ -24,6 +24,7 @@ from model.layout import OutputShape
 from model.sampling import SamplerConfig
 from rl.grpo import RewardStats, fit_reward_stats, sparse_steps
 from rl.learner import RLConfig, Rollouts, advantages, update
+from tasks.progress import ray_init_kwargs
 from tasks.sft_data import SequenceConfig, build_prompt, output_shape
 
 LEARNER_STATE = "learner_state.pt"
@@ -200,7 +201,7 @@ def run_rl(start: str, paths: dict, cfg: RLConfig, out: str, root: str, run_id: 
     prompts = [build_prompt(vocab, seq, train.input_codes[i], train.instruction[i]) for i in range(len(train))]
     if not ray.is_initialized():
         ray.init(num_cpus=None if use_gpu else max(2, rollout_workers + reward_workers), include_dashboard=False,
-                 ignore_reinit_error=True, log_to_driver=False)
+                 ignore_reinit_error=True, **{"log_to_driver": False, **ray_init_kwargs()})
     roles = Roles(start, shape,
                   reward_kwargs or {}, rollout_workers, reward_workers, use_gpu, crash_markers=crash_markers)
     sampler_d = {k: getattr(rollout_cfg, k) for k in SamplerConfig.__dataclass_fields__}

@@ -21,6 +21,7 @@ import torch
 from prefect import task
 
 from model.checkpoint import from_pretrained, read_config, save_pretrained
+from tasks.progress import follow_steps, ray_init_kwargs, write_step
 from tasks.sft_data import SequenceConfig, TokenisedSet, batch_stream
 from tasks.sft_loop import SFTConfig, make_optimizer, train_step
 
@@ -216,6 +217,8 @@ def train_loop_per_worker(cfg: dict) -> None:
         row = _mean_over_ranks(row, world)
         row.update(step=step + 1, tokens_per_s=row["tokens"] / (time.perf_counter() - t0))
         pending.append(row)
+        if rank == 0:
+            write_step(_progress_file(cfg), step + 1, sft.total_steps, loss=row["loss"])
         last = step + 1 == stop
         if (step + 1) % every and not last:
             continue
@@ -250,6 +253,10 @@ def _tmp_dir(cfg: dict) -> str | None:
     return folder
 
 
+def _progress_file(cfg: dict) -> str:
+    return os.path.join(cfg["out"], "checkpoints", cfg["run_id"], "progress.json")
+
+
 @task
 def run_sft(cfg: dict, num_workers: int = 2, use_gpu: bool = False, storage_path: str = "runs/ray",
             max_failures: int = 2) -> dict:
@@ -260,7 +267,7 @@ def run_sft(cfg: dict, num_workers: int = 2, use_gpu: bool = False, storage_path
 
     if not ray.is_initialized():
         ray.init(num_cpus=None if use_gpu else max(num_workers, os.cpu_count() or 1), include_dashboard=True,
-                 ignore_reinit_error=True)
+                 ignore_reinit_error=True, **ray_init_kwargs())
     storage = os.path.abspath(storage_path) if "://" not in storage_path else storage_path
     trainer = TorchTrainer(
         train_loop_per_worker, train_loop_config=cfg,
@@ -270,7 +277,12 @@ def run_sft(cfg: dict, num_workers: int = 2, use_gpu: bool = False, storage_path
                              failure_config=FailureConfig(max_failures=max_failures),
                              checkpoint_config=CheckpointConfig(num_to_keep=2)))
     t0 = time.perf_counter()
-    result = trainer.fit()
+    os.makedirs(os.path.dirname(_progress_file(cfg)), exist_ok=True)
+    done = follow_steps(_progress_file(cfg), f"SFT {cfg['run_id']}", cfg["sft"]["total_steps"])
+    try:
+        result = trainer.fit()
+    finally:
+        done()
     if result.error:
         raise RuntimeError(f"SFT run {cfg['run_id']} failed: {result.error}")
     with result.checkpoint.as_directory() as d:

@@ -183,13 +183,27 @@ def test_run_pipeline_then_query_and_inspect(tmp_path):
     """`parapipe run` (its own ephemeral Prefect server), then DuckDB over what it wrote."""
     # a relative --out, as `make run` passes: Ray workers run elsewhere, so the flows must resolve it
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    run = subprocess.run([sys.executable, "-m", "flows.cli", "run", "--out", "rel", "--toy-samples", "200",
-                          "--sft-steps", "4"], capture_output=True, text=True, cwd=tmp_path, env=env)
-    tmp_path = tmp_path / "rel"
+    small = tmp_path / "run.yaml"  # every stage, tiny: 1 ParaRL round, 12 benchmark items
+    small.write_text("reward_steps: 10\neval_limit: 12\nrl: {rounds: 1, prompts_per_round: 4, group_size: 2, "
+                     "norm_min_prompts: 8}\n")
+    cmd = [sys.executable, "-m", "flows.cli", "run", "--out", "rel", "--toy-samples", "200", "--sft-steps", "4",
+           "--config", str(small)]
+    run = subprocess.run(cmd, capture_output=True, text=True, cwd=tmp_path, env=env)
     assert run.returncode == 0, run.stderr[-3000:]
-    assert "run finished" in run.stdout and "200 samples" in run.stdout and "Traceback" not in run.stdout
-    assert "toy ParaBench" in run.stdout or "held-out exact" in run.stdout
-    assert "parapipe query --root" in run.stdout
+    assert "ParaPipe run finished" in run.stdout and "200 samples" in run.stdout and "Traceback" not in run.stdout
+    assert "stages: aggregate ran, fit-reward ran, traces ran, sft ran, pararl ran, evaluate ran" in run.stdout
+    table = [ln.split() for ln in run.stdout.splitlines() if ln.startswith(("  SFT (", "  ParaRL ("))]
+    assert [t[:2] for t in table] == [["SFT", "(parallel)"], ["SFT", "(sequential)"], ["ParaRL", "(parallel)"],
+                                      ["ParaRL", "(sequential)"]]
+    assert all(0 <= float(t[-1]) <= 100 for t in table)
+    assert "parapipe query --root" in run.stdout and "Started a local Ray instance" not in run.stderr
+    again = subprocess.run(cmd, capture_output=True, text=True, cwd=tmp_path, env=env)  # unchanged inputs: skipped
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "stages: aggregate cached, fit-reward cached, traces cached, sft cached, pararl cached, " \
+           "evaluate cached" in again.stdout
+    tmp_path = tmp_path / "rel"
+    config = json.loads((tmp_path / "config.json").read_text())
+    assert config["eval_limit"] == 12 and config["rl"]["rounds"] == 1 and config["sft_steps"] == 4
     examples = sorted((tmp_path / "examples").iterdir())
     assert len(examples) == 4 and examples[0].name.startswith("00-")
     for ex in examples:
@@ -212,6 +226,9 @@ def test_run_pipeline_then_query_and_inspect(tmp_path):
     con.execute(sql.read_text())
     assert con.sql("SELECT count(*) FROM samples").fetchall() == [(200,)]
     assert con.sql("SELECT count(*) FROM train_metrics").fetchall() == [(4,)]
+    assert con.sql("SELECT count(*) FROM runs WHERE stage = 'pipeline'").fetchall() == [(2,)]
+    overall = con.sql("SELECT count(*) FROM eval_results WHERE metric = 'overall/overall'").fetchall()
+    assert overall == [(4,)]  # SFT and ParaRL, parallel and sequential
     session = subprocess.run([sys.executable, "-m", "flows.cli", "inspect", "--root", root],
                              input="SELECT count(*) AS n FROM quarantine;\n.quit\n", capture_output=True, text=True)
     assert session.returncode == 0 and "0" in session.stdout
@@ -249,21 +266,29 @@ def test_generate_defaults_to_the_checkpoint_sampler_and_warns_on_departures(tmp
     assert sampler_meta(SamplerConfig(text_block_length=8))["text_block_length"] == 8
 
 
-def test_run_report_says_scores_outputs_and_how_to_look():
-    from flows.cli_support import format_summary, run_report
+def test_run_summary_says_scores_outputs_and_how_to_look():
+    from flows.cli_support import format_summary
+    from flows.pipeline import summary_text
 
-    table = "| checkpoint | overall |\n|---|---|\n| sft (parallel) | 0.40 |"
-    text = run_report({"out": "runs/x", "root": "runs/x/data", "samples": 2000, "quarantined": 0,
-                       "traces": {"pending": 2000, "ok": 1990, "failed": 10, "filtered": 0, "seconds": 1.36},
-                       "sft": {"checkpoint": "runs/x/sft/final"}, "rl": {"checkpoint": "runs/x/rl/final"},
-                       "eval": {"items": 300, "markdown": table, "reports": ["runs/x/eval/chart.png"]},
-                       "examples": [{"folder": "runs/x/examples/00-add-add-a-red-circle"}]}, "runs/x")
+    row = {"text_quality": 90.0, "text_alignment": 40.0, "image_consistency": 99.0, "image_alignment": 70.0,
+           "image_quality": 100.0, "output_alignment": 35.5, "overall": 72.4}
+    text = summary_text({"out": "/w/runs/x", "root": "/w/runs/x/data", "samples": 2000, "quarantined": 0,
+                         "config": "/w/runs/x/config.json", "stages": {"aggregate": "cached", "sft": "ran"},
+                         "traces": {"pending": 2000, "ok": 1990, "failed": 10, "filtered": 0},
+                         "sft": {"checkpoint": "/w/runs/x/sft/final",
+                                 "eval": {"text_correct": {"overall": {"model": 0.4}}}},
+                         "rl": {"checkpoint": "/w/runs/x/rl/round-00007"}, "flow_run_id": "abc",
+                         "eval": {"items": 300, "table": {"sft/final (parallel)": row, "rl/round-00007 (sequential)": row},
+                                  "reports": ["/w/runs/x/eval/metrics.png"]}})
     lines = text.splitlines()
-    assert lines[2] == "data      runs/x/data: 2,000 samples, 0 quarantined; traces ok 1,990, failed 10, filtered 0"
-    assert "sft       runs/x/sft/final" in lines and "rl        runs/x/rl/final" in lines
-    assert "toy ParaBench (300 items):" in lines and table in text
-    assert "  runs/x/examples/00-add-add-a-red-circle" in lines
-    assert "  parapipe query --root runs/x/data 'SELECT * FROM samples_by_source'" in lines
+    assert lines[1] == "stages: aggregate cached, sft ran"
+    assert "2000 samples, 0 quarantined; traces ok 1990, failed 10" in lines
+    assert any(ln.startswith("  ParaRL (sequential)") for ln in lines)
+    assert any(ln.startswith("  SFT (parallel)") and ln.split()[-1] == "72.4" and "35.5" in ln for ln in lines)
+    assert "SFT held-out check: reasoning text right 40% of the time" in lines
+    assert "  ParaRL checkpoint  /w/runs/x/rl/round-00007" in lines
+    assert any("parapipe query --root /w/runs/x/data" in ln for ln in lines)
+    assert lines[-1].endswith("http://127.0.0.1:4200/runs/flow-run/abc")
     assert format_summary({"seconds": 1.3569398350000483, "samples_per_s": 154.2, "quarantine_reasons": {},
                            "by_split": {"train": 1800}}).splitlines() == [
         "seconds:            1.36 s", "samples per s:      154", "quarantine reasons: none", "by split:",
