@@ -1,0 +1,115 @@
+"""Look at ParaPipe's artifacts in the real Prefect UI: publish them from a finished run, screenshot their pages.
+
+    python tools/ui_check.py --root runs/default/data --sft-run sft-toy-tiny --rl-run rl-toy-tiny \
+        --rl-checkpoint runs/default/rl/checkpoints/rl-toy-tiny/round-00001 --out /tmp/ui-check
+
+Starts `prefect server start` on loopback (UI on, a PREFECT_HOME of its own) unless --api names a running
+server, runs a tiny flow that publishes the SFT loss chart, the ParaRL metric chart, the denoising trajectory
+strips and two progress artifacts (one finished, one "nothing to do") exactly as the flows do, then opens
+each artifact's page (and the flow run's Artifacts tab) in headless Chromium and saves PNGs under --out.
+Prints one line per screenshot. Needs Debian's `chromium`; not part of the test suite (CI has no browser):
+tests/test_ui_artifacts.py checks the artifacts' content and sizes without one.
+"""
+import argparse
+import os
+import socket
+import subprocess
+import sys
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_server(home: str, log: str) -> tuple[subprocess.Popen, str]:
+    import httpx
+
+    port = _free_port()  # the UI's pages call the API at PREFECT_API_URL: point it at this port
+    env = {**os.environ, "PREFECT_HOME": home, "PREFECT_UI_ENABLED": "true", "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+           "PREFECT_API_URL": f"http://127.0.0.1:{port}/api"}
+    prefect = os.path.join(os.path.dirname(sys.executable), "prefect")
+    with open(log, "w") as out:
+        proc = subprocess.Popen([prefect, "server", "start", "--host", "127.0.0.1", "--port", str(port)], env=env,
+                                stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+    url = f"http://127.0.0.1:{port}"
+    for _ in range(300):
+        try:
+            if httpx.get(f"{url}/api/health", timeout=2).json() is True:
+                return proc, url
+        except (httpx.HTTPError, ValueError):
+            time.sleep(1)
+        if proc.poll() is not None:
+            break
+    raise RuntimeError(f"prefect server did not come up; see {log}")
+
+
+def publish(a: argparse.Namespace) -> str:
+    """Runs the demo flow against PREFECT_API_URL; returns its flow run id."""
+    from prefect import flow
+    from prefect.artifacts import create_markdown_artifact, create_progress_artifact
+    from prefect.runtime import flow_run
+
+    from tasks import ui_artifacts as ui
+
+    @flow(name="ui-check")
+    def ui_check() -> str:
+        if a.sft_run:
+            create_markdown_artifact(ui.sft_loss_markdown(a.root, a.sft_run, a.out), key=ui.stable_key("sft", a.sft_run, "loss"))
+        if a.rl_run:
+            create_markdown_artifact(ui.rl_metrics_markdown(a.root, a.rl_run, a.out),
+                                     key=ui.stable_key("rl", a.rl_run, "chart"))
+            create_markdown_artifact(ui.trajectory_markdown(a.root, a.rl_run, a.out, a.rl_checkpoint),
+                                     key=ui.stable_key("rl", a.rl_run, "trajectories"))
+        create_progress_artifact(100.0, key=ui.run_key("demo", "progress"), description="nothing to do: all done")
+        return flow_run.get_id()
+
+    return ui_check()
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--root", required=True, help="the lake the runs wrote (train_metrics, rl_metrics, trajectories)")
+    p.add_argument("--sft-run", help="an SFT run id in train_metrics")
+    p.add_argument("--rl-run", help="a ParaRL run id in rl_metrics / trajectories")
+    p.add_argument("--rl-checkpoint", help="a checkpoint folder with image_tokenizer/ (to draw partial images)")
+    p.add_argument("--out", default="/tmp/ui-check", help="folder for the charts and the screenshots")
+    p.add_argument("--api", help="a running server's API URL (http://127.0.0.1:4200/api); default: start one")
+    p.add_argument("--wait", type=float, default=10.0, help="seconds to let each page load")
+    a = p.parse_args()
+    os.makedirs(a.out, exist_ok=True)
+    server = None
+    if a.api is None:
+        server, url = start_server(os.path.join(a.out, "prefect-home"), os.path.join(a.out, "server.log"))
+        a.api = f"{url}/api"
+    os.environ["PREFECT_API_URL"] = a.api
+    try:
+        from prefect.client.orchestration import get_client
+        from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId
+
+        from tools.ui_screenshot import screenshot
+
+        run_id = publish(a)
+        with get_client(sync_client=True) as client:
+            arts = client.read_artifacts(artifact_filter=ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(any_=[run_id])))
+        ui = a.api.removesuffix("/api")
+        pages = {f"artifact-{x.key or x.id}": f"{ui}/artifacts/artifact/{x.id}" for x in arts}
+        pages["flow-run-artifacts"] = f"{ui}/runs/flow-run/{run_id}?tab=Artifacts"
+        for name, url in pages.items():
+            path = os.path.join(a.out, f"{name}.png")
+            screenshot(url, path, wait_s=a.wait, size=(1400, 2400))
+            print(f"{path}  <- {url}")
+    finally:
+        if server is not None:
+            os.killpg(server.pid, 15)
+            server.wait(timeout=30)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
