@@ -9,8 +9,13 @@ A bad record never fails its source: whatever goes wrong with one record becomes
 configuration; only failures that may pass (OSError other than a missing or forbidden path) are retried.
 Re-running re-reads quarantined records and quarantines them again, which the quarantine table's key
 (source, source_ref, reason) turns into a no-op.
+One ingest per (root, dataset) at a time (`dataset_lock`): a second writer would reuse the first's shard
+names and manifest and lose rows; it fails at once with `DatasetBusy` instead.
 """
+import contextlib
+import hashlib
 import json
+import os
 import time
 from collections import Counter
 from dataclasses import dataclass, field
@@ -18,6 +23,7 @@ from dataclasses import dataclass, field
 from prefect import task
 from prefect.artifacts import create_table_artifact, update_progress_artifact
 
+from storage.fs import is_s3
 from storage.parquet import read_table, write_rows
 from tasks.curate import CurateConfig, Deduper, Rejected, normalise, quarantine_row
 from tasks.source_io import clean
@@ -41,6 +47,39 @@ class SourceStats:
                 "already_present": self.already_present, "quarantined": sum(self.quarantined.values()),
                 "reasons": ", ".join(f"{k}={v}" for k, v in sorted(self.quarantined.items())) or "-",
                 "samples_per_s": round(self.read / self.seconds, 1) if self.seconds else 0.0}
+
+
+class DatasetBusy(RuntimeError):
+    """Another process is aggregating into the same dataset (not retried: it holds the lock until it ends)."""
+
+
+@contextlib.contextmanager
+def dataset_lock(root: str, dataset: str):
+    """An exclusive flock on `{root}/_locks/aggregate-{dataset}.lock` for one ingest; the kernel drops it when the
+    process ends, SIGKILL included, so a crash never leaves a stale lock. For an s3:// root the lock file lives
+    in ~/.cache/parapipe/locks (named by a hash of root and dataset): it guards against writers on this machine only.
+    """
+    import fcntl
+
+    if is_s3(root):
+        folder = os.path.join(os.path.expanduser("~"), ".cache", "parapipe", "locks")
+        name = hashlib.sha256(f"{root}\0{dataset}".encode()).hexdigest()[:24] + ".lock"
+    else:
+        folder, name = os.path.join(root, "_locks"), f"aggregate-{dataset}.lock"
+    os.makedirs(folder, exist_ok=True)
+    path = os.path.join(folder, name)
+    with open(path, "a+") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            f.seek(0)
+            raise DatasetBusy(f"dataset {dataset!r} under {root} is being written by another aggregation "
+                              f"({f.read().strip() or 'unknown process'}; lock {path}); wait for it to end, or "
+                              f"aggregate into another dataset") from None
+        f.truncate(0)
+        f.write(f"pid {os.getpid()}")
+        f.flush()
+        yield
 
 
 def _committed_index(root: str, dataset: str, near_bits: int) -> tuple[Deduper, set[tuple[str, str]]]:
@@ -105,6 +144,12 @@ def ingest_source(spec: dict, root: str, dataset: str, curate: dict, progress_id
     """
     source = SourceSpec.from_dict(spec)
     cfg = CurateConfig(**curate)
+    with dataset_lock(root, dataset):
+        return _ingest(source, root, dataset, cfg, progress_id, progress_span)
+
+
+def _ingest(source: SourceSpec, root: str, dataset: str, cfg: CurateConfig, progress_id,
+            progress_span: tuple[float, float]) -> dict:
     dedupe, refs = _committed_index(root, dataset, cfg.near_duplicate_bits)
     stats, chunk, t0 = SourceStats(source.name), [], time.perf_counter()
     expected = source.n or None
