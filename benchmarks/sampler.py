@@ -104,8 +104,8 @@ def speed_section(a) -> None:
         mc = ModelConfig(d_model=768, n_layers=12, n_heads=12, mlp_hidden_size=2048, vocab_size=vocab.vocab_size,
                          embedding_size=vocab.vocab_size, rope_theta=10000.0)
         shape, in_codes, instr = OutputShape(64, 32), 64, 16
-        base = SamplerConfig(steps=16, image_steps=8, text_block_length=32, image_cfg=4.0)
-        batches, n_up, dtype = (a.batch,), 1, torch.float32
+        base = SamplerConfig(steps=a.speed_steps, image_steps=a.speed_steps // 2, text_block_length=32, image_cfg=4.0)
+        batches, n_up, dtype = (a.speed_batch,), 1, torch.float32
     model = random_model(mc, dev, dtype)
     g = torch.Generator().manual_seed(0)
     n = max(batches)
@@ -116,21 +116,28 @@ def speed_section(a) -> None:
           f"prompt {len(prompts[0])} tokens, {base.steps} steps, {base.image_steps} image steps, image_cfg "
           f"{base.image_cfg}, threads {torch.get_num_threads()}")
     up_cfg = _mode_cfg(base, dict(batch_cfg=False))
-    rows = []
-    for r in range(a.repeats):
-        _, s_up = timed_generate(FullHead(model), vocab, shape, prompts[:n_up], uncond, up_cfg, 1, dev)
-        up_tps = n_up * (shape.image_tokens + shape.text_tokens) / s_up
-        rows.append(("upstream-equivalent (batch 1, full head, separate CFG passes)", 1, up_tps, up_tps))
+    n_out = shape.image_tokens + shape.text_tokens
+    print(f"{'mode':58s} {'batch':>5s} {'tokens/s':>10s} {'upstream':>9s} {'vs upstream':>11s}", flush=True)
+
+    def row(name, B, tps, up):
+        print(f"{name:58s} {B:5d} {tps:10.1f} {up:9.1f} {tps / up:10.2f}x", flush=True)
+
+    for r in range(a.repeats):  # each mode timed right after its own upstream run: load changes hit both
         for name, over, batched, bf16, _ in MODES:
-            if bf16 and a.gpu:
-                continue  # the GPU model is bf16 already
+            if (bf16 and a.gpu) or "threshold" in name or name in a.skip_modes:
+                continue  # the GPU model is bf16 already; random weights are never confident (see the toy table)
+            _, s_up = timed_generate(FullHead(model), vocab, shape, prompts[:n_up], uncond, up_cfg, 1, dev)
+            up_tps = n_up * n_out / s_up
             m = random_model(mc, dev, torch.bfloat16) if bf16 else model
             for B in (batches if batched else (1,)):
                 _, s = timed_generate(m, vocab, shape, prompts[:B], uncond, _mode_cfg(base, over), B, dev)
-                rows.append((name, B, B * (shape.image_tokens + shape.text_tokens) / s, up_tps))
-    print(f"{'mode':58s} {'batch':>5s} {'tokens/s':>10s} {'vs upstream':>11s}   (repeat, in order)")
-    for name, B, tps, up in rows:
-        print(f"{name:58s} {B:5d} {tps:10.1f} {tps / up:10.2f}x")
+                row(name, B, B * n_out / s, up_tps)
+        if a.compile:  # exact up to float rounding; the first call compiles, so it is run once untimed
+            compiled = torch.compile(model, dynamic=True)
+            B = max(batches)
+            timed_generate(compiled, vocab, shape, prompts[:B], uncond, base, B, dev)
+            _, s = timed_generate(compiled, vocab, shape, prompts[:B], uncond, base, B, dev)
+            row("exact: batched + torch.compile", B, B * n_out / s, up_tps)
 
 
 def toy_section(a) -> None:
@@ -167,38 +174,57 @@ def toy_section(a) -> None:
         images, texts = decode_outputs(tokens, shape, vocab, tok, vq)
         outs = [EvalOutput(it.item_id, t, _png(im.numpy())) for it, im, t in zip(items, images, texts)]
         js = judge.judge(items, outs)
-        return 100 * sum(j.scores["output_alignment"] for j in js) / len(js)
+        return sum(j.scores["output_alignment"] for j in js) / len(js)  # 0-100 already
 
     print(f"\n## toy: {ckpt} ({model.num_params() / 1e6:.2f}M params), toy ParaBench {len(items)} of 300 items "
-          f"(every {max(1, 300 // a.items)}th), output {shape}, eval sampler {DEFAULT_SAMPLER}")
-    up_tokens, s_up = timed_generate(FullHead(model), vocab, shape, prompts, uncond,
-                                     _mode_cfg(base, dict(batch_cfg=False)), 1, "cpu")
+          f"(spread evenly), output {shape}, eval sampler {DEFAULT_SAMPLER}, threads {torch.get_num_threads()}; "
+          f"timed in chunks of {a.batch} items, upstream first, then every mode on the same chunk")
+    up_cfg = _mode_cfg(base, dict(batch_cfg=False))
+    modes = [m for m in MODES if m[0] not in a.skip_modes]
+    secs, toks = {"up": 0.0}, {"up": []}
+    for start in range(0, len(items), a.batch):  # interleaved, so load changes hit every mode alike
+        P, U = prompts[start:start + a.batch], uncond[start:start + a.batch]
+        t, s = timed_generate(FullHead(model), vocab, shape, P, U, up_cfg, 1, "cpu", seed=start)
+        secs["up"] += s
+        toks["up"].append(t)
+        for name, over, batched, bf16, exact in modes:
+            m = copy.deepcopy(model).to(torch.bfloat16) if bf16 else model
+            t, s = timed_generate(m, vocab, shape, P, U, _mode_cfg(base, over), a.batch, "cpu", seed=start)
+            secs[name] = secs.get(name, 0.0) + s
+            toks.setdefault(name, []).append(t)
     n_tok = len(items) * (shape.image_tokens + shape.text_tokens)
+    up_tokens = torch.cat(toks["up"])
     up_oa = oa(up_tokens)
     print(f"{'mode':58s} {'batch':>5s} {'tokens/s':>10s} {'vs upstream':>11s} {'OA':>6s} {'dOA':>6s} same-tokens")
-    print(f"{'upstream-equivalent (batch 1, full head, separate CFG)':58s} {1:5d} {n_tok / s_up:10.1f} "
+    print(f"{'upstream-equivalent (batch 1, full head, separate CFG)':58s} {1:5d} {n_tok / secs['up']:10.1f} "
           f"{1.0:10.2f}x {up_oa:6.1f} {0.0:+6.1f}")
-    for name, over, batched, bf16, exact in MODES:
-        m = copy.deepcopy(model).to(torch.bfloat16) if bf16 else model
-        tokens, s = timed_generate(m, vocab, shape, prompts, uncond, _mode_cfg(base, over), a.batch, "cpu")
+    for name, *_ in modes:
+        tokens = torch.cat(toks[name])
         score = oa(tokens)
         same = (tokens == up_tokens).all(1).float().mean().item()
-        print(f"{name:58s} {a.batch:5d} {n_tok / s:10.1f} {s_up / s:10.2f}x {score:6.1f} {score - up_oa:+6.1f} "
-              f"{100 * same:5.1f}% of rows")
+        print(f"{name:58s} {a.batch:5d} {n_tok / secs[name]:10.1f} {secs['up'] / secs[name]:10.2f}x {score:6.1f} "
+              f"{score - up_oa:+6.1f} {100 * same:5.1f}% of rows")
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--items", type=int, default=100, help="toy ParaBench items (of 300), spread evenly")
     ap.add_argument("--batch", type=int, default=16, help="rows per generate call for the batched modes")
+    ap.add_argument("--speed-batch", type=int, default=2, help="rows per call in the CPU speed table")
+    ap.add_argument("--speed-steps", type=int, default=8, help="steps in the CPU speed table (image steps: half)")
     ap.add_argument("--repeats", type=int, default=1, help="repeats of the speed table")
     ap.add_argument("--checkpoint", default=None, help="toy checkpoint folder (default: runs/toy-all's final)")
     ap.add_argument("--gpu", action="store_true", help="8B-shaped random bf16 model on cuda, PA settings, "
                                                        "batch 1 and 16 (speed table only)")
+    ap.add_argument("--compile", action="store_true", help="add a torch.compile row to the speed table")
+    ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    ap.add_argument("--skip-modes", nargs="*", default=[], help="mode names (as printed) to leave out")
     ap.add_argument("--skip-speed", action="store_true")
     ap.add_argument("--skip-toy", action="store_true")
     ap.add_argument("--skip-drift", action="store_true")
     a = ap.parse_args()
+    if a.threads:
+        torch.set_num_threads(a.threads)
     if not a.skip_speed:
         speed_section(a)
     if a.gpu:

@@ -95,6 +95,8 @@ class StepForward:
         changed = (ids != written).any(0)  # (P + M,)
         out_cols = need | changed[self.P:] if self.cache == "dual" else torch.ones_like(need)
         cols = out_cols.nonzero().squeeze(1) + self.P  # (A,)
+        if len(cols) == 0:  # nothing needed and nothing changed
+            return torch.zeros(ids.shape[0], self.M, self.model.config.rows, device=ids.device)
         if len(halves) == 1:
             kv = halves[0].kv
         else:  # join the halves' caches (a copy), then write the fresh columns back to each

@@ -100,6 +100,11 @@ def test_approximate_caches_run_and_count_their_passes(model):
             out = _run(generate, cfg, model)
             assert not (out.tokens == VOCAB.mask_id).any()
             assert out.full_passes == -(-8 // R) and out.full_passes + out.partial_passes == 8, (cache, R)
+    # cond and uncond rows cached separately, joined for the passes that need both
+    cfg = SamplerConfig(steps=8, image_steps=4, text_block_length=16, text_cfg=1.0, image_cfg=2.0, cache="dual",
+                        cache_refresh=3)
+    out = _run(generate, cfg, model)
+    assert not (out.tokens == VOCAB.mask_id).any() and out.partial_passes > 0
     # a new text block forces a refresh: blocks start at steps 0, 2, 4, 6
     out = _run(generate, SamplerConfig(steps=8, image_steps=4, text_block_length=4, cache="dual", cache_refresh=8),
                model)
