@@ -267,6 +267,28 @@ def cmd_eval(a) -> None:
     print(format_summary({"items": out["items"], "failed judgments": counts, "reports": out["reports"]}))
 
 
+def cmd_ablate(a) -> None:
+    check_checkpoint(a.checkpoint)
+    check_dataset(a.root, a.dataset)
+    from rl.learner import RLConfig
+
+    config = load_object("--config", a.config) or {}
+    check_fields("--config", config, RLConfig)
+    _positive(a, "limit")
+    if a.clip_folder is not None and not os.path.isdir(a.clip_folder):
+        raise CLIError(f"--clip-folder {a.clip_folder!r} does not exist; write one with `parapipe fit-reward --out DIR`")
+    from flows.ablate import ablate
+
+    _quiet(a)
+    out = ablate(study=a.study, checkpoint=a.checkpoint, root=a.root, dataset=a.dataset, out=a.out, run_id=a.run_id,
+                 rl=config, ks=a.ks, limit=a.limit, clip_folder=a.clip_folder)
+    if a.json:
+        print(json.dumps(out, indent=2, default=str))
+        return
+    print(out["markdown"])
+    print(format_summary({"checkpoints": out["checkpoints"], "reports": out["reports"]}))
+
+
 def cmd_fit_reward(a) -> None:
     from tasks.fit_reward import fit_tiny_clip
 

@@ -29,6 +29,10 @@ EXAMPLES = {
            "parapipe rl --checkpoint CKPT --config rl.yaml   # RLConfig fields and/or rl options"],
     "eval": ["parapipe eval --checkpoint runs/default/sft/checkpoints/sft-toy-tiny/final --limit 30",
              "parapipe eval --checkpoint SFT_CKPT RL_CKPT --modes parallel sequential"],
+    "ablate": ["parapipe ablate decoding --checkpoint runs/default/sft/checkpoints/SFT_RUN/final",
+               "parapipe ablate reward-level --checkpoint SFT_CKPT --clip-folder runs/default/reward --config "
+               "'{\"rounds\": 8}'",
+               "parapipe ablate sampled-steps --checkpoint SFT_CKPT --ks 1 3 5 --limit 100"],
     "fit-reward": ["parapipe fit-reward --out runs/reward"],
     "query": ["parapipe query 'SELECT * FROM samples_by_source'",
               "parapipe query --format csv --max-rows 0 'SELECT * FROM traces' > traces.csv",
@@ -273,6 +277,24 @@ def _rl_eval_parsers(sub, cli) -> None:
                     "runs/eval/RUN_ID]")
     _option_file(ev), _json_flag(ev)
     ev.set_defaults(fn=cli.cmd_eval)
+
+    ab = _sub(sub, "ablate", "one of the paper's ablation tables: train the arms it needs, score them side by side",
+              "decoding (Table 3): parallel vs sequential on --checkpoint; sft-vs-rl (Table 2): ParaRL from it; "
+              "reward-level (Table 4): trajectory- vs output-level reward; sampled-steps (Table 5): K in --ks. "
+              "Re-running the same --run-id resumes every arm.")
+    ab.add_argument("study", choices=("decoding", "sft-vs-rl", "reward-level", "sampled-steps"), help="the ablation")
+    ab.add_argument("--checkpoint", required=True, help="the SFT checkpoint every arm starts from")
+    _root(ab), _dataset(ab, "dataset whose train split gives the ParaRL prompts")
+    ab.add_argument("--out", default="runs/ablations", help="output folder: STUDY/ (chart, grids, rl/ checkpoints)")
+    ab.add_argument("--run-id", default="ablation", help="prefix of the arms' run ids")
+    ab.add_argument("--config", default=None, metavar="JSON|FILE", help="RLConfig fields shared by every arm "
+                    "(rounds, lr, reward, ...); the arm's own field wins")
+    ab.add_argument("--ks", type=int, nargs="+", default=[1, 3, 5], help="K values of sampled-steps")
+    ab.add_argument("--limit", type=int, default=None, help="first N benchmark items only [default: all]")
+    ab.add_argument("--clip-folder", default=None, help="reward folder from `parapipe fit-reward` [default: fitted "
+                    "into each arm's folder on toy data]")
+    _json_flag(ab)
+    ab.set_defaults(fn=cli.cmd_ablate)
 
 
 def _look_parsers(sub, cli) -> None:

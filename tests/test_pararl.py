@@ -197,4 +197,31 @@ def test_pararl_flow_one_round_with_artifacts(sft_checkpoint, random_clip, ray_l
     import asyncio
 
     keys = asyncio.run(artifact_keys())
-    assert {"rl-flow-run-metrics", "rl-flow-run-progress", "rl-flow-run-summary"} <= keys
+    assert {"rl-flow-run-metrics", "rl-flow-run-summary", "rl-flow-run-chart", "rl-flow-run-trajectories"} <= keys
+    assert any(k.startswith("rl-flow-run-progress-") for k in keys)  # one progress card per flow run
+
+
+def test_ablation_commands_train_their_arms_and_score_them_side_by_side(sft_checkpoint, random_clip, ray_local,
+                                                                        prefect_harness, tmp_path):
+    from PIL import Image
+
+    from flows.ablate import ablate
+
+    root, ckpt, _ = sft_checkpoint
+    with pytest.raises(ValueError, match="study='nope'"):
+        ablate(study="nope", checkpoint=ckpt, root=root, dataset="d")
+    common = dict(checkpoint=ckpt, root=root, dataset="d", out=str(tmp_path / "ab"), limit=6, sampler=SAMPLER,
+                  clip_folder=random_clip, rl={**FAST, "rounds": 1})
+    levels = ablate(study="reward-level", **common)
+    assert set(levels["checkpoints"]) == {"start", "trajectory", "output"}
+    assert all(c.endswith("round-00000") for k, c in levels["checkpoints"].items() if k != "start")
+    assert len(levels["table"]) == 3 and all(name.endswith("(parallel)") for name in levels["table"])
+    assert all(0 <= row["overall"] <= 100 for row in levels["table"].values())
+    runs = {r["run_id"]: r for r in read_table(root, "runs").to_pylist() if r["stage"] == "rl"}
+    assert '"reward_mode": "output"' in runs["ablation-reward-level-output"]["config_json"]
+    assert '"reward_mode": "trajectory"' in runs["ablation-reward-level-trajectory"]["config_json"]
+    chart = tmp_path / "ab" / "reward-level" / "metrics.png"
+    assert Image.open(chart).size[0] > 300
+    decoding = ablate(study="decoding", **common)  # Table 3: no training, one checkpoint in both modes
+    assert set(decoding["checkpoints"]) == {"start"}
+    assert sorted(n.rsplit(" ", 1)[1] for n in decoding["table"]) == ["(parallel)", "(sequential)"]
