@@ -1,8 +1,12 @@
 """Ray Train overhead for SFT: tokens/s per worker under Ray (2 gloo DDP workers, 1 CPU each) vs a
 plain single-process loop with 1 thread, on the same model, data and batch size, in one run.
 
-    python benchmarks/sft.py [--steps 40] [--batch-size 32] [--samples 2000]
+    python benchmarks/sft.py [--rounds 3] [--steps 40] [--batch-size 32] [--samples 2000]
 
+The arms are interleaved (plain, Ray, plain, Ray, ..., plain) so that load from other processes on
+a shared machine falls on both: a round's ratio divides by the mean of the plain loops run just
+before and just after its Ray fit. Each round prints its ratios, the end the mean and the spread
+(min..max) of the ratios. --ddp-defaults adds a Ray arm with torch's DDP defaults (bucketing).
 Medians over the steps after the first --warmup steps (Ray's start-up and the first steps are
 reported separately and not in the ratio).
 """
@@ -13,52 +17,107 @@ import tempfile
 import time
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__)
-    ap.add_argument("--steps", type=int, default=40)
-    ap.add_argument("--warmup", type=int, default=5)
-    ap.add_argument("--batch-size", type=int, default=32)
-    ap.add_argument("--samples", type=int, default=2000)
-    a = ap.parse_args()
-    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-    import torch
-
+def prepare(a) -> tuple[dict, dict, str, str]:
+    """A toy dataset, its image tokenizer and base checkpoint; returns (recipe, paths, root, out)."""
     import tasks.aggregate as agg
-    from flows.sft import default_recipe
-    from model.checkpoint import from_pretrained
-    from storage.parquet import read_table
     from tasks.image_codes import fit_image_tokenizer
-    from tasks.sft import load_set, prepare_sft, run_sft
-    from tasks.sft_data import SequenceConfig, batch_stream
-    from tasks.sft_loop import SFTConfig, train
+    from tasks.recipe import PRESETS
+    from tasks.sft import prepare_sft
 
     work = tempfile.mkdtemp(prefix="parapipe-sft-bench-")
     root, out = os.path.join(work, "lake"), os.path.join(work, "out")
     agg.ingest_source.fn({"type": "toy", "name": "toy", "preset": "tiny", "n": a.samples, "seed": 0}, root, "d",
                          dict(resolution=32))
-    recipe = default_recipe()
-    recipe["sft"] = {**recipe["sft"], "total_steps": a.steps, "warmup_steps": a.steps // 5, "batch_size": a.batch_size, "eval_interval": 0,
-                     "log_interval": 0}
+    recipe = PRESETS["toy-tiny"].to_dict()
+    recipe["sft"] = {**recipe["sft"], "total_steps": a.steps, "warmup_steps": a.steps // 5,
+                     "batch_size": a.batch_size, "eval_interval": 0, "log_interval": 0}
     paths = prepare_sft.fn(root, "d", out, recipe, image_tokenizer_dir=fit_image_tokenizer.fn(root, "d", work + "/vq"))
-    sft, seq = SFTConfig(**recipe["sft"]), SequenceConfig(**recipe["seq"])
+    return recipe, paths, root, out
 
+
+def plain_tokens_per_s(recipe: dict, paths: dict, warmup: int) -> tuple[float, float]:
+    """Median tokens/s of tasks/sft_loop.train in this process (1 thread); also the model's params (M)."""
+    import torch
+
+    from model.checkpoint import from_pretrained
+    from tasks.sft import load_set
+    from tasks.sft_data import SequenceConfig, batch_stream
+    from tasks.sft_loop import SFTConfig, train
+
+    sft, seq = SFTConfig(**recipe["sft"]), SequenceConfig(**recipe["seq"])
     torch.set_num_threads(1)
     model, vocab = from_pretrained(paths["base"])
     stream = batch_stream(load_set(paths["train_data"]), vocab, seq, sft.batch_size, sft.seed)
     history = train(model, stream, sft, vocab.mask_id)
-    plain = statistics.median(r["tokens_per_s"] for r in history[a.warmup:])
-    print(f"model {model.num_params() / 1e6:.2f}M params, batch {a.batch_size}, {a.steps} steps, bf16={sft.bf16}")
-    print(f"plain loop, 1 process x 1 thread : {plain:9.0f} tokens/s")
+    return statistics.median(r["tokens_per_s"] for r in history[warmup:]), model.num_params() / 1e6
+
+
+def ray_tokens_per_s(recipe: dict, paths: dict, root: str, out: str, run_id: str, warmup: int,
+                     workers: int, ddp: dict | None) -> tuple[float, float]:
+    """Median tokens/s per worker of a Ray Train fit (train_metrics rows); also the fit's seconds."""
+    from storage.parquet import read_table
+    from tasks.sft import run_sft
 
     cfg = {"base": paths["base"], "train_data": paths["train_data"], "seq": recipe["seq"], "sft": recipe["sft"],
-           "root": root, "run_id": "bench", "out": out, "checkpoint_every": a.steps}
-    t0 = time.perf_counter()
-    fit = run_sft.fn(cfg, num_workers=2, storage_path=os.path.join(out, "ray"))
-    rows = read_table(root, "train_metrics", run="bench").to_pylist()
-    per_worker = statistics.median(r["tokens_per_s"] for r in rows if r["step"] > a.warmup) / 2
-    print(f"Ray Train, 2 workers x 1 CPU     : {per_worker:9.0f} tokens/s per worker "
-          f"({2 * per_worker:.0f} in total; fit incl. start-up {fit['fit_s']:.1f} s, wall {time.perf_counter() - t0:.1f} s)")
-    print(f"per-worker / plain = {per_worker / plain:.3f} (overhead {100 * (1 - per_worker / plain):+.1f}%)")
+           "root": root, "run_id": run_id, "out": out, "checkpoint_every": recipe["sft"]["total_steps"]}
+    if ddp is not None:
+        cfg["ddp"] = ddp
+    fit = run_sft.fn(cfg, num_workers=workers, storage_path=os.path.join(out, "ray"))
+    rows = read_table(root, "train_metrics", run=run_id).to_pylist()
+    return statistics.median(r["tokens_per_s"] for r in rows if r["step"] > warmup) / workers, fit["fit_s"]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--rounds", type=int, default=3, help="Ray fits, each between two plain loops")
+    ap.add_argument("--steps", type=int, default=40)
+    ap.add_argument("--warmup", type=int, default=5)
+    ap.add_argument("--batch-size", type=int, default=32)
+    ap.add_argument("--samples", type=int, default=2000)
+    ap.add_argument("--workers", type=int, default=2)
+    ap.add_argument("--ddp-defaults", action="store_true",
+                    help="also a Ray arm with torch's DDP defaults next to tasks/sft.DDP_KWARGS")
+    ap.add_argument("--concurrent-plain", action="store_true",
+                    help="also --workers plain loops at once (1 thread each) after each Ray fit: Ray's own overhead "
+                         "apart from the cores' contention")
+    a = ap.parse_args()
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    recipe, paths, root, out = prepare(a)
+    arms = {"Ray": None, "Ray, torch DDP defaults": {}} if a.ddp_defaults else {"Ray": None}
+    ratios = {arm: [] for arm in arms}
+    plain, params = plain_tokens_per_s(recipe, paths, a.warmup)
+    for i in range(a.rounds):
+        line, per_worker = f"round {i + 1}:", {}
+        for j, (arm, ddp) in enumerate(arms.items()):
+            t0 = time.perf_counter()
+            per_worker[arm], fit_s = ray_tokens_per_s(recipe, paths, root, out, f"bench-{i}-{j}", a.warmup,
+                                                      a.workers, ddp)
+            line += (f" {arm} {a.workers} workers x 1 CPU {per_worker[arm]:6.0f} tokens/s per worker (fit incl. "
+                     f"start-up {fit_s:.0f} s, wall {time.perf_counter() - t0:.0f} s) |")
+        if a.concurrent_plain:  # as many plain loops at once as Ray has workers: the cores' contention without Ray
+            import multiprocessing
+
+            with multiprocessing.get_context("spawn").Pool(a.workers) as pool:
+                both = pool.starmap(plain_tokens_per_s, [(recipe, paths, a.warmup)] * a.workers)
+            concurrent = statistics.mean(t for t, _ in both)
+            for arm, v in per_worker.items():
+                ratios.setdefault(f"{arm} / concurrent plain", []).append(v / concurrent)
+            line += f" {a.workers} plain loops at once {concurrent:6.0f} tokens/s each |"
+        after, _ = plain_tokens_per_s(recipe, paths, a.warmup)
+        line += f" plain 1 process x 1 thread {plain:6.0f} before, {after:6.0f} after tokens/s |"
+        for arm, v in per_worker.items():  # against the plain loop on either side of the Ray fits
+            ratios[arm].append(v / ((plain + after) / 2))
+            line += f" {arm} / plain {ratios[arm][-1]:.3f}"
+            if a.concurrent_plain:
+                line += f", / concurrent plain {ratios[f'{arm} / concurrent plain'][-1]:.3f}"
+        plain = after
+        print(line, flush=True)
+    print(f"model {params:.2f}M params, batch {a.batch_size}, {a.steps} steps, bf16={recipe['sft']['bf16']}, "
+          f"{a.rounds} interleaved rounds")
+    for arm, r in ratios.items():
+        name = f"{arm} / plain" if arm in arms else arm
+        print(f"{name} (per worker): mean {statistics.mean(r):.3f} (min..max {min(r):.3f}..{max(r):.3f}; "
+              f"overhead {100 * (1 - statistics.mean(r)):+.1f}%)")
 
 
 if __name__ == "__main__":

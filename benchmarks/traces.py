@@ -1,11 +1,13 @@
 """Trace-stage overhead: the traces flow vs bare `LLM.chat` calls on the same inputs, in one run.
 
-    python benchmarks/traces.py [--samples 64] [--batch-size 16] [--max-tokens 32] [--model FOLDER]
+    python benchmarks/traces.py [--rounds 3] [--samples 64] [--batch-size 16] [--max-tokens 32] [--model FOLDER]
 
 Both sides use the same vLLM engine settings, prompts, images, per-sample seeds and batch size.
 The flow's generation loop (reading samples, prompts, filters, Parquet commits, progress artifact)
 is timed from its first batch to its last commit; the engine start-up is timed separately and
-both engines start cold (no warm-up batch on either side).
+every engine starts cold (a new one per round on each side, no warm-up batch). The sides are
+interleaved (bare, flow, bare, flow, ...) so load from other processes falls on both; the end
+prints the mean and the spread (min..max) of the per-round overheads.
 Without --model a tiny random Qwen2.5-VL is built offline (so the model itself is very fast and
 the ratio is the pessimistic case for overhead).
 """
@@ -15,31 +17,49 @@ import tempfile
 import time
 
 
+def bare_seconds(spec, reqs, batch_size: int) -> tuple[float, float, int]:
+    """A cold VLLMGenerator on reqs batch by batch: (start-up s, generation s, output tokens)."""
+    import gc
+
+    from tasks.generators import VLLMGenerator
+
+    t0 = time.perf_counter()
+    gen = VLLMGenerator(spec)
+    startup, t0, tokens = time.perf_counter() - t0, time.perf_counter(), 0
+    for i in range(0, len(reqs), batch_size):
+        tokens += sum(r.output_tokens or 0 for r in gen.generate(reqs[i:i + batch_size]))
+    secs = time.perf_counter() - t0
+    gen.close()
+    gc.collect()  # the engine (and its KV cache) goes before the next one starts
+    return startup, secs, tokens
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--samples", type=int, default=64)
     ap.add_argument("--batch-size", type=int, default=16)
     ap.add_argument("--max-tokens", type=int, default=32)
     ap.add_argument("--model", default=None)
-    ap.add_argument("--repeats", type=int, default=2, help="best of this many runs on each side")
+    ap.add_argument("--rounds", type=int, default=3, help="bare / flow pairs, interleaved")
     a = ap.parse_args()
     for k, v in dict(VLLM_CPU_KVCACHE_SPACE="1", VLLM_NO_USAGE_STATS="1", HF_HUB_OFFLINE="1",
                      PREFECT_SERVER_ANALYTICS_ENABLED="false", PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS="300",
                      PREFECT_HOME=tempfile.mkdtemp(prefix="parapipe-bench-")).items():
         os.environ.setdefault(k, v)
+    import statistics
     from dataclasses import asdict
 
     import tasks.aggregate as agg
     from flows.traces import traces
     from storage.parquet import read_table
-    from tasks.generators import GeneratorSpec, VLLMGenerator
+    from tasks.generators import GeneratorSpec
     from tasks.tiny_qwen import build_tiny_qwen25_vl
     from tasks.traces import TraceRequest, sample_seed
 
     work = tempfile.mkdtemp(prefix="parapipe-traces-bench-")
     model = a.model or build_tiny_qwen25_vl(os.path.join(work, "tiny-qwen"))
     root = os.path.join(work, "lake")
-    for rep in range(a.repeats):  # one dataset per flow run: a finished dataset has nothing pending
+    for rep in range(a.rounds):  # one dataset per flow run: a finished dataset has nothing pending
         agg.ingest_source.fn({"type": "toy", "name": "toy", "preset": "tiny", "n": a.samples, "seed": 0}, root,
                              f"d{rep}", dict(resolution=32, resize="squash", min_side=16, max_aspect=3.0,
                                             near_duplicate_bits=2))
@@ -48,31 +68,22 @@ def main() -> None:
     rows = read_table(root, "samples", run="d0", columns=["sample_id", "instruction", "input_image", "output_image"]).to_pylist()
     reqs = [TraceRequest(r["sample_id"], r["instruction"], r["output_image"], r["input_image"],
                          sample_seed(spec.seed, r["sample_id"], 1)) for r in rows]
-
-    t0 = time.perf_counter()
-    gen = VLLMGenerator(spec)
-    startup = time.perf_counter() - t0
-    bare_s = float("inf")
-    for _ in range(a.repeats):
-        t0, bare_tokens = time.perf_counter(), 0
-        for i in range(0, len(reqs), a.batch_size):
-            bare_tokens += sum(r.output_tokens or 0 for r in gen.generate(reqs[i:i + a.batch_size]))
-        bare_s = min(bare_s, time.perf_counter() - t0)
-    gen.close()
-
-    out = None
-    for rep in range(a.repeats):
+    n, overheads = len(reqs), []
+    for rep in range(a.rounds):  # bare, flow, bare, flow, ...: load from other processes falls on both
+        startup, bare_s, bare_tokens = bare_seconds(spec, reqs, a.batch_size)
         t0 = time.perf_counter()
-        run = traces(root=root, dataset=f"d{rep}", generator=asdict(spec), batch_size=a.batch_size,
+        out = traces(root=root, dataset=f"d{rep}", generator=asdict(spec), batch_size=a.batch_size,
                      filters={"min_object_words": 0})
-        if out is None or run["seconds"] < out["seconds"]:
-            out, flow_wall = run, time.perf_counter() - t0
-    n = len(reqs)
-    print(f"{n} samples, best of {a.repeats}, batch {a.batch_size}, max_tokens {a.max_tokens}, engine start-up {startup:.1f} s")
-    print(f"bare LLM.chat : {n / bare_s:7.2f} samples/s  {bare_tokens / bare_s:8.1f} output tokens/s")
-    print(f"traces flow   : {n / out['seconds']:7.2f} samples/s  {out['output_tokens'] / out['seconds']:8.1f} "
-          f"output tokens/s (generation loop; whole flow incl. engine start {flow_wall:.1f} s)")
-    print(f"overhead of the flow's loop vs bare: {100 * (out['seconds'] / bare_s - 1):+.1f}%")
+        flow_wall = time.perf_counter() - t0
+        overheads.append(100 * (out["seconds"] / bare_s - 1))
+        print(f"round {rep + 1}: bare LLM.chat {n / bare_s:6.2f} samples/s {bare_tokens / bare_s:7.1f} output tokens/s "
+              f"(engine start-up {startup:.1f} s) | traces flow {n / out['seconds']:6.2f} samples/s "
+              f"{out['output_tokens'] / out['seconds']:7.1f} output tokens/s (whole flow incl. engine start "
+              f"{flow_wall:.1f} s) | overhead {overheads[-1]:+.1f}%", flush=True)
+    print(f"{n} samples, batch {a.batch_size}, max_tokens {a.max_tokens}, {a.rounds} interleaved rounds, every "
+          f"engine cold")
+    print(f"overhead of the flow's loop vs bare: mean {statistics.mean(overheads):+.1f}% "
+          f"(min..max {min(overheads):+.1f}..{max(overheads):+.1f}%)")
 
 
 if __name__ == "__main__":
