@@ -98,7 +98,7 @@ def main() -> None:
     clip = a.clip_folder or os.path.join(a.out, "tiny-clip")
     if not os.path.isfile(os.path.join(clip, "reward.json")):
         print(json.dumps(fit_tiny_clip(clip, preset=paths["preset"]), default=str))
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
     base = baseline(a.checkpoint, paths)
     print(f"SFT start: " + "  ".join(f"{m} {base[m]:.3f}" for m in METRICS), flush=True)
     results = {name: [run_arm(name, s, a, paths, clip) for s in a.seeds] for name in a.arms}

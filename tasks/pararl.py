@@ -24,7 +24,7 @@ from model.layout import OutputShape
 from model.sampling import SamplerConfig
 from rl.grpo import RewardStats, fit_reward_stats, sparse_steps
 from rl.learner import RLConfig, Rollouts, advantages, update
-from tasks.progress import ray_init_kwargs
+from tasks.progress import start_ray
 from tasks.sft_data import SequenceConfig, build_prompt, output_shape
 
 LEARNER_STATE = "learner_state.pt"
@@ -177,8 +177,6 @@ def run_rl(start: str, paths: dict, cfg: RLConfig, out: str, root: str, run_id: 
            reward_kwargs: dict | None = None, rollout_workers: int = 1, reward_workers: int = 1,
            use_gpu: bool = False, crash_markers: dict | None = None, on_round=None) -> dict:
     """The ParaRL driver; re-running the same run_id in the same `out` resumes (see module docstring)."""
-    import ray
-
     from rl.loop import Roles
     from storage.parquet import write_rows
     from tasks.sft import load_set
@@ -199,9 +197,8 @@ def run_rl(start: str, paths: dict, cfg: RLConfig, out: str, root: str, run_id: 
     first_round = state["round"] + 1 if state else 0
     train, tok = load_set(paths["train"]), TextTokenizer.load(start)
     prompts = [build_prompt(vocab, seq, train.input_codes[i], train.instruction[i]) for i in range(len(train))]
-    if not ray.is_initialized():
-        ray.init(num_cpus=None if use_gpu else max(2, rollout_workers + reward_workers), include_dashboard=False,
-                 ignore_reinit_error=True, **{"log_to_driver": False, **ray_init_kwargs()})
+    start_ray(None if use_gpu else max(2, rollout_workers + reward_workers), include_dashboard=False,
+              log_to_driver=False)
     roles = Roles(start, shape,
                   reward_kwargs or {}, rollout_workers, reward_workers, use_gpu, crash_markers=crash_markers)
     sampler_d = {k: getattr(rollout_cfg, k) for k in SamplerConfig.__dataclass_fields__}

@@ -77,3 +77,18 @@ def ray_init_kwargs() -> dict:
     import logging
 
     return dict(log_to_driver=False, logging_level=logging.ERROR) if os.environ.get("PARAPIPE_QUIET") == "1" else {}
+
+
+def start_ray(num_cpus: int | None, **options) -> None:
+    """Joins the cluster RAY_ADDRESS names, else starts a private local one: never silently attaches to
+    some other `ray start` cluster on this machine (which refuses num_cpus and shares its resources)."""
+    import ray
+
+    if ray.is_initialized():
+        return
+    options = {**options, **ray_init_kwargs(), "ignore_reinit_error": True}
+    if os.environ.get("RAY_ADDRESS"):
+        options.pop("include_dashboard", None)
+        ray.init(address=os.environ["RAY_ADDRESS"], **options)
+    else:
+        ray.init(address="local", num_cpus=num_cpus, **options)

@@ -78,7 +78,7 @@ def test_photos_through_magvit2_sft_and_generate(tmp_path, prefect_harness, caps
     # a mistake fails before any training, naming the value and the fix
     with pytest.raises(ValueError, match="cannot feed 99 workers; pass --workers"):
         main(["sft", "--root", root, "--dataset", "mine", "--out", out, "--image-tokenizer", magvit, "--workers", "99"])
-    ray.init(num_cpus=2, include_dashboard=False, ignore_reinit_error=True)
+    ray.init(address="local", num_cpus=2, include_dashboard=False, ignore_reinit_error=True)
     try:
         # the small preset's batch of 64 does not fit 33 sequences: trained with all of them, said aloud
         main(["sft", "--root", root, "--dataset", "mine", "--out", out, "--steps", "3", "--workers", "1",

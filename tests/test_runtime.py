@@ -95,7 +95,7 @@ import sys, time
 from flows.runtime import install_process_guard
 install_process_guard(tmp_dir=sys.argv[1])
 import ray
-ray.init(num_cpus=1, include_dashboard=True, log_to_driver=False)  # as run_sft does: dashboard + agents
+ray.init(address="local", num_cpus=1, include_dashboard=True, log_to_driver=False)  # as run_sft: dashboard + agents
 @ray.remote
 def f():
     return 1

@@ -138,7 +138,7 @@ def test_ray_data_llm_generator_writes_the_same_table(tmp_path, tiny_qwen):
     root, n = _lake(tmp_path, n=6)
     spec = {**GeneratorSpec().__dict__, "kind": "ray", "model": tiny_qwen, "max_tokens": 16, "max_model_len": 1024,
             "max_num_seqs": 4, "dtype": "bfloat16", "kv_cache_gib": 1}
-    ray.init(num_cpus=2, include_dashboard=False, ignore_reinit_error=True)
+    ray.init(address="local", num_cpus=2, include_dashboard=False, ignore_reinit_error=True)
     try:
         pending = find_pending.fn(root, "d", generator_key(spec))
         stats = generate_traces.fn(root, "d", spec, pending, "ray-run", batch_size=n,
