@@ -8,10 +8,11 @@ resumes: committed samples are skipped, never duplicated. Every source is checke
 the sources after it: the flow ingests them, summarises, then fails naming the failed sources.
 """
 from prefect import flow
-from prefect.artifacts import create_progress_artifact
+from prefect.artifacts import create_progress_artifact, update_progress_artifact
 
 from tasks.aggregate import ingest_source, summarise
 from tasks.sources import SourceSpec, check_source
+from tasks.ui_artifacts import run_key
 
 TOY_DEFAULT = [{"type": "toy", "name": "toy-tiny", "preset": "tiny", "n": 2000, "seed": 0}]
 
@@ -42,7 +43,8 @@ def aggregate(sources: list[dict] | None = None, root: str = "data", dataset: st
     check_sources(sources)
     curate = dict(resolution=resolution, resize=resize, min_side=min_side, max_aspect=max_aspect,
                   near_duplicate_bits=near_duplicate_bits, max_pixels=max_pixels)
-    progress = create_progress_artifact(0.0, key="aggregate-progress", description=f"aggregating {dataset}")
+    progress = create_progress_artifact(0.0, key=run_key("aggregate", dataset, "progress"),
+                                        description=f"aggregating {dataset}")
     per_source = []
     for i, spec in enumerate(sources):
         span = (100.0 * i / len(sources), 100.0 * (i + 1) / len(sources))
@@ -58,6 +60,9 @@ def aggregate(sources: list[dict] | None = None, root: str = "data", dataset: st
     if failed:
         raise RuntimeError(f"{len(failed)} of {len(sources)} sources failed: "
                            + "; ".join(f"{s['source']}: {s['status']}" for s in failed))
+    new = sum(s["accepted"] for s in per_source)
+    update_progress_artifact(progress, 100.0, description=f"{dataset}: {new} new samples, {summary['samples']} in all"
+                             + ("" if new else " (nothing to do: every sample was already present)"))
     return summary
 
 

@@ -199,13 +199,15 @@ def evaluate(checkpoints: list[str], benchmark: str = TOY_BENCHMARK, root: str =
                                              judge_args, grid, grid_items)
             pngs.append(results[name]["grid"])
     from tasks.eval_report import metric_chart
+    from tasks.ui_artifacts import embed_pngs
 
     rows = {name: r["table"]["overall"] for name, r in results.items()}
     pngs.append(metric_chart(rows, os.path.join(report_dir, "metrics.png"), f"{bench} ({judge} judge)"))
     md = table2_markdown(rows, f"{bench} ({judge} judge, seed {seed}, {len(items)} items)")
     md += "\n\nreport files: " + ", ".join(f"`{os.path.abspath(p)}`" for p in pngs)
     counts = {name: r["counts"]["overall"] for name, r in results.items()}
-    create_markdown_artifact(md + f"\n\nfailures: `{json.dumps(counts)}`",
+    shown = embed_pngs([("metrics", pngs[-1])] + [(f"samples: {n}", r["grid"]) for n, r in results.items()])
+    create_markdown_artifact(md + f"\n\nfailures: `{json.dumps(counts)}`\n\n" + "\n\n".join(shown),
                              key="eval-" + "".join(ch if ch.isalnum() else "-" for ch in run_id.lower())[:90])
     print(md)
     return {"items": len(items), "results": results, "markdown": md, "reports": pngs}

@@ -18,6 +18,7 @@ from prefect.artifacts import update_progress_artifact
 from rl.learner import RLConfig
 from tasks.pararl import prepare_rl, run_rl
 from tasks.progress import bar as progress_bar
+from tasks.ui_artifacts import publish_markdown, rl_metrics_markdown, run_key, stable_key, trajectory_markdown
 
 prepare = task(prepare_rl, name="prepare-rl")
 SHOWN = ("round", "reward_mean", "zero_var_frac", "kl", "clip_frac", "entropy", "heldout_agreement",
@@ -42,7 +43,8 @@ def fit_reward(out: str, preset: str, seed: int = 0) -> str:
 def train(checkpoint: str, paths: dict, cfg: dict, out: str, root: str, run_id: str, sampler: dict | None,
           reward_kwargs: dict, rollout_workers: int, reward_workers: int, use_gpu: bool) -> dict:
     rl = RLConfig(**cfg)
-    progress = create_progress_artifact(0.0, key=_key("rl", run_id, "progress"), description=f"ParaRL {run_id}")
+    progress = create_progress_artifact(0.0, key=run_key("rl", run_id, "progress"), description=f"ParaRL {run_id}")
+    chart = stable_key("rl", run_id, "chart")
     rows: list[dict] = []
     bar = progress_bar(f"ParaRL {run_id}", rl.rounds, unit="round")
 
@@ -55,12 +57,19 @@ def train(checkpoint: str, paths: dict, cfg: dict, out: str, root: str, run_id: 
                        if v is not None))
         create_table_artifact([{k: (round(v, 4) if isinstance(v, float) else v) for k, v in r.items()} for r in rows],
                               key=_key("rl", run_id, "metrics"), description=f"ParaRL {run_id}: per-round metrics")
+        if row.get("heldout_agreement") is not None and row["round"] + 1 < rl.rounds:  # an eval round: redraw
+            publish_markdown(chart, rl_metrics_markdown, root, run_id, out)
 
     try:
         result = run_rl(checkpoint, paths, rl, out, root, run_id, sampler, reward_kwargs, rollout_workers,
                         reward_workers, use_gpu, on_round=on_round)
     finally:
         bar.close()
+    if not result["history"]:  # resumed with every round done
+        update_progress_artifact(progress, 100.0, description=f"ParaRL {run_id}: nothing to do, {rl.rounds} rounds done")
+    publish_markdown(chart, rl_metrics_markdown, root, run_id, out, description=f"ParaRL {run_id}: per round")
+    publish_markdown(stable_key("rl", run_id, "trajectories"), trajectory_markdown, root, run_id, out, checkpoint,
+                     description=f"ParaRL {run_id}: denoising strips")
     return {k: v for k, v in result.items() if k != "history"} | {"rounds": len(result["history"]),
                                                                  "last": result["history"][-1:] or None}
 

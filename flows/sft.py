@@ -17,6 +17,7 @@ from tasks.recipe import PRESETS, Recipe, default_preset
 from tasks.sft import evaluate_checkpoint, prepare_sft, run_sft
 from tasks.sft_eval import evaluate_heldout
 from tasks.sft_data import is_toy_dataset
+from tasks.ui_artifacts import publish_markdown, sft_loss_markdown, stable_key
 
 
 @task(name="choose-image-tokenizer")
@@ -102,5 +103,7 @@ def sft(root: str = "data", dataset: str = "toy-tiny", out: str = "runs/sft", ru
     print(f"  held-out: {heldout}")
     create_markdown_artifact(_summary(run_id, r, paths, fit, heldout, tables),
                              key="sft-" + "".join(c if c.isalnum() else "-" for c in run_id.lower())[:90])
+    publish_markdown(stable_key("sft", run_id, "loss"), sft_loss_markdown, root, run_id, out,
+                     description=f"SFT {run_id}: loss per step")
     return {"checkpoint": fit["checkpoint"], "fit_s": fit["fit_s"], "train_size": paths["train_size"],
             "batch_size": r["sft"]["batch_size"], "dropped": paths["dropped"], "heldout": heldout, "eval": tables}

@@ -48,8 +48,13 @@ def sparkline(values: list[float]) -> str:
         return ""
     lo, hi = min(ok), max(ok)
     top = len(SPARK) - 1
-    return "".join(" " if v is None or not math.isfinite(v) else SPARK[round(top * (v - lo) / (hi - lo)) if hi > lo else top // 2]
-                   for v in values)
+
+    def bar(v: float | None) -> str:
+        if v is None or not math.isfinite(v):
+            return " "
+        return SPARK[round(top * (v - lo) / (hi - lo)) if hi > lo else top // 2]
+
+    return "".join(map(bar, values))
 
 
 def png_markdown(path: str, alt: str, max_bytes: int = MAX_IMAGE_BYTES) -> str:
@@ -58,13 +63,38 @@ def png_markdown(path: str, alt: str, max_bytes: int = MAX_IMAGE_BYTES) -> str:
         im = im.convert("RGB")
     while True:
         buf = io.BytesIO()
-        im.quantize(colors=64, method=Image.Quantize.MEDIANCUT).save(buf, format="PNG", optimize=True)
+        im.quantize(colors=64, method=Image.Quantize.FASTOCTREE).save(buf, format="PNG", compress_level=9)
         if buf.tell() <= max_bytes or min(im.size) < 64:
             break
         im = im.resize((im.width // 2, im.height // 2), Image.Resampling.LANCZOS)
     if buf.tell() > max_bytes:
         return f"*({alt}: too large to embed; see `{os.path.abspath(path)}`)*"
     return f"![{alt}](data:image/png;base64,{base64.b64encode(buf.getvalue()).decode()})"
+
+
+def embed_pngs(items: list[tuple[str, str]], budget: int = MAX_ARTIFACT_CHARS) -> list[str]:
+    """Per (title, PNG path): a heading, the embedded image (a note instead once past `budget` characters)
+    and the file's path. Returns markdown blocks to join with blank lines."""
+    parts = []
+    for title, path in items:
+        img = png_markdown(path, title)
+        if len(img) > budget:
+            img = f"*({title}: past the artifact's size budget, not embedded)*"
+        budget -= len(img)
+        parts += [f"### {title}", img, f"PNG: `{os.path.abspath(path)}`"]
+    return parts
+
+
+def publish_markdown(key: str, build, *args, description: str | None = None):
+    """A markdown artifact from build(*args). Drawing is a report: a failure is printed, never fails the run."""
+    from prefect.artifacts import create_markdown_artifact
+
+    try:
+        md = build(*args)
+    except Exception as e:  # noqa: BLE001 - the run's outputs and tables are written; only the picture is missing
+        print(f"WARNING: artifact {key!r} not drawn: {type(e).__name__}: {e}")
+        return None
+    return create_markdown_artifact(md, key=key, description=description)
 
 
 # ---------------------------------------------------------------------------------------------- charts
@@ -150,9 +180,8 @@ def _sql_text(s: str) -> str:
 def _columns(root: str, table: str, run_id: str, order: str, cols: tuple[str, ...]) -> dict[str, list]:
     from storage.query import query
 
-    t = query(root, f"SELECT {order}, {', '.join(cols)} FROM {table} WHERE run_id = {_sql_text(run_id)} "
-                    f"ORDER BY {order}").to_pydict()
-    return t
+    return query(root, f"SELECT {order}, {', '.join(cols)} FROM {table} WHERE run_id = {_sql_text(run_id)} "
+                       f"ORDER BY {order}").to_pydict()
 
 
 def sft_loss_markdown(root: str, run_id: str, out: str) -> str:
@@ -179,9 +208,8 @@ def rl_metrics_markdown(root: str, run_id: str, out: str) -> str:
     cols = {k: t[k] for k in names}
     # held-out evaluation runs every eval_every rounds: draw only the rounds that have it
     panels = {p: c for p, c in RL_PANELS.items() if any(v is not None for k in c for v in cols[k])}
-    md = chart_markdown(f"ParaRL {run_id}: per round", xs, cols, panels,
-                        os.path.join(out, "charts", f"{run_id}-metrics.png"), "round")
-    return md
+    return chart_markdown(f"ParaRL {run_id}: per round", xs, cols, panels,
+                          os.path.join(out, "charts", f"{run_id}-metrics.png"), "round")
 
 
 # ---------------------------------------------------------------------------------------------- trajectory strips
@@ -228,6 +256,7 @@ def strip_png(rollouts: list[list[dict]], path: str, title: str, image_tokenizer
                       fill=(90, 90, 90), font=font)
             img = _code_image(r["image_codes"], image_tokenizer, grid).resize((CELL, CELL), Image.Resampling.NEAREST)
             canvas.paste(img, (x, top + 26))
+            draw.rectangle([x - 1, top + 25, x + CELL, top + 26 + CELL], outline=(150, 150, 190))  # the image's edge
             lines = textwrap.wrap(r["text"] or "(all text still masked)", TEXT_COLS)[:TEXT_LINES]
             for j, line in enumerate(lines):
                 draw.text((x, top + 32 + CELL + 11 * j), line, fill=(30, 30, 30), font=font)
@@ -275,13 +304,7 @@ def trajectory_markdown(root: str, run_id: str, out: str, checkpoint: str | None
     parts = [f"## ParaRL {run_id}: denoising trajectories",
              "Each row is one rollout; each column one recorded denoising step: the partial image (grey = still "
              "masked) above the partial text (masked tokens dropped), with the step's normalised reward."]
-    budget = MAX_ARTIFACT_CHARS
-    for rnd, rollouts in sorted(picked.items()):
-        path = strip_png(rollouts, os.path.join(out, "strips", f"{run_id}-round{rnd:05d}.png"),
-                         f"ParaRL {run_id}, round {rnd}", vq)
-        img = png_markdown(path, f"round {rnd}")
-        if len(img) > budget:
-            img = f"*(round {rnd}: past the artifact's size budget, not embedded)*"
-        budget -= len(img)
-        parts += [f"### round {rnd}", img, f"PNG: `{os.path.abspath(path)}`"]
+    strips = [(f"round {rnd}", strip_png(rollouts, os.path.join(out, "strips", f"{run_id}-round{rnd:05d}.png"),
+                                          f"ParaRL {run_id}, round {rnd}", vq)) for rnd, rollouts in sorted(picked.items())]
+    parts += embed_pngs(strips)
     return "\n\n".join(parts)

@@ -173,8 +173,12 @@ def test_aggregate_flow_end_to_end(tmp_path, prefect_harness):
     again = aggregate(sources=sources, root=str(tmp_path / "lake"), dataset="mix")
     assert again["samples"] == summary["samples"] and again["quarantined"] == summary["quarantined"]
     with get_client(sync_client=True) as client:
-        keys = {a.key for a in client.read_artifacts()}
-    assert {"aggregate-progress", "aggregate-mix"} <= keys
+        arts = client.read_artifacts()
+    assert "aggregate-mix" in {a.key for a in arts}
+    progress = [a for a in arts if (a.key or "").startswith("aggregate-mix-progress-")]  # one card per flow run
+    assert len(progress) == 2 and len({a.key for a in progress}) == 2
+    assert [float(a.data) for a in progress] == [100.0, 100.0]  # the re-run had nothing to do: 100%, not 0%
+    assert any("nothing to do" in (a.description or "") for a in progress)
 
 
 def test_ingest_to_s3_then_duckdb(tmp_path, s3_server, s3_root, monkeypatch):

@@ -5,7 +5,8 @@
 
 Starts `prefect server start` on loopback (UI on, a PREFECT_HOME of its own) unless --api names a running
 server, runs a tiny flow that publishes the SFT loss chart, the ParaRL metric chart, the denoising trajectory
-strips and two progress artifacts (one finished, one "nothing to do") exactly as the flows do, then opens
+strips exactly as the flows do, runs the real `aggregate` flow twice on 16 toy samples (the second has
+nothing to do: each run gets its own progress card, both at 100%), then opens
 each artifact's page (and the flow run's Artifacts tab) in headless Chromium and saves PNGs under --out.
 Prints one line per screenshot. Needs Debian's `chromium`; not part of the test suite (CI has no browser):
 tests/test_ui_artifacts.py checks the artifacts' content and sizes without one.
@@ -52,7 +53,6 @@ def start_server(home: str, log: str) -> tuple[subprocess.Popen, str]:
 def publish(a: argparse.Namespace) -> str:
     """Runs the demo flow against PREFECT_API_URL; returns its flow run id."""
     from prefect import flow
-    from prefect.artifacts import create_markdown_artifact, create_progress_artifact
     from prefect.runtime import flow_run
 
     from tasks import ui_artifacts as ui
@@ -60,22 +60,32 @@ def publish(a: argparse.Namespace) -> str:
     @flow(name="ui-check")
     def ui_check() -> str:
         if a.sft_run:
-            create_markdown_artifact(ui.sft_loss_markdown(a.root, a.sft_run, a.out), key=ui.stable_key("sft", a.sft_run, "loss"))
+            ui.publish_markdown(ui.stable_key("sft", a.sft_run, "loss"), ui.sft_loss_markdown, a.sft_root or a.root,
+                                a.sft_run, a.out, description=f"SFT {a.sft_run}: loss per step")
         if a.rl_run:
-            create_markdown_artifact(ui.rl_metrics_markdown(a.root, a.rl_run, a.out),
-                                     key=ui.stable_key("rl", a.rl_run, "chart"))
-            create_markdown_artifact(ui.trajectory_markdown(a.root, a.rl_run, a.out, a.rl_checkpoint),
-                                     key=ui.stable_key("rl", a.rl_run, "trajectories"))
-        create_progress_artifact(100.0, key=ui.run_key("demo", "progress"), description="nothing to do: all done")
+            ui.publish_markdown(ui.stable_key("rl", a.rl_run, "chart"), ui.rl_metrics_markdown, a.root, a.rl_run, a.out,
+                                description=f"ParaRL {a.rl_run}: per round")
+            ui.publish_markdown(ui.stable_key("rl", a.rl_run, "trajectories"), ui.trajectory_markdown, a.root, a.rl_run,
+                                a.out, a.rl_checkpoint, description=f"ParaRL {a.rl_run}: denoising strips")
         return flow_run.get_id()
 
     return ui_check()
+
+
+def aggregate_twice(lake: str) -> list[str]:
+    """The real aggregate flow on 16 toy samples, then again with nothing to do: two runs, two progress cards."""
+    from flows.aggregate import aggregate
+
+    sources = [{"type": "toy", "name": "toy-tiny", "preset": "tiny", "n": 16, "seed": 0}]
+    return [str(aggregate(sources=sources, root=lake, dataset="ui-check", return_state=True).state_details.flow_run_id)
+            for _ in range(2)]
 
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--root", required=True, help="the lake the runs wrote (train_metrics, rl_metrics, trajectories)")
     p.add_argument("--sft-run", help="an SFT run id in train_metrics")
+    p.add_argument("--sft-root", help="the SFT run's lake when it is not --root")
     p.add_argument("--rl-run", help="a ParaRL run id in rl_metrics / trajectories")
     p.add_argument("--rl-checkpoint", help="a checkpoint folder with image_tokenizer/ (to draw partial images)")
     p.add_argument("--out", default="/tmp/ui-check", help="folder for the charts and the screenshots")
@@ -94,12 +104,16 @@ def main() -> int:
 
         from tools.ui_screenshot import screenshot
 
-        run_id = publish(a)
+        runs = [publish(a), *aggregate_twice(os.path.join(a.out, "lake"))]
         with get_client(sync_client=True) as client:
-            arts = client.read_artifacts(artifact_filter=ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(any_=[run_id])))
+            arts = client.read_artifacts(artifact_filter=ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(any_=runs)))
         ui = a.api.removesuffix("/api")
-        pages = {f"artifact-{x.key or x.id}": f"{ui}/artifacts/artifact/{x.id}" for x in arts}
-        pages["flow-run-artifacts"] = f"{ui}/runs/flow-run/{run_id}?tab=Artifacts"
+        pages = {}
+        for x in arts:  # the default UI (v2) and the classic one (v1) render markdown differently: show both
+            pages[f"v2-{x.key or x.id}"] = f"{ui}/v2/artifacts/artifact/{x.id}"
+            pages[f"v1-{x.key or x.id}"] = f"{ui}/artifacts/artifact/{x.id}"
+        pages["v1-flow-run-artifacts"] = f"{ui}/runs/flow-run/{runs[0]}?tab=Artifacts"
+        pages["v2-artifacts-list"] = f"{ui}/v2/artifacts"
         for name, url in pages.items():
             path = os.path.join(a.out, f"{name}.png")
             screenshot(url, path, wait_s=a.wait, size=(1400, 2400))
