@@ -112,11 +112,11 @@ def main() -> int:
         for x in arts:  # the default UI (v2) and the classic one (v1) render markdown differently: show both
             pages[f"v2-{x.key or x.id}"] = f"{ui}/v2/artifacts/artifact/{x.id}"
             pages[f"v1-{x.key or x.id}"] = f"{ui}/artifacts/artifact/{x.id}"
-        pages["v1-flow-run-artifacts"] = f"{ui}/runs/flow-run/{runs[0]}?tab=Artifacts"
+        pages["v1-flow-run-artifacts"] = f"{ui}/runs/flow-run/{runs[0]}"
         pages["v2-artifacts-list"] = f"{ui}/v2/artifacts"
         for name, url in pages.items():
             path = os.path.join(a.out, f"{name}.png")
-            screenshot(url, path, wait_s=a.wait, size=(1400, 2400))
+            screenshot(url, path, click="Artifacts" if "/runs/" in url else None, wait_s=a.wait, size=(1400, 2400))
             print(f"{path}  <- {url}")
     finally:
         if server is not None:
