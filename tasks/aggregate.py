@@ -152,19 +152,19 @@ def _ingest(source: SourceSpec, root: str, dataset: str, cfg: CurateConfig, prog
             progress_span: tuple[float, float]) -> dict:
     dedupe, refs = _committed_index(root, dataset, cfg.near_duplicate_bits)
     stats, chunk, t0 = SourceStats(source.name), [], time.perf_counter()
-    expected = source.n or None
+    expected, committed = source.n or None, 0  # records read and committed (stats.read runs ahead by a chunk)
     try:
         for rec in read_source(source):
             chunk.append(rec)
             if len(chunk) == CHUNK_ROWS:
                 _commit(root, dataset, *_ingest_chunk(chunk, cfg, dedupe, refs, stats, source.check_near_duplicates))
-                chunk = []
+                chunk, committed = [], stats.read
                 _report(progress_id, progress_span, stats, expected)
         _commit(root, dataset, *_ingest_chunk(chunk, cfg, dedupe, refs, stats, source.check_near_duplicates))
     except Exception as e:
         last = chunk[-1].ref if chunk else "the start"
         e.add_note(f"while ingesting source {source.name!r} ({source.type} {source.path or source.preset}): "
-                   f"{stats.read} records committed, failed after record {last}")
+                   f"{committed} records committed, failed after record {last}")
         raise
     stats.seconds = time.perf_counter() - t0
     _report(progress_id, progress_span, stats, stats.read)

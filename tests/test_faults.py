@@ -277,6 +277,7 @@ def test_s3_server_hung_then_stopped_then_restarted_mid_write(agg_reference, tmp
             code, seconds = _ends_within(proc, 180)
             if fault == "hang":
                 os.kill(server.pid, signal.SIGCONT)
+                committed_at_hang = _s3_commits(server, root) * AGG_CHUNK
             if code is None:
                 os.killpg(proc.pid, signal.SIGKILL)
                 proc.wait()
@@ -286,7 +287,7 @@ def test_s3_server_hung_then_stopped_then_restarted_mid_write(agg_reference, tmp
                 server = start_seaweedfs(data)  # same data, new ports
         tail = log.read_text(errors="replace")
         for needle in ("Timeout was reached", "Could not connect to server", "in bucket 'parapipe-test'",
-                       "while ingesting source 'toy' (toy tiny): 80 records committed"):
+                       f"while ingesting source 'toy' (toy tiny): {committed_at_hang} records committed"):
             assert needle in tail, (needle, tail[-3000:])
         finish(start(_agg_args(TOY, root), log, f"s3-{tmp_path.name}-end", env=server.env(), code=AGG_CODE),
                f"s3-{tmp_path.name}-end", log, timeout=300)
