@@ -288,12 +288,25 @@ def run_direct(c) -> dict:
 
 # -------------------------------------------------------------------------------------- measuring arms
 
+GROUPS = ("driver", "ray", "prefect", "other")
+
+
 class TreeSampler(threading.Thread):
-    """Every `interval` s: (time, RSS MiB of the process tree, split into driver / Ray / Prefect / other)."""
+    """Every `interval` s: (time, RSS MiB of the process tree, {group: RSS MiB}, {group: CPU s so far}).
+
+    Groups: the arm's own process (driver), Ray's (cmdline names ray), Prefect's server (uvicorn), other.
+    CPU seconds (user + system) add up every process ever seen at its last reading, so work done by a
+    process that has since exited still counts (up to one interval of it is lost)."""
 
     def __init__(self, pid: int, interval: float):
         super().__init__(daemon=True)
         self.pid, self.interval, self.samples, self.stop = pid, interval, [], threading.Event()
+        self.cpu: dict[int, tuple[str, float]] = {}  # pid -> (group, CPU s at its last reading)
+
+    def _group(self, p) -> str:
+        cmd = " ".join(p.cmdline())
+        return ("driver" if p.pid == self.pid else "ray" if "ray" in cmd.lower() else
+                "prefect" if "uvicorn" in cmd or "prefect" in cmd else "other")
 
     def run(self) -> None:
         import psutil
@@ -304,17 +317,20 @@ class TreeSampler(threading.Thread):
                 procs = [root] + root.children(recursive=True)
             except psutil.Error:
                 break
-            parts = {"driver": 0.0, "ray": 0.0, "prefect": 0.0, "other": 0.0}
+            rss = dict.fromkeys(GROUPS, 0.0)
             for p in procs:
                 try:
-                    rss = p.memory_info().rss / 2 ** 20
-                    cmd = " ".join(p.cmdline())
+                    with p.oneshot():
+                        group = self.cpu[p.pid][0] if p.pid in self.cpu else self._group(p)
+                        rss[group] += p.memory_info().rss / 2 ** 20
+                        t = p.cpu_times()
+                        self.cpu[p.pid] = (group, t.user + t.system)
                 except psutil.Error:
                     continue
-                kind = ("driver" if p.pid == self.pid else "ray" if "ray" in cmd.lower() else
-                        "prefect" if "uvicorn" in cmd or "prefect" in cmd else "other")
-                parts[kind] += rss
-            self.samples.append((time.time(), sum(parts.values()), parts))
+            cpu = dict.fromkeys(GROUPS, 0.0)
+            for group, secs in self.cpu.values():
+                cpu[group] += secs
+            self.samples.append((time.time(), sum(rss.values()), rss, cpu))
             self.stop.wait(self.interval)
 
 
@@ -345,15 +361,17 @@ def measure(arm: str, full: bool, work: str, interval: float) -> dict:
 
 
 def stage_rows(m: dict) -> dict:
-    """{row: (seconds, peak MiB, peak parts)} for setup, each stage, teardown and the whole process."""
+    """{row: (seconds, peak MiB, {group: MiB} at the peak, {group: CPU s})} for setup, each stage, teardown and the whole process."""
     w, (t0, t1) = m["windows"], m["process"]
     first, last = min(w[s][0] for s in STAGES), max(w[s][1] for s in STAGES)
     spans = {"setup": (t0, first), **{s: tuple(w[s]) for s in STAGES}, "teardown": (last, t1), "total": (t0, t1)}
-    rows = {}
+    rows, samples = {}, m["samples"]
+    near = lambda t: min(samples, key=lambda s: abs(s[0] - t))  # noqa: E731
     for name, (a, b) in spans.items():
-        inside = [s for s in m["samples"] if a <= s[0] <= b] or [min(m["samples"], key=lambda s: abs(s[0] - a))]
+        inside = [s for s in samples if a <= s[0] <= b] or [near(a)]
         peak = max(inside, key=lambda s: s[1])
-        rows[name] = (b - a, peak[1], peak[2])
+        cpu = {g: near(b)[3][g] - near(a)[3][g] for g in GROUPS}
+        rows[name] = (b - a, peak[1], peak[2], cpu)
     return rows
 
 
@@ -361,15 +379,17 @@ def print_table(orch: dict, direct: dict, full: bool) -> None:
     o, d = stage_rows(orch), stage_rows(direct)
     print(f"\npipeline, {'PipelineConfig() (make run)' if full else 'small config ' + json.dumps(SMALL)}")
     print(f"{'stage':11s} {'orchestrated s':>15s} {'direct s':>9s} {'overhead s (%)':>17s} "
-          f"{'peak MiB orch':>14s} {'peak MiB direct':>16s} {'orch/direct mem':>16s}")
+          f"{'peak MiB orch':>14s} {'peak MiB direct':>16s} {'CPU s orch':>11s} {'CPU s direct':>13s}")
     for name in o:
-        (so, mo, _), (sd, md, _) = o[name], d[name]
+        (so, mo, _, co), (sd, md, _, cd) = o[name], d[name]
         pct = f"({100 * (so - sd) / sd:+.0f}%)" if sd > 0.05 else ""
-        print(f"{name:11s} {so:15.1f} {sd:9.1f} {so - sd:+9.1f} {pct:>7s} {mo:14.0f} {md:16.0f} {mo / md:16.2f}")
-    print("\norchestrated peak by process group (MiB, at the stage's peak sample):")
-    print(f"{'stage':11s} {'driver':>8s} {'ray':>8s} {'prefect':>8s} {'other':>8s}")
-    for name, (_, _, parts) in o.items():
-        print(f"{name:11s} " + " ".join(f"{parts[k]:8.0f}" for k in ("driver", "ray", "prefect", "other")))
+        print(f"{name:11s} {so:15.1f} {sd:9.1f} {so - sd:+9.1f} {pct:>7s} {mo:14.0f} {md:16.0f} "
+              f"{sum(co.values()):11.1f} {sum(cd.values()):13.1f}")
+    print("\norchestrated, by process group: RSS MiB at the stage's peak sample | CPU s in the stage")
+    print(f"{'stage':11s} " + " ".join(f"{g:>8s}" for g in GROUPS) + " | " + " ".join(f"{g:>8s}" for g in GROUPS))
+    for name, (_, _, rss, cpu) in o.items():
+        print(f"{name:11s} " + " ".join(f"{rss[g]:8.0f}" for g in GROUPS) + " | "
+              + " ".join(f"{cpu[g]:8.1f}" for g in GROUPS))
     w = orch["windows"]
     call0, call1 = orch["pipeline_call"]
     print(f"\norchestration outside the stages: pipeline() call -> flow run start {w['flow'][0] - call0:.1f} s "
@@ -407,6 +427,8 @@ def main() -> None:
         runs[arm] = measure(arm, a.full, work, a.interval)
         runs[arm]["interval"] = a.interval
         print(f"{arm}: {time.time() - t0:.0f} s", flush=True)
+    with open(os.path.join(work, "measurements.json"), "w") as f:
+        json.dump(runs, f)  # windows and samples: the table can be redrawn (print_table) from this file
     print_table(runs["orchestrated"], runs["direct"], a.full)
     print(f"\nload average at the end: {os.getloadavg()} on {os.cpu_count()} CPUs; outputs in {work}")
 
