@@ -4,24 +4,31 @@ the stages' functions directly in one plain Python process, in one run.
 
     .venv/bin/python benchmarks/pipeline.py [--full] [--out DIR] [--order direct,orchestrated]
 
-Each arm runs in its own fresh Python process (`--arm` below) on a fresh output folder; this process
-samples the resident memory (RSS) of that process and all its descendants (Ray's gcs/raylet/workers
-and actors, Prefect's uvicorn server) every --interval seconds and attributes the peak to the stage
-whose window holds the sample. Stage windows, orchestrated: the start and end times the Prefect API
-recorded for the pipeline's top-level task runs (aggregate-stage ... generate-examples), read after
-the run; direct: time.time() around each call. "setup" = process start to the first stage (imports;
-orchestrated adds the Prefect server start, the flow run, record-config); "teardown" = the last
-stage to the process's exit (orchestrated: Prefect/Ray shutdown hooks).
+Each arm runs in its own fresh Python process (`--arm` below) on a fresh output folder, with its own
+fresh PREFECT_HOME (so the orchestrated arm's ephemeral server creates and migrates a new database, as
+a first `make run` does). This process samples every --interval seconds the resident memory (RSS) and
+CPU seconds of that process and all its descendants (Ray's gcs/raylet/dashboard/workers and actors,
+Prefect's uvicorn server) and attributes them to the stage whose window holds the sample. CPU seconds
+are the load-insensitive column on a shared machine: wall time there includes waiting for the CPU.
+Stage windows, orchestrated: the start and end times the Prefect API recorded for the pipeline's
+top-level task runs (aggregate-stage ... generate-examples), read after the run; direct: time.time()
+around each call. "setup" = process start to the first stage (imports; orchestrated adds the Prefect
+server start, the flow run and record-config); "teardown" = the last stage to the process's exit
+(orchestrated: Prefect's and Ray's shutdown hooks).
 
-What the direct arm does differently (so the difference is orchestration, not less work):
-- same config, data, seeds, steps, rounds, items; same task bodies (`.fn`) and library functions.
-- SFT: one process, full global batch, torch's default threads (2 here), tasks.sft_loop.train; the
-  orchestrated arm runs Ray Train with num_workers DDP workers x 1 CPU, half the batch each (same
-  FLOPs, gloo all-reduce per step). Same final-step toy evaluation and checkpoint folder.
+What the direct arm does differently (the difference is meant to be orchestration, not less work):
+- same config, data, seeds, steps, rounds, items; the same task bodies (`.fn`) and library functions.
+- SFT: tasks/sft.train_loop_per_worker's loop (train_step, checkpoint every 100 steps, toy eval every
+  500 and at the end) as one process with the full global batch and torch's default threads (2 here);
+  orchestrated: Ray Train with num_workers gloo DDP workers x 1 CPU, half the batch each (same FLOPs,
+  one all-reduce per step). Not pure overhead: 2 processes x 1 thread vs 1 process x 2 threads.
 - ParaRL: tasks.pararl.run_rl itself, with rl.loop.Roles replaced by `LocalRoles` (the same
-  RolloutWorker / RewardWorker classes called in-process, the driver's threads) and Ray not started.
-- No Prefect at all: no server, task runs, result persistence/caching, progress/markdown/table
-  artifacts (the loss and reward charts for the UI are artifacts: not drawn); eval PNG reports are.
+  RolloutWorker / RewardWorker classes called in this process on the driver's threads, one after the
+  other, where Ray overlaps scoring with sampling) and ray.is_initialized patched so Ray never starts.
+- No Prefect at all: no server, task/flow runs, result persistence, cache keys, progress / markdown /
+  table artifacts (prefect.artifacts' functions patched to no-ops; so the UI's loss and reward charts
+  are not drawn); the evaluation's PNG reports are. PREFECT_API_URL points at a closed port, so any
+  Prefect call left in would fail the arm.
 RSS summed over processes counts shared pages (torch libraries, Ray's object store) once per process.
 """
 import argparse
