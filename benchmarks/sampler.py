@@ -40,6 +40,9 @@ MODES = [
     ("approx: dual cache, refresh 8", dict(cache="dual", cache_refresh=8), True, False, False),
     ("approx: threshold 0.9", dict(text_threshold=0.9), True, False, False),
     ("approx: dual 4 + threshold 0.9", dict(cache="dual", cache_refresh=4, text_threshold=0.9), True, False, False),
+    ("approx: prefix 4 + threshold 0.9", dict(cache="prefix", cache_refresh=4, text_threshold=0.9), True, False,
+     False),
+    ("approx: dual 8 + threshold 0.9", dict(cache="dual", cache_refresh=8, text_threshold=0.9), True, False, False),
     ("approx: dual 8 + threshold 0.7", dict(cache="dual", cache_refresh=8, text_threshold=0.7), True, False, False),
     ("approx: bf16 weights", {}, True, True, False),
 ]
