@@ -12,6 +12,10 @@ For RL (rl/), generate() also records a trajectory: the step at which every outp
 decoded (`step_map`) and, at the recorded steps, the behaviour log-prob of each token decoded
 there under the sampler's own per-modality distribution (policy_logprobs), so a learner can
 rebuild the state before any step and score exactly what was decided at it.
+Speed (benchmarks/sampler.py): steps where nothing would change are skipped (exact); forward
+passes go through model/cache.StepForward (cond + uncond rows joined; optional approximate KV
+caches); SamplerConfig.text_threshold switches text to Fast-dLLM confidence-threshold decoding.
+The approximate options are off by default. tests/sampler_reference.py keeps the plain loop.
 Shapes: B rows (prompts x samples), M output length, N image slots, T text slots, V vocab.
 """
 import math
