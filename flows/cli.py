@@ -104,6 +104,9 @@ def cmd_run(a) -> None:
     """The whole pipeline on the embedded default (the toy world, tiny models, local storage)."""
     _positive(a, "workers", "toy_samples", "sft_steps")
     config = _pipeline_config(a)  # validated before Prefect starts
+    from flows.runtime import install_process_guard
+
+    install_process_guard(tmp_dir=os.path.join(config.out, "tmp"))  # temporary files live under the run
     from tasks.progress import quiet_internals
 
     if not a.debug:
@@ -186,7 +189,8 @@ def cmd_traces(a) -> None:
 
     _quiet(a)
     _print_result(a, traces(root=a.root, dataset=a.dataset, generator=generator, batch_size=a.batch_size,
-                            filters=filters, commit_every_s=a.commit_every_s))
+                            filters=filters, commit_every_s=a.commit_every_s,
+                            max_failed_fraction=a.max_failed_fraction))
 
 
 def cmd_sft(a) -> None:
@@ -362,6 +366,10 @@ def main(argv: list[str] | None = None, console: bool | None = None) -> None:
     try:
         a = parse(argv, sys.modules[__name__])
         a.debug = debug
+        if console:  # nothing this run starts (Prefect's server, Ray, vLLM) outlives it, even on SIGKILL
+            from flows.runtime import install_process_guard
+
+            install_process_guard()
         a.fn(a)
     except KeyboardInterrupt:
         print("parapipe: interrupted", file=sys.stderr)

@@ -187,6 +187,8 @@ def _stage_parsers(sub, cli, command: str | None) -> None:
     tr.add_argument("--batch-size", type=int, default=16, help="samples per generator call")
     tr.add_argument("--commit-every-s", type=float, default=10.0,
                     help="commit finished traces at least this often, in seconds (0: after every batch)")
+    tr.add_argument("--max-failed-fraction", type=float, default=0.25, help="the run ends failed when more than "
+                    "this share of its traces failed (a run whose traces all failed always fails)")
     _option_file(tr), _json_flag(tr)
     tr.set_defaults(fn=cli.cmd_traces)
 

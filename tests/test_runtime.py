@@ -21,9 +21,8 @@ from flows.runtime import GUARD_ENV
 
 pytestmark = pytest.mark.slow
 CURATE = dict(resolution=32, resize="squash", min_side=16, max_aspect=3.0, near_duplicate_bits=2)
-# the CLI with the guard installed first (flows/cli.py's main() is to call install_process_guard() itself)
-GUARDED_CLI = ("import sys; from flows.runtime import install_process_guard; install_process_guard(); "
-               "from flows.cli import main; main()")
+# the CLI as users run it: main() installs the process guard itself
+GUARDED_CLI = "from flows.cli import main; main()"
 
 
 def _marked(mark: str) -> list[tuple[int, str]]:
