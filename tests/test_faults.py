@@ -159,7 +159,7 @@ def two_nodes():
         side = nodes.pop()
         cluster.remove_node(side, allow_graceful=False)
         nodes.append(cluster.add_node(num_cpus=2))
-        return side.unique_id
+        return side.node_id
     yield replace
     ray.shutdown()
     cluster.shutdown()
