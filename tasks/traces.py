@@ -227,6 +227,29 @@ def progress_text(counts: dict, total: int, secs: float, out_tokens: int) -> str
     return text + f"; {done / max(secs, 1e-9):.1f} samples/s, {out_tokens / max(secs, 1e-9):.1f} output tokens/s"
 
 
+class _ProgressCard:
+    """Progress-artifact updates (an API call each) sent from one background thread, so the
+    generation loop never waits on the server; an update due while one is in flight is skipped,
+    the final one (100%) is always sent and waited for in close()."""
+
+    def __init__(self, progress_id):
+        from concurrent.futures import ThreadPoolExecutor
+
+        self.id, self.pool, self.inflight = progress_id, ThreadPoolExecutor(1, "traces-progress"), None
+
+    def update(self, percent: float, text: str, final: bool = False) -> None:
+        from prefect.artifacts import update_progress_artifact
+
+        if self.id is None or (not final and self.inflight is not None and not self.inflight.done()):
+            return
+        self.inflight = self.pool.submit(update_progress_artifact, self.id, percent, description=text)
+
+    def close(self) -> None:
+        self.pool.shutdown(wait=True)
+        if self.inflight is not None and self.inflight.done() and self.inflight.exception() is not None:
+            print(f"WARNING: the progress card {self.id} was not updated: {self.inflight.exception()}")
+
+
 def _transient(task, task_run, state) -> bool:
     """Prefect retry condition: a generator that cannot start or whose engine died is not retried."""
     from tasks.generators import GeneratorDeadError, GeneratorStartError
@@ -246,7 +269,6 @@ def generate_traces(root: str, dataset: str, generator: dict, pending: dict[str,
     (after committing the rows so far) when its engine dies."""
     import pyarrow as pa
     import pyarrow.compute as pc
-    from prefect.artifacts import update_progress_artifact
 
     from storage.parquet import open_dataset, write_rows
     from tasks.generators import GeneratorDeadError, GeneratorSpec, make_generator
@@ -255,15 +277,15 @@ def generate_traces(root: str, dataset: str, generator: dict, pending: dict[str,
     prov = Provenance(generator_key(generator), spec.model, spec.revision, template_hash(), run_id, spec.seed)
     if not pending:  # a resume with nothing to do never loads the model
         return {"ok": 0, "filtered": 0, "failed": 0, "generator": prov.generator, "seconds": 0.0,
-                "output_tokens": 0, "samples_per_s": 0.0}
+                "generate_seconds": 0.0, "output_tokens": 0, "samples_per_s": 0.0}
     scorer = None
     if cfg.min_clip_score is not None:
         from rl.reward import ClipScorer
 
         scorer = ClipScorer(cfg.clip_model, cfg.clip_pretrained)
-    gen = make_generator(spec)
+    gen, card = make_generator(spec), _ProgressCard(progress_id)
     counts, out_tokens, t0, last_report = {"ok": 0, "filtered": 0, "failed": 0}, 0, time.perf_counter(), 0.0
-    buffer, last_commit = [], t0
+    buffer, last_commit, generate_s = [], t0, 0.0
     scanner = open_dataset(root, "samples", run=dataset).scanner(
         columns=SAMPLE_COLUMNS, filter=pc.field("sample_id").isin(pa.array(list(pending), pa.string())),
         batch_size=batch_size)
@@ -272,7 +294,9 @@ def generate_traces(root: str, dataset: str, generator: dict, pending: dict[str,
             reqs = _requests(record_batch.to_pylist(), pending, spec.seed)
             if not reqs:
                 continue
+            t_gen = time.perf_counter()
             results = gen.generate(reqs)
+            generate_s += time.perf_counter() - t_gen
             statuses = [classify(q, r, cfg) for q, r in zip(reqs, results)]
             if scorer is not None:
                 _apply_clip(reqs, results, statuses, scorer, cfg)
@@ -284,10 +308,10 @@ def generate_traces(root: str, dataset: str, generator: dict, pending: dict[str,
                 counts[s] += 1
             out_tokens += sum(r.output_tokens or 0 for r in results)
             done, secs = sum(counts.values()), time.perf_counter() - t0
-            if progress_id is not None and (secs - last_report >= PROGRESS_EVERY_S or done == len(pending)):
+            if secs - last_report >= PROGRESS_EVERY_S or done == len(pending):
                 last_report = secs
-                update_progress_artifact(progress_id, 100.0 * done / max(1, len(pending)),
-                                         description=progress_text(counts, len(pending), secs, out_tokens))
+                card.update(100.0 * done / max(1, len(pending)), progress_text(counts, len(pending), secs, out_tokens),
+                            final=done == len(pending))
             if getattr(gen, "dead", None):
                 break
         if buffer:
@@ -299,5 +323,6 @@ def generate_traces(root: str, dataset: str, generator: dict, pending: dict[str,
         secs = time.perf_counter() - t0  # generation only: the engine's start and shutdown are not counted
     finally:
         gen.close()
-    return {**counts, "generator": prov.generator, "seconds": secs, "output_tokens": out_tokens,
-            "samples_per_s": sum(counts.values()) / secs if secs else 0.0}
+        card.close()  # the last card update goes on while the engine shuts down
+    return {**counts, "generator": prov.generator, "seconds": secs, "generate_seconds": generate_s,
+            "output_tokens": out_tokens, "samples_per_s": sum(counts.values()) / secs if secs else 0.0}
