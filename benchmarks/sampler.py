@@ -13,6 +13,13 @@ after it, so the ratios hold on a shared machine even when the absolute numbers 
    print their OA change.
 3. drift: how far rollout-time behaviour log-probs under each approximate mode are from the
    learner's full-pass replay (benchmarks/sampler_drift.py), i.e. which modes RL may use.
+
+Measured 2026-11-24 on 2 shared CPU cores (load average 10-45 from other jobs; --threads 1; two
+runs, ratios agreed within ~0.3x): toy-all checkpoint, 48 toy ParaBench items, batch 16 -
+exact 1.45-1.49x (same tokens, same OA 22.1); dual cache r4 + threshold 0.9 3.0-3.2x at -0.5 OA
+(the best within 1 point); dual r4 2.0-2.1x at -3.0; prefix r4 1.9x at -1.5; bf16 2.5x at -1.2;
+dual r8 + threshold 0.7 3.5x at -10. 93M random model, batch 2, 8 steps: exact 1.15x, prefix r4
+2.5x, dual r4/r8 2.1x, bf16 1.4x (one noisy run). 8x was not reached here; --gpu is unmeasured.
 """
 import argparse
 import copy
