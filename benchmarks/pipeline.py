@@ -412,11 +412,18 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--full", action="store_true", help="make run's PipelineConfig() instead of the small config")
     ap.add_argument("--out", default=None, help="work folder (default: a new temporary folder, kept)")
-    ap.add_argument("--order", default="direct,orchestrated", help="which arm runs first (comma-separated)")
+    ap.add_argument("--order", default="direct,orchestrated",
+                    help="the arms, in the order they run (comma-separated; one alone is allowed)")
     ap.add_argument("--interval", type=float, default=0.5, help="seconds between memory samples")
     ap.add_argument("--arm", choices=("orchestrated", "direct"), help=argparse.SUPPRESS)  # the child process
     ap.add_argument("--result", help=argparse.SUPPRESS)
+    ap.add_argument("--redraw", nargs=2, metavar=("ORCHESTRATED_JSON", "DIRECT_JSON"),
+                    help="print the table from two arms' <arm>.measured.json files (e.g. from separate runs)")
     a = ap.parse_args()
+    if a.redraw:
+        with open(a.redraw[0]) as f, open(a.redraw[1]) as g:
+            print_table(json.load(f), json.load(g), a.full)
+        return
     if a.arm:
         c = config(a.full, a.out)
         got = run_orchestrated(c) if a.arm == "orchestrated" else run_direct(c)
@@ -424,8 +431,9 @@ def main() -> None:
             json.dump(got, f)
         return
     order = a.order.split(",")
-    if sorted(order) != ["direct", "orchestrated"]:
-        raise SystemExit(f"--order={a.order!r}: name both arms once, e.g. direct,orchestrated")
+    if not order or len(set(order)) != len(order) or not set(order) <= {"direct", "orchestrated"}:
+        raise SystemExit(f"--order={a.order!r}: name each arm (direct, orchestrated) at most once, e.g. "
+                         f"direct,orchestrated (one arm alone: its <arm>.measured.json, for --redraw)")
     work = os.path.abspath(a.out or tempfile.mkdtemp(prefix="parapipe-pipeline-bench-"))
     os.makedirs(work, exist_ok=True)
     runs = {}
@@ -433,10 +441,11 @@ def main() -> None:
         t0 = time.time()
         runs[arm] = measure(arm, a.full, work, a.interval)
         runs[arm]["interval"] = a.interval
+        with open(os.path.join(work, f"{arm}.measured.json"), "w") as f:
+            json.dump(runs[arm], f)  # windows and samples: --redraw prints the table from these files
         print(f"{arm}: {time.time() - t0:.0f} s", flush=True)
-    with open(os.path.join(work, "measurements.json"), "w") as f:
-        json.dump(runs, f)  # windows and samples: the table can be redrawn (print_table) from this file
-    print_table(runs["orchestrated"], runs["direct"], a.full)
+    if len(runs) == 2:
+        print_table(runs["orchestrated"], runs["direct"], a.full)
     print(f"\nload average at the end: {os.getloadavg()} on {os.cpu_count()} CPUs; outputs in {work}")
 
 
