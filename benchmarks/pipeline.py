@@ -4,6 +4,12 @@ the stages' functions directly in one plain Python process, in one run.
 
     .venv/bin/python benchmarks/pipeline.py [--full] [--out DIR] [--order direct,orchestrated]
 
+On a machine shared with other work, the two arms can run at the same time, so both see the same load
+(each then also slows the other), and be put side by side afterwards:
+
+    for arm in orchestrated direct; do .venv/bin/python benchmarks/pipeline.py --out W --order $arm & done; wait
+    .venv/bin/python benchmarks/pipeline.py --redraw W/orchestrated.measured.json W/direct.measured.json
+
 Each arm runs in its own fresh Python process (`--arm` below) on a fresh output folder, with its own
 fresh PREFECT_HOME (so the orchestrated arm's ephemeral server creates and migrates a new database, as
 a first `make run` does). This process samples every --interval seconds the resident memory (RSS) and
