@@ -27,6 +27,9 @@ from tasks.sft_loop import SFTConfig, make_optimizer, train_step
 
 TRAIN_STATE = "train_state.pt"
 METRIC_KEYS = ("loss", "loss_text", "loss_image", "grad_norm", "tokens")
+DDP_KWARGS = {"gradient_as_bucket_view": True, "bucket_cap_mb": 100}
+"""DistributedDataParallel settings (cfg['ddp'] overrides): grads live in the all-reduce buckets (no copy
+in and out), and one bucket holds a small model's grads, so a step all-reduces once (benchmarks/sft.py)."""
 
 
 def step_seed(seed: int, rank: int, step: int) -> int:
@@ -80,7 +83,7 @@ def _wrap(model, cfg: dict):
         fully_shard(model, mp_policy=policy)
         model.gradient_checkpointing = bool(cfg.get("activation_checkpointing", True))
         return model
-    return ray.train.torch.prepare_model(model)
+    return ray.train.torch.prepare_model(model, parallel_strategy_kwargs=cfg.get("ddp", DDP_KWARGS))
 
 
 def _is_fsdp(model) -> bool:
@@ -125,17 +128,17 @@ def _restore(model, optimizer_state_holder: dict) -> int:
     return int(state["step"])
 
 
-def _mean_over_ranks(row: dict, world: int) -> dict:
-    if world == 1:
-        return row
-    import torch.distributed as dist
+def _mean_over_ranks(rows: list[dict], world: int) -> list[dict]:
+    """The steps' METRIC_KEYS averaged over the ranks (tokens summed) in one all-reduce for the whole
+    window (not one per step), and tokens_per_s = all ranks' tokens / this rank's step seconds."""
+    if world > 1 and rows:
+        import torch.distributed as dist
 
-    t = torch.tensor([row[k] for k in METRIC_KEYS], dtype=torch.float64)
-    dist.all_reduce(t)
-    out = dict(row)
-    for k, v in zip(METRIC_KEYS, t.tolist()):
-        out[k] = v if k == "tokens" else v / world
-    return out
+        t = torch.tensor([[r[k] for k in METRIC_KEYS] for r in rows], dtype=torch.float64)  # (steps, keys)
+        dist.all_reduce(t)
+        rows = [{**r, **{k: v if k == "tokens" else v / world for k, v in zip(METRIC_KEYS, vals)}}
+                for r, vals in zip(rows, t.tolist())]
+    return [{**r, "tokens_per_s": r["tokens"] / r["step_s"]} for r in rows]
 
 
 def _distinct_shards(batch, world: int) -> int:
@@ -214,14 +217,15 @@ def train_loop_per_worker(cfg: dict) -> None:
         t0 = time.perf_counter()
         row = train_step(model, optimizer, [next(stream) for _ in range(sft.grad_accum)], sft, gen, step,
                          vocab.mask_id)
-        row = _mean_over_ranks(row, world)
-        row.update(step=step + 1, tokens_per_s=row["tokens"] / (time.perf_counter() - t0))
+        row.update(step=step + 1, step_s=time.perf_counter() - t0)
         pending.append(row)
-        if rank == 0:
+        if rank == 0:  # rank 0's own loss: the mean over ranks is reduced only at reporting steps
             write_step(_progress_file(cfg), step + 1, sft.total_steps, loss=row["loss"])
         last = step + 1 == stop
         if (step + 1) % every and not last:
             continue
+        pending = _mean_over_ranks(pending, world)
+        row = pending[-1]
         metrics = {k: row[k] for k in ("step", "loss", "loss_text", "loss_image", "lr", "grad_norm", "tokens_per_s")}
         metrics["distinct_rank_batches"] = distinct
         evals = []

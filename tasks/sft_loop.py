@@ -173,7 +173,7 @@ def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, batches
     lr = lr_at(step, cfg)
     for group in optimizer.param_groups:
         group["lr"] = lr
-    totals = {"loss": 0.0, "loss_text": 0.0, "loss_image": 0.0}
+    totals = None  # (3,) float64 on the device: loss, loss_text, loss_image; read back once per step
     tokens = 0
     for i, batch in enumerate(batches):
         # under DDP, all-reduce the gradients only once, on the last micro-batch
@@ -181,14 +181,18 @@ def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, batches
         with contextlib.nullcontext() if sync else model.no_sync():
             parts = micro_batch_loss(model, batch, cfg, mask_id, generator)
             (parts.total / len(batches)).backward()
-        for name, value in (("loss", parts.total), ("loss_text", parts.text), ("loss_image", parts.image)):
-            totals[name] += float(value.detach()) / len(batches)
+        part = torch.stack([v.detach().double() for v in (parts.total, parts.text, parts.image)]) / len(batches)
+        totals = part if totals is None else totals + part
         tokens += int(batch.attention_mask.sum())
     params = [p for p in model.parameters() if p.grad is not None]
     grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.clip_norm if cfg.clip_norm > 0 else math.inf)
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
-    return {**totals, "grad_norm": float(grad_norm), "lr": lr, "tokens": float(tokens)}
+    if hasattr(grad_norm, "full_tensor"):  # a DTensor under FSDP2
+        grad_norm = grad_norm.full_tensor()
+    loss, loss_text, loss_image, grad_norm = torch.cat([totals, grad_norm.detach().double().view(1)]).tolist()
+    return {"loss": loss, "loss_text": loss_text, "loss_image": loss_image, "grad_norm": grad_norm, "lr": lr,
+            "tokens": float(tokens)}
 
 
 def training_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer, step: int,
