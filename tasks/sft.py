@@ -21,7 +21,7 @@ import torch
 from prefect import task
 
 from model.checkpoint import from_pretrained, read_config, save_pretrained
-from tasks.progress import follow_steps, ray_init_kwargs, write_step
+from tasks.progress import follow_steps, start_ray, write_step
 from tasks.sft_data import SequenceConfig, TokenisedSet, batch_stream
 from tasks.sft_loop import SFTConfig, make_optimizer, train_step
 
@@ -265,13 +265,10 @@ def _progress_file(cfg: dict) -> str:
 def run_sft(cfg: dict, num_workers: int = 2, use_gpu: bool = False, storage_path: str = "runs/ray",
             max_failures: int = 2) -> dict:
     """Builds the TorchTrainer and fits; re-running with the same cfg['run_id'] resumes."""
-    import ray
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
-    if not ray.is_initialized():
-        ray.init(num_cpus=None if use_gpu else max(num_workers, os.cpu_count() or 1), include_dashboard=True,
-                 ignore_reinit_error=True, **ray_init_kwargs())
+    start_ray(None if use_gpu else max(num_workers, os.cpu_count() or 1), include_dashboard=True)
     storage = os.path.abspath(storage_path) if "://" not in storage_path else storage_path
     trainer = TorchTrainer(
         train_loop_per_worker, train_loop_config=cfg,

@@ -21,7 +21,7 @@ RECIPE = {"model": dict(d_model=32, n_layers=1, n_heads=2, mlp_hidden_size=64, r
 def ray_cluster():
     import ray
 
-    ray.init(num_cpus=2, include_dashboard=True, ignore_reinit_error=True)
+    ray.init(address="local", num_cpus=2, include_dashboard=True, ignore_reinit_error=True)
     yield
     ray.shutdown()
 
