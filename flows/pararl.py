@@ -58,7 +58,7 @@ def train(checkpoint: str, paths: dict, cfg: dict, out: str, root: str, run_id: 
         create_table_artifact([{k: (round(v, 4) if isinstance(v, float) else v) for k, v in r.items()} for r in rows],
                               key=_key("rl", run_id, "metrics"), description=f"ParaRL {run_id}: per-round metrics")
         if row.get("heldout_agreement") is not None and row["round"] + 1 < rl.rounds:  # an eval round: redraw
-            publish_markdown(chart, rl_metrics_markdown, root, run_id, out)
+            publish_markdown(chart, rl_metrics_markdown, root, run_id, out, description=f"ParaRL {run_id}: per round")
 
     try:
         result = run_rl(checkpoint, paths, rl, out, root, run_id, sampler, reward_kwargs, rollout_workers,

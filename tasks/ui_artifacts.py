@@ -257,7 +257,7 @@ def strip_png(rollouts: list[list[dict]], path: str, title: str, image_tokenizer
             img = _code_image(r["image_codes"], image_tokenizer, grid).resize((CELL, CELL), Image.Resampling.NEAREST)
             canvas.paste(img, (x, top + 26))
             draw.rectangle([x - 1, top + 25, x + CELL, top + 26 + CELL], outline=(150, 150, 190))  # the image's edge
-            lines = textwrap.wrap(r["text"] or "(all text still masked)", TEXT_COLS)[:TEXT_LINES]
+            lines = textwrap.wrap(r["text"] or "(no text yet: masked or padding)", TEXT_COLS)[:TEXT_LINES]
             for j, line in enumerate(lines):
                 draw.text((x, top + 32 + CELL + 11 * j), line, fill=(30, 30, 30), font=font)
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
