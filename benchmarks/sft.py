@@ -6,11 +6,12 @@ plain single-process loop with 1 thread, on the same model, data and batch size,
 The arms are interleaved (plain, Ray, plain, Ray, ..., plain) so that load from other processes on
 a shared machine falls on both: a round's ratio divides by the mean of the plain loops run just
 before and just after its Ray fit. Each round prints its ratios, the end the mean and the spread
-(min..max) of the ratios. --ddp-defaults adds a Ray arm with torch's DDP defaults (bucketing).
+(min..max) of the ratios. --ddp adds a Ray arm with other DDP settings (bucketing).
 Medians over the steps after the first --warmup steps (Ray's start-up and the first steps are
 reported separately and not in the ratio).
 """
 import argparse
+import json
 import os
 import statistics
 import tempfile
@@ -75,15 +76,16 @@ def main() -> None:
     ap.add_argument("--batch-size", type=int, default=32)
     ap.add_argument("--samples", type=int, default=2000)
     ap.add_argument("--workers", type=int, default=2)
-    ap.add_argument("--ddp-defaults", action="store_true",
-                    help="also a Ray arm with torch's DDP defaults next to tasks/sft.DDP_KWARGS")
+    ap.add_argument("--ddp", type=json.loads, default=None,
+                    help="JSON DistributedDataParallel kwargs of a second Ray arm next to tasks/sft.DDP_KWARGS, "
+                         "e.g. '{\"bucket_cap_mb\": 100, \"gradient_as_bucket_view\": true}'")
     ap.add_argument("--concurrent-plain", action="store_true",
                     help="also --workers plain loops at once (1 thread each) after each Ray fit: Ray's own overhead "
                          "apart from the cores' contention")
     a = ap.parse_args()
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     recipe, paths, root, out = prepare(a)
-    arms = {"Ray": None, "Ray, torch DDP defaults": {}} if a.ddp_defaults else {"Ray": None}
+    arms = {"Ray": None, **({f"Ray, DDP {a.ddp}": a.ddp} if a.ddp is not None else {})}
     ratios = {arm: [] for arm in arms}
     plain, params = plain_tokens_per_s(recipe, paths, a.warmup)
     for i in range(a.rounds):

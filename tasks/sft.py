@@ -27,9 +27,9 @@ from tasks.sft_loop import SFTConfig, make_optimizer, train_step
 
 TRAIN_STATE = "train_state.pt"
 METRIC_KEYS = ("loss", "loss_text", "loss_image", "grad_norm", "tokens")
-DDP_KWARGS = {"gradient_as_bucket_view": True, "bucket_cap_mb": 100}
-"""DistributedDataParallel settings (cfg['ddp'] overrides): grads live in the all-reduce buckets (no copy
-in and out), and one bucket holds a small model's grads, so a step all-reduces once (benchmarks/sft.py)."""
+DDP_KWARGS: dict = {}
+"""DistributedDataParallel settings (cfg['ddp'] overrides): torch's defaults. One 100 MB bucket with
+gradient_as_bucket_view was slower in both rounds measured (benchmarks/sft.py --ddp, a noisy shared CPU)."""
 
 
 def step_seed(seed: int, rank: int, step: int) -> int:
