@@ -36,7 +36,9 @@ class Roles:
         from rl.rollout import RolloutWorker
 
         crash = crash_markers or {}
-        opts = dict(max_restarts=max_restarts, max_task_retries=max_restarts)
+        # a call lost with its actor is retried while the actor can come back (-1): after a node dies Ray takes a
+        # while to notice, and a few quick retries ran out first; once max_restarts is spent it still fails
+        opts = dict(max_restarts=max_restarts, max_task_retries=-1)
         rollout_cls = ray.remote(num_cpus=1, num_gpus=1 if use_gpu else 0, **opts)(RolloutWorker)
         reward_cls = ray.remote(num_cpus=0 if use_gpu else 1, num_gpus=reward_gpu_fraction if use_gpu else 0,
                                 **opts)(RewardWorker)
