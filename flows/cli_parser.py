@@ -13,7 +13,7 @@ EXAMPLES = {
                  "parapipe init-tiny --out tiny && parapipe generate --checkpoint tiny --prompt 'a red circle' "
                  "--out out/"],
     "init-tiny": ["parapipe init-tiny --out runs/tiny-ckpt --seed 1"],
-    "run": ["parapipe run                      # the whole pipeline into runs/default (~20 min on 2 cores)",
+    "run": ["parapipe run                      # the whole pipeline into runs/default (~27 min on 2 cores)",
             "parapipe run --out runs/quick --toy-samples 200 --sft-steps 50",
             "parapipe run --config run.yaml --gpu   # run.yaml: PipelineConfig fields (tasks/pipeline_config.py)"],
     "aggregate": ["parapipe aggregate --root data --dataset toy-tiny      # the toy world",
