@@ -30,6 +30,8 @@ GRACE_S = 5.0
 """Seconds between SIGTERM and SIGKILL for a process that outlived its run."""
 POLL_S = 0.5
 """How often the watchdog checks that the run's process is still alive."""
+LATE_S = 8.0
+"""Seconds of extra SIGKILL sweeps after those two rounds, for children still being spawned (Ray's agents)."""
 RAY_TMP_ROOM = 40
 """Longest tmp_dir Ray can use: it adds ~66 bytes (ray/session_<date>_<pid>/sockets/plasma_store) of 107."""
 
@@ -84,6 +86,7 @@ def guarded_pids(token: str) -> list[int]:
     return pids
 
 
+
 def reap(token: str, grace_s: float = GRACE_S) -> list[int]:
     """SIGTERM every guarded process, SIGKILL those still alive after grace_s; returns the pids found."""
     found = guarded_pids(token)
@@ -99,6 +102,16 @@ def reap(token: str, grace_s: float = GRACE_S) -> list[int]:
             time.sleep(0.1)
             alive = guarded_pids(token)
         found += [p for p in alive if p not in found]
+    deadline = time.monotonic() + LATE_S  # children some of them were still spawning (Ray's agents): sweep again
+    while time.monotonic() < deadline:
+        late = guarded_pids(token)
+        for pid in late:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except OSError:
+                pass
+        found += late
+        time.sleep(0.5)
     return sorted(set(found))
 
 

@@ -81,7 +81,7 @@ def test_photos_through_magvit2_sft_and_generate(tmp_path, prefect_harness, caps
     ray.init(address="local", num_cpus=2, include_dashboard=False, ignore_reinit_error=True)
     try:
         # the small preset's batch of 64 does not fit 33 sequences: trained with all of them, said aloud
-        main(["sft", "--root", root, "--dataset", "mine", "--out", out, "--steps", "3", "--workers", "1",
+        main(["sft", "--json", "--root", root, "--dataset", "mine", "--out", out, "--steps", "3", "--workers", "1",
               "--image-tokenizer", magvit, "--sft.bf16", "false",
               "--seq.text_tokens", "48", "--seq.instruction_tokens", "12", "--sampler.steps", "8",
               "--sampler.image_steps", "4", "--sampler.text_block_length", "48", "--eval-per-category", "4",
