@@ -14,6 +14,13 @@ tokens/s and the share of each round's wall time per role.
 
     .venv/bin/python benchmarks/pararl.py                       # every arm, 3 seeds
     .venv/bin/python benchmarks/pararl.py --arms traj-k3-clip --seeds 0 --rounds 10
+    .venv/bin/python benchmarks/pararl.py --rollout-speed        # rollouts/s: upstream-style vs ParaPipe's
+
+--rollout-speed times only the rollout actor's work (RolloutWorker.sample, no Ray) on B prompts x G
+samples, interleaved over --speed-rounds: upstream-style (one prompt, one sample per call, as the
+released sampler runs), batched (the B x G rows of a round in one call: ParaPipe's default) and
+batched with threshold text decoding (text_threshold, the fast option RL may use: it changes which
+slots commit, never the logits, so the replay stays exact). Ratios are to the upstream-style arm.
 """
 import argparse
 import json
@@ -68,6 +75,44 @@ def run_arm(name: str, seed: int, a, paths: dict, clip: str) -> dict:
             "text_correct": last["heldout_text_correct"], **total}
 
 
+def rollout_speed(a, paths: dict) -> None:
+    """rollouts/s of the rollout actor's sampling: upstream-style vs batched vs batched + threshold."""
+    import torch
+
+    from rl.learner import RLConfig
+    from rl.rollout import RolloutWorker
+    from tasks.pararl import DEFAULT_SAMPLER, checkpoint_layout
+    from tasks.sft import load_set
+    from tasks.sft_data import build_prompt
+    from model.sampling import SamplerConfig
+
+    seq, shape, _ = checkpoint_layout(a.checkpoint)
+    worker = RolloutWorker(a.checkpoint, shape, threads=a.threads)
+    weights, B, G = worker.model.state_dict(), a.speed_prompts, a.speed_group
+    train = load_set(paths["train"])
+    prompts = [build_prompt(worker.vocab, seq, train.input_codes[i], train.instruction[i]) for i in range(B)]
+    base = RLConfig().rollout_sampler(SamplerConfig(**{**DEFAULT_SAMPLER, "text_block_length": seq.text_tokens}))
+    sampler = {k: getattr(base, k) for k in SamplerConfig.__dataclass_fields__}
+    steps = [base.steps // 2, base.steps - 1]
+    arms = {"upstream-style (batch 1)": lambda: [worker.sample(weights, 0, [p], 1, sampler, steps, i)
+                                                 for i, p in enumerate(q for q in prompts for _ in range(G))],
+            "batched B x G": lambda: worker.sample(weights, 0, prompts, G, sampler, steps, 0),
+            "batched + text_threshold 0.9": lambda: worker.sample(weights, 0, prompts, G,
+                                                                  {**sampler, "text_threshold": 0.9}, steps, 0)}
+    rates = {k: [] for k in arms}
+    for _ in range(a.speed_rounds):
+        for name, fn in arms.items():
+            t0 = time.perf_counter()
+            fn()
+            rates[name].append(B * G / (time.perf_counter() - t0))
+    ref = statistics.median(rates["upstream-style (batch 1)"])
+    print(f"rollouts/s, {B} prompts x {G} samples, {base.steps} steps, {a.threads} thread(s), "
+          f"median of {a.speed_rounds} interleaved rounds:")
+    for name, r in rates.items():
+        print(f"  {name:30s} {statistics.median(r):7.1f} rollouts/s  ({statistics.median(r) / ref:.2f}x; "
+              f"min..max {min(r):.1f}..{max(r):.1f})")
+
+
 def spread(xs: list[float]) -> str:
     return f"{statistics.mean(xs):.3f} ± {statistics.pstdev(xs):.3f}" if len(xs) > 1 else f"{xs[0]:.3f}"
 
@@ -83,6 +128,11 @@ def main() -> None:
     p.add_argument("--rounds", type=int, default=20)
     p.add_argument("--config", default="{}", help="JSON of RLConfig fields shared by every arm")
     p.add_argument("--clip-folder", default=None, help="tiny CLIP reward folder (default: fit one into --out)")
+    p.add_argument("--rollout-speed", action="store_true", help="only time the rollout sampler (see above)")
+    p.add_argument("--speed-prompts", type=int, default=16, help="B for --rollout-speed")
+    p.add_argument("--speed-group", type=int, default=8, help="G for --rollout-speed")
+    p.add_argument("--speed-rounds", type=int, default=3, help="interleaved rounds for --rollout-speed")
+    p.add_argument("--threads", type=int, default=1, help="torch threads of the rollout worker (--rollout-speed)")
     a = p.parse_args()
     import ray
     import torch
@@ -95,6 +145,8 @@ def main() -> None:
     if not os.path.isfile(os.path.join(a.checkpoint, "config.json")):
         sys.exit(f"no SFT checkpoint at {a.checkpoint}; run `make run` first or pass --checkpoint")
     paths = prepare_rl(a.checkpoint, os.path.abspath(a.root), a.dataset, os.path.abspath(a.out), eval_per_category=32)
+    if a.rollout_speed:
+        return rollout_speed(a, paths)
     clip = a.clip_folder or os.path.join(a.out, "tiny-clip")
     if not os.path.isfile(os.path.join(clip, "reward.json")):
         print(json.dumps(fit_tiny_clip(clip, preset=paths["preset"]), default=str))
