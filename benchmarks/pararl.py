@@ -15,6 +15,12 @@ tokens/s and the share of each round's wall time per role.
     .venv/bin/python benchmarks/pararl.py                       # every arm, 3 seeds
     .venv/bin/python benchmarks/pararl.py --arms traj-k3-clip --seeds 0 --rounds 10
     .venv/bin/python benchmarks/pararl.py --rollout-speed        # rollouts/s: upstream-style vs ParaPipe's
+    .venv/bin/python benchmarks/pararl.py --probe CKPT [CKPT ...] # does the text read the output image?
+
+--probe decodes the held-out texts greedily twice per checkpoint: with the true output image already in
+place, and with the image fully masked (text first). If the two text accuracies are equal, the text
+does not read the image it is generated with, so an alignment reward has a new skill to teach
+rather than a decoding order to fix.
 
 --rollout-speed times only the rollout actor's work (RolloutWorker.sample, no Ray) on B prompts x G
 samples, interleaved over --speed-rounds: upstream-style (one prompt, one sample per call, as the
@@ -24,6 +30,7 @@ slots commit, never the logits, so the replay stays exact). Ratios are to the up
 """
 import argparse
 import json
+import math
 import os
 import shutil
 import statistics
@@ -113,6 +120,52 @@ def rollout_speed(a, paths: dict) -> None:
               f"min..max {min(r):.1f}..{max(r):.1f})")
 
 
+def text_with_image(ckpt: str, paths: dict, true_image: bool, steps: int = 20) -> float:
+    """Held-out text correctness, text decoded greedily (low confidence first, `steps` steps) with the
+    true output image in place (true_image) or fully masked."""
+    import torch
+
+    from model.cache import StepForward
+    from model.checkpoint import from_pretrained
+    from model.layout import IMAGE, TEXT, output_regions, output_template
+    from tasks.pararl import checkpoint_layout
+    from tasks.sft import load_scenes, load_set
+    from tasks.sft_data import build_prompt, output_shape
+    from tasks.tokenizer import TextTokenizer
+    from tasks.toy import text_correct
+    from tasks.toy.scene import PRESETS
+
+    seq, _, _ = checkpoint_layout(ckpt)
+    model, vocab = from_pretrained(ckpt)
+    model.eval()
+    val, scenes, tok = load_set(paths["val"]), load_scenes(paths["scenes"]), TextTokenizer.load(ckpt)
+    shape = output_shape(seq, len(val.output[0]))
+    regions = torch.tensor(output_regions(shape))
+    img, txt = regions == IMAGE, regions == TEXT
+    prompts = [build_prompt(vocab, seq, val.input_codes[i], val.instruction[i]) for i in range(len(val))]
+    fwd = StepForward(model, prompts, None, vocab.pad_id, shape.length)
+    y = torch.tensor(output_template(vocab, shape)).repeat(len(prompts), 1)  # (N, M)
+    if true_image:
+        y[:, img] = torch.tensor([list(o) for o in val.output])[:, img]
+    T = int(txt.sum())
+    for k in [T // steps + (i < T % steps) for i in range(steps)]:
+        logits = fwd(y, False)[0][:, txt].float()  # (N, T, V)
+        logits[..., vocab.mask_id] = -math.inf
+        conf, arg = logits.softmax(-1).max(-1)  # (N, T)
+        cur = y[:, txt]
+        conf[cur != vocab.mask_id] = -1.0
+        idx = conf.topk(k, dim=1).indices
+        y[:, txt] = cur.scatter(1, idx, arg.gather(1, idx))
+    texts = [tok.decode(r.tolist()) for r in y[:, txt]]
+    return sum(text_correct(t, scenes[s], PRESETS[paths["preset"]]) for t, s in zip(texts, val.sample_id)) / len(val)
+
+
+def probe(ckpts: list[str], paths: dict) -> None:
+    print("held-out text correct, text decoded greedily with the true output image given | image masked:")
+    for c in ckpts:
+        print(f"  {c}: {text_with_image(c, paths, True):.3f} | {text_with_image(c, paths, False):.3f}", flush=True)
+
+
 def spread(xs: list[float]) -> str:
     return f"{statistics.mean(xs):.3f} ± {statistics.pstdev(xs):.3f}" if len(xs) > 1 else f"{xs[0]:.3f}"
 
@@ -128,6 +181,8 @@ def main() -> None:
     p.add_argument("--rounds", type=int, default=20)
     p.add_argument("--config", default="{}", help="JSON of RLConfig fields shared by every arm")
     p.add_argument("--clip-folder", default=None, help="tiny CLIP reward folder (default: fit one into --out)")
+    p.add_argument("--probe", nargs="+", default=None, metavar="CKPT",
+                   help="only print text correctness with / without the true image for these checkpoints")
     p.add_argument("--rollout-speed", action="store_true", help="only time the rollout sampler (see above)")
     p.add_argument("--speed-prompts", type=int, default=16, help="B for --rollout-speed")
     p.add_argument("--speed-group", type=int, default=8, help="G for --rollout-speed")
@@ -147,6 +202,8 @@ def main() -> None:
     paths = prepare_rl(a.checkpoint, os.path.abspath(a.root), a.dataset, os.path.abspath(a.out), eval_per_category=32)
     if a.rollout_speed:
         return rollout_speed(a, paths)
+    if a.probe:
+        return probe(a.probe, paths)
     clip = a.clip_folder or os.path.join(a.out, "tiny-clip")
     if not os.path.isfile(os.path.join(clip, "reward.json")):
         print(json.dumps(fit_tiny_clip(clip, preset=paths["preset"]), default=str))
