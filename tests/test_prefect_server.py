@@ -1,6 +1,11 @@
 """prefect.yaml the way a user runs it: `prefect server start` (UI on), `python -m flows.deploy pools`
 (= make pools), `prefect deploy`, `prefect worker start`, `prefect deployment run`; the run completes
-with its artifacts and the server serves the UI. All on loopback, in a PREFECT_HOME of its own."""
+with its artifacts and the server serves the UI. Then the UI the way a person looks at it: a run's
+artifacts (progress card, table, SFT / ParaRL charts, denoising strips) opened in headless Chromium,
+checked by the text the browser shows, the images it decoded and its screenshots. All on loopback, in a
+PREFECT_HOME of its own, one server for the module."""
+import base64
+import io
 import json
 import os
 import re
@@ -10,9 +15,14 @@ import subprocess
 import sys
 import time
 from contextlib import ExitStack, contextmanager
+from datetime import datetime, timezone
 
 import httpx
 import pytest
+from PIL import Image, ImageChops, ImageStat
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # tools/ is not installed
+from tools import ui_screenshot as browser  # noqa: E402
 
 pytestmark = pytest.mark.slow
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -78,33 +88,42 @@ def _wait_final(client, run_id: str, worker_log: str):
     raise TimeoutError(f"flow run {run_id} not finished after {RUN_S} s; worker log:\n{_tail(worker_log)}")
 
 
-def test_deployment_runs_through_a_worker_on_a_real_server(tmp_path):
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    """`prefect server start` with the UI on a free loopback port, in a PREFECT_HOME of its own, shared by this
+    module's tests. Yields (url, env): env is what the CLI, the worker and flows need to use that server."""
+    tmp = tmp_path_factory.mktemp("prefect-server")
+    port = _free_port()
+    url = f"http://127.0.0.1:{port}"
+    env = {**os.environ, "PREFECT_HOME": str(tmp / "prefect-home"), "PREFECT_API_URL": f"{url}/api",
+           "PREFECT_UI_ENABLED": "true", "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+           "PREFECT_LOGGING_TO_API_ENABLED": "true", "PARAPIPE_HOME": ROOT}
+    log = str(tmp / "server.log")
+    with _spawn([PREFECT, "server", "start", "--host", "127.0.0.1", "--port", str(port)], env, log, str(tmp)) as proc:
+        _wait_healthy(url, proc, log)
+        yield url, env
+
+
+def test_deployment_runs_through_a_worker_on_a_real_server(server, tmp_path):
     from prefect.client.orchestration import SyncPrefectClient
     from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
 
-    port = _free_port()
-    url = f"http://127.0.0.1:{port}"
-    env = {**os.environ, "PREFECT_HOME": str(tmp_path / "prefect-home"), "PREFECT_API_URL": f"{url}/api",
-           "PREFECT_UI_ENABLED": "true", "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
-           "PREFECT_LOGGING_TO_API_ENABLED": "true", "PARAPIPE_HOME": ROOT}
+    url, env = server
     lake = tmp_path / "lake"
     params = {"root": str(lake), "sources": [{"type": "toy", "name": "toy-tiny", "preset": "tiny", "n": N, "seed": 0}]}
-    logs = {name: str(tmp_path / f"{name}.log") for name in ("server", "worker")}
+    worker_log = str(tmp_path / "worker.log")
     with ExitStack() as stack:
-        server = stack.enter_context(_spawn([PREFECT, "server", "start", "--host", "127.0.0.1", "--port", str(port)],
-                                            env, logs["server"], str(tmp_path)))
-        _wait_healthy(url, server, logs["server"])
         pools = _run([sys.executable, "-m", "flows.deploy", "pools"], env, ROOT)
         assert "'parapipe-local' created" in pools and "'parapipe-gpu' created" in pools, pools
         _run([PREFECT, "--no-prompt", "deploy", "--name", "aggregate-toy-nightly"], env, ROOT)
-        stack.enter_context(_spawn([PREFECT, "worker", "start", "--pool", "parapipe-local"], env, logs["worker"],
+        stack.enter_context(_spawn([PREFECT, "worker", "start", "--pool", "parapipe-local"], env, worker_log,
                                    str(tmp_path)))  # the pull step, not the worker's folder, finds the checkout
         started = _run([PREFECT, "deployment", "run", "aggregate/aggregate-toy-nightly", "--params",
                         json.dumps(params)], env, str(tmp_path))
         run_id = re.search(r"UUID: ([0-9a-f-]{36})", started).group(1)
         with SyncPrefectClient(f"{url}/api") as client:
-            run = _wait_final(client, run_id, logs["worker"])
-            assert run.state.is_completed(), f"{run.state}\n{_tail(logs['worker'])}"
+            run = _wait_final(client, run_id, worker_log)
+            assert run.state.is_completed(), f"{run.state}\n{_tail(worker_log)}"
             artifacts = {a.key: a for a in client.read_artifacts(
                 flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[run_id])))}
         assert run.parameters["root"] == str(lake) and run.parameters["dataset"] == "toy-tiny"  # deployed + override
@@ -119,3 +138,133 @@ def test_deployment_runs_through_a_worker_on_a_real_server(tmp_path):
         home = httpx.get(f"{url}/", headers={"Accept": "text/html"}, timeout=30, follow_redirects=True)
         assert home.status_code == 200 and "<title>Prefect Server</title>" in home.text, home.url
         assert httpx.get(f"{url}/api/health", timeout=10).json() is True
+
+
+# ---------------------------------------------------------------------------------------------- the UI in a browser
+
+VIEW = (1400, 2000)  # viewport px: the tallest page checked (two strips) fits
+NO_CHROMIUM = ("needs Chromium, a system package outside the Python environment, and `chromium` is not on PATH: "
+               "install it with `apt-get install chromium` (Debian)")
+DATA_URI = re.compile(r"\(data:image/png;base64,([A-Za-z0-9+/=]+)\)")
+
+
+def _write_lake(root: str) -> None:
+    """What an SFT run and a ParaRL run leave in the lake, in miniature: loss per step, metrics per round,
+    two rounds of denoising trajectories (2 rollouts x 3 recorded steps, 4x4 image codes)."""
+    from storage.parquet import write_rows
+
+    now = datetime.now(timezone.utc)
+    write_rows(root, "train_metrics", [{"run_id": "sft-ui", "step": s, "loss": 10.0 / s, "loss_text": 4.0 / s,
+                                        "loss_image": 6.0 / s, "time": now} for s in range(1, 41)], run="sft-ui")
+    write_rows(root, "rl_metrics", [{"run_id": "rl-ui", "round": r, "reward_mean": 0.3 + 0.1 * r, "kl": 0.01 * r,
+                                     "heldout_agreement": 0.5 + 0.1 * r, "heldout_exact_image": 0.2 + 0.1 * r}
+                                    for r in range(4)], run="rl-ui")
+    write_rows(root, "trajectories", [
+        {"run_id": "rl-ui", "round": rnd, "sample_id": sample, "group_index": 0, "step": step, "slot": k,
+         "text": "the red square is at b2"[: 8 * (k + 1)], "image_codes": [-1] * (12 - 6 * k) + list(range(4 + 6 * k)),
+         "text_mask_frac": 0.5 - 0.25 * k, "image_mask_frac": (12 - 6 * k) / 16, "instruction": f"recolour {sample}",
+         "reward": 0.3 + 0.2 * k}
+        for rnd in range(2) for sample in ("s0", "s1") for k, step in enumerate((2, 5, 7))], run="rl-ui")
+
+
+def _publish(api: str, lake: str, out: str) -> str:
+    """One flow run against the server that publishes ParaPipe's artifacts as the flows do: the aggregate
+    flow's progress card and summary table (its body, on 16 toy samples), the SFT loss chart, the ParaRL
+    chart and the denoising strips. Returns the flow run id."""
+    from prefect import flow
+    from prefect.runtime import flow_run
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    from flows.aggregate import aggregate
+    from tasks import ui_artifacts as ui
+
+    @flow(name="ui-browser")
+    def publish_artifacts() -> str:
+        _write_lake(lake)
+        aggregate.fn(sources=[{"type": "toy", "name": "toy-tiny", "preset": "tiny", "n": N, "seed": 0}],
+                     root=lake, dataset="ui-check")
+        ui.publish_markdown(ui.stable_key("sft", "sft-ui", "loss"), ui.sft_loss_markdown, lake, "sft-ui", out,
+                            description="SFT sft-ui: loss per step")
+        ui.publish_markdown(ui.stable_key("rl", "rl-ui", "chart"), ui.rl_metrics_markdown, lake, "rl-ui", out,
+                            description="ParaRL rl-ui: per round")
+        ui.publish_markdown(ui.stable_key("rl", "rl-ui", "trajectories"), ui.trajectory_markdown, lake, "rl-ui",
+                            out, None, description="ParaRL rl-ui: denoising strips")
+        return flow_run.get_id()
+
+    with temporary_settings(updates={PREFECT_API_URL: api}):
+        return publish_artifacts()
+
+
+# what each artifact's page must show (whitespace squashed): the numbers a person reads off it
+EXPECT = {
+    "ui-check-progress": ["Progress: 100%", "ui-check: 16 new samples, 16 in all"],
+    "aggregate-ui-check": ["source read accepted already_present quarantined", "toy-tiny 16 16 0 0", "ok",
+                           "TOTAL (dataset) 16 0"],
+    "sft-sft-ui-loss": ["SFT sft-ui: training loss per step", "loss 10 0.25 0.25 10", "loss_image 6 0.15 0.15 6"],
+    "rl-rl-ui-chart": ["ParaRL rl-ui: per round", "reward_mean 0.3 0.6 0.3 0.6", "kl 0 0.03 0 0.03",
+                       "heldout_agreement 0.5 0.8 0.5 0.8"],
+    "rl-rl-ui-trajectories": ["ParaRL rl-ui: denoising trajectories", "round 0", "round 1",
+                              "grey = still masked"],
+}
+
+
+def _check_screenshot(path: str) -> Image.Image:
+    """A real page, not a blank or half-drawn one: the viewport's size, many colours, no colour covering it."""
+    with Image.open(path) as im:
+        shot = im.convert("RGB")
+    colours = shot.getcolors(VIEW[0] * VIEW[1])
+    top = max(colours)[0] / (VIEW[0] * VIEW[1])
+    assert shot.size == VIEW and len(colours) > 64 and top < 0.99, (path, shot.size, len(colours), top)
+    return shot
+
+
+def _check_images_drawn(shot: Image.Image, imgs: list[dict], embedded: list[Image.Image], page: str) -> None:
+    """Each <img> decoded at the embedded PNG's size, and the screenshot shows that PNG, pixel for pixel, where
+    the <img> is (every image drawn unscaled inside the viewport; at least the first one)."""
+    assert [(i["naturalWidth"], i["naturalHeight"]) for i in imgs] == [e.size for e in embedded], (page, imgs)
+    compared = 0
+    for img, png in zip(imgs, embedded):
+        assert browser.loaded(img), (page, img)
+        x, y = round(img["x"]), round(img["y"])
+        if (img["width"], img["height"]) != png.size or x < 0 or y < 0 or y + png.height > VIEW[1]:
+            continue
+        seen = shot.crop((x, y, x + png.width, y + png.height))
+        diff = ImageStat.Stat(ImageChops.difference(seen, png.convert("RGB"))).mean
+        assert max(diff) < 2.0, (page, img, diff)
+        compared += 1
+    assert compared or not embedded, (page, "no image drawn unscaled in the viewport", imgs)
+
+
+@pytest.mark.skipif(browser.browser_path() is None, reason=NO_CHROMIUM)
+def test_ui_pages_show_the_run_in_headless_chromium(server, tmp_path):
+    from prefect.client.orchestration import SyncPrefectClient
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+
+    url, env = server
+    shots = tmp_path / "screenshots"
+    shots.mkdir()
+    run_id = _publish(env["PREFECT_API_URL"], str(tmp_path / "lake"), str(tmp_path / "out"))
+    with SyncPrefectClient(env["PREFECT_API_URL"]) as client:
+        arts = client.read_artifacts(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[run_id])))
+    expect = {a.key: next(v for k, v in EXPECT.items() if k in a.key) for a in arts}
+    assert len(arts) == 5 and {a.type for a in arts} == {"progress", "table", "markdown"}, [a.key for a in arts]
+    with browser.chromium(VIEW) as call:
+        # the run's page, Artifacts tab: the default UI (v2) and the classic one, where the run's "View at" link goes
+        for ui in ("v2/", ""):
+            browser.goto(call, f"{url}/{ui}runs/flow-run/{run_id}")
+            browser.wait_for_text(call, ["Completed", "Artifacts"])
+            assert browser.click_text(call, "Artifacts"), f"no Artifacts tab on {ui}runs/flow-run"
+            browser.wait_for_text(call, [a.key for a in arts] + [a.description for a in arts])
+            _check_screenshot(browser.capture(call, str(shots / f"{ui.strip('/') or 'v1'}-run-artifacts.png")))
+        # each artifact's own page
+        for a in arts:
+            embedded = [Image.open(io.BytesIO(base64.b64decode(b))) for b in DATA_URI.findall(a.data or "")] \
+                if a.type == "markdown" else []
+            for ui in ("v2/", ""):
+                page = f"{url}/{ui}artifacts/artifact/{a.id}"
+                browser.goto(call, page)
+                browser.wait_for_text(call, [a.key, a.description, *expect[a.key]])
+                imgs = browser.wait_for_images(call, len(embedded))
+                shot = _check_screenshot(browser.capture(call, str(shots / f"{ui.strip('/') or 'v1'}-{a.key}.png")))
+                _check_images_drawn(shot, imgs, embedded, page)
+    print(f"screenshots: {shots}")
