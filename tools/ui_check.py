@@ -8,8 +8,10 @@ server, runs a tiny flow that publishes the SFT loss chart, the ParaRL metric ch
 strips exactly as the flows do, runs the real `aggregate` flow twice on 16 toy samples (the second has
 nothing to do: each run gets its own progress card, both at 100%), then opens
 each artifact's page (and the flow run's Artifacts tab) in headless Chromium and saves PNGs under --out.
-Prints one line per screenshot. Needs Debian's `chromium`; not part of the test suite (CI has no browser):
-tests/test_ui_artifacts.py checks the artifacts' content and sizes without one.
+Prints one line per screenshot (with how many of the page's images the browser decoded) and exits 1 when
+a page lacks its artifact's key or an image did not load. Needs Debian's `chromium`. The test suite does
+the same on a toy run (tests/test_prefect_server.py, skipped without chromium), and
+tests/test_ui_artifacts.py checks the artifacts' content and sizes without a browser.
 """
 import argparse
 import os
@@ -102,27 +104,43 @@ def main() -> int:
         from prefect.client.orchestration import get_client
         from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId
 
-        from tools.ui_screenshot import screenshot
+        from tools import ui_screenshot as browser
 
         runs = [publish(a), *aggregate_twice(os.path.join(a.out, "lake"))]
         with get_client(sync_client=True) as client:
             arts = client.read_artifacts(artifact_filter=ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(any_=runs)))
         ui = a.api.removesuffix("/api")
-        pages = {}
+        pages = {}  # name -> (url, texts the page must show, how many images it must show)
         for x in arts:  # the default UI (v2) and the classic one (v1) render markdown differently: show both
-            pages[f"v2-{x.key or x.id}"] = f"{ui}/v2/artifacts/artifact/{x.id}"
-            pages[f"v1-{x.key or x.id}"] = f"{ui}/artifacts/artifact/{x.id}"
-        pages["v1-flow-run-artifacts"] = f"{ui}/runs/flow-run/{runs[0]}"
-        pages["v2-artifacts-list"] = f"{ui}/v2/artifacts"
-        for name, url in pages.items():
-            path = os.path.join(a.out, f"{name}.png")
-            screenshot(url, path, click="Artifacts" if "/runs/" in url else None, wait_s=a.wait, size=(1400, 2400))
-            print(f"{path}  <- {url}")
+            n_img = (x.data or "").count("(data:image/") if x.type == "markdown" else 0
+            pages[f"v2-{x.key or x.id}"] = (f"{ui}/v2/artifacts/artifact/{x.id}", [x.key or str(x.id)], n_img)
+            pages[f"v1-{x.key or x.id}"] = (f"{ui}/artifacts/artifact/{x.id}", [x.key or str(x.id)], n_img)
+        pages["v1-flow-run-artifacts"] = (f"{ui}/runs/flow-run/{runs[0]}",
+                                          [x.key for x in arts if x.key and str(x.flow_run_id) == runs[0]], 0)
+        pages["v2-artifacts-list"] = (f"{ui}/v2/artifacts", ["Artifacts"], 0)
+        problems = 0
+        with browser.chromium((1400, 2400)) as call:
+            for name, (url, texts, n_img) in pages.items():
+                browser.goto(call, url)
+                if "/runs/" in url:
+                    browser.wait_for_text(call, ["Artifacts"], a.wait * 4)
+                    browser.click_text(call, "Artifacts")
+                try:
+                    browser.wait_for_text(call, texts, a.wait * 4)
+                except TimeoutError as e:
+                    problems += 1
+                    print(f"PROBLEM {name}: {str(e).splitlines()[0]}")
+                imgs = browser.wait_for_images(call, n_img)
+                broken = [i["alt"] for i in imgs if not browser.loaded(i)] + ["(missing)"] * (n_img - len(imgs))
+                problems += bool(broken)
+                path = browser.capture(call, os.path.join(a.out, f"{name}.png"))
+                print(f"{path}  <- {url}  ({sum(map(browser.loaded, imgs))} images loaded"
+                      + (f", NOT LOADED: {broken})" if broken else ")"))
     finally:
         if server is not None:
             os.killpg(server.pid, 15)
             server.wait(timeout=30)
-    return 0
+    return 1 if problems else 0
 
 
 if __name__ == "__main__":
