@@ -21,11 +21,11 @@ import httpx
 import pytest
 from PIL import Image, ImageChops, ImageStat
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # tools/ is not installed
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)  # tools/ is a folder of scripts, not part of the installed package
 from tools import ui_screenshot as browser  # noqa: E402
 
 pytestmark = pytest.mark.slow
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PREFECT = os.path.join(os.path.dirname(sys.executable), "prefect")
 SERVER_START_S, RUN_S, N = 300, 300, 16
 
@@ -143,6 +143,7 @@ def test_deployment_runs_through_a_worker_on_a_real_server(server, tmp_path):
 # ---------------------------------------------------------------------------------------------- the UI in a browser
 
 VIEW = (1400, 2000)  # viewport px: the tallest page checked (two strips) fits
+UIS = {"v2": "v2/", "v1": ""}  # URL prefix of the default UI (v2) and of the classic one, where "View at" links go
 NO_CHROMIUM = ("needs Chromium, a system package outside the Python environment, and `chromium` is not on PATH: "
                "install it with `apt-get install chromium` (Debian)")
 DATA_URI = re.compile(r"\(data:image/png;base64,([A-Za-z0-9+/=]+)\)")
@@ -249,22 +250,21 @@ def test_ui_pages_show_the_run_in_headless_chromium(server, tmp_path):
     expect = {a.key: next(v for k, v in EXPECT.items() if k in a.key) for a in arts}
     assert len(arts) == 5 and {a.type for a in arts} == {"progress", "table", "markdown"}, [a.key for a in arts]
     with browser.chromium(VIEW) as call:
-        # the run's page, Artifacts tab: the default UI (v2) and the classic one, where the run's "View at" link goes
-        for ui in ("v2/", ""):
-            browser.goto(call, f"{url}/{ui}runs/flow-run/{run_id}")
+        for name, prefix in UIS.items():  # the run's page, Artifacts tab: every artifact's key and description
+            browser.goto(call, f"{url}/{prefix}runs/flow-run/{run_id}")
             browser.wait_for_text(call, ["Completed", "Artifacts"])
-            assert browser.click_text(call, "Artifacts"), f"no Artifacts tab on {ui}runs/flow-run"
+            assert browser.click_text(call, "Artifacts"), f"no Artifacts tab on the {name} run page"
             browser.wait_for_text(call, [a.key for a in arts] + [a.description for a in arts])
-            _check_screenshot(browser.capture(call, str(shots / f"{ui.strip('/') or 'v1'}-run-artifacts.png")))
+            _check_screenshot(browser.capture(call, str(shots / f"{name}-run-artifacts.png")))
         # each artifact's own page
         for a in arts:
             embedded = [Image.open(io.BytesIO(base64.b64decode(b))) for b in DATA_URI.findall(a.data or "")] \
                 if a.type == "markdown" else []
-            for ui in ("v2/", ""):
-                page = f"{url}/{ui}artifacts/artifact/{a.id}"
+            for name, prefix in UIS.items():
+                page = f"{url}/{prefix}artifacts/artifact/{a.id}"
                 browser.goto(call, page)
                 browser.wait_for_text(call, [a.key, a.description, *expect[a.key]])
                 imgs = browser.wait_for_images(call, len(embedded))
-                shot = _check_screenshot(browser.capture(call, str(shots / f"{ui.strip('/') or 'v1'}-{a.key}.png")))
+                shot = _check_screenshot(browser.capture(call, str(shots / f"{name}-{a.key}.png")))
                 _check_images_drawn(shot, imgs, embedded, page)
     print(f"screenshots: {shots}")
