@@ -1,5 +1,6 @@
 """The UI's charts and denoising strips without a browser: content, sizes, valid PNGs, keys unique per run.
-(tools/ui_check.py shows the same artifacts in the real Prefect UI with headless Chromium.)"""
+(tests/test_prefect_server.py and tools/ui_check.py look at the same artifacts in the real Prefect UI,
+with headless Chromium.)"""
 import base64
 import io
 import re
