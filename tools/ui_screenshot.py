@@ -28,6 +28,7 @@ FIND_JS = ("(() => {{ const hits = [...document.querySelectorAll('button, a, [ro
            ".filter(e => e.textContent.trim() === {text} && e.getClientRects().length);"
            " if (!hits.length) return null; const e = hits[hits.length - 1]; e.scrollIntoView({{block: 'center'}});"
            " const r = e.getBoundingClientRect(); return [r.x + r.width / 2, r.y + r.height / 2, hits.length]; }})()")
+TEXT_JS = "document.body ? document.body.innerText : ''"
 IMAGES_JS = ("[...document.images].map(i => { const r = i.getBoundingClientRect(); return {"
              "src: i.currentSrc.slice(0, 40), alt: i.alt, complete: i.complete, naturalWidth: i.naturalWidth,"
              " naturalHeight: i.naturalHeight, x: r.left, y: r.top, width: r.width, height: r.height}; })")
@@ -110,15 +111,23 @@ def goto(call, url: str, timeout_s: float = 30.0) -> None:
     evaluate(call, "window.__uiShotOld = true")
     call("Page.navigate", url=url)
     deadline = time.monotonic() + timeout_s
-    while evaluate(call, "window.__uiShotOld === true || document.readyState === 'loading'"):
+    while not _try(call, "window.__uiShotOld !== true && document.readyState !== 'loading'"):
         if time.monotonic() > deadline:
             raise TimeoutError(f"{url} did not load within {timeout_s:.0f} s")
         time.sleep(0.2)
 
 
+def _try(call, expression: str):
+    """evaluate(), or None while the page swaps documents (its execution context is gone for a moment)."""
+    try:
+        return evaluate(call, expression)
+    except RuntimeError:
+        return None
+
+
 def page_text(call) -> str:
     """What the page shows as text: document.body.innerText (visible elements only, as laid out)."""
-    return evaluate(call, "document.body ? document.body.innerText : ''") or ""
+    return evaluate(call, TEXT_JS) or ""
 
 
 def squash(text: str) -> str:
@@ -131,7 +140,7 @@ def wait_for_text(call, needles: list[str], timeout_s: float = 60.0) -> str:
     returns that squashed text. Raises TimeoutError naming the missing needles and showing the page's text."""
     deadline = time.monotonic() + timeout_s
     while True:
-        text = squash(page_text(call))
+        text = squash(_try(call, TEXT_JS) or "")
         missing = [n for n in needles if squash(n) not in text]
         if not missing:
             return text
