@@ -19,8 +19,8 @@ import pyarrow.compute as pc
 
 def bench_flow(n: int) -> None:
     from flows.aggregate import aggregate
-    from tasks.curate import CurateConfig, Deduper, normalise
-    from tasks.sources import SourceSpec, read_source
+    from tasks.aggregate.curate import CurateConfig, Deduper, normalise
+    from tasks.aggregate.sources import SourceSpec, read_source
 
     spec = {"type": "toy", "name": "toy", "preset": "tiny", "n": n, "seed": 0}
     records = list(read_source(SourceSpec.from_dict(spec)))

@@ -53,7 +53,7 @@ METRICS = ("agreement", "exact_image", "text_correct")
 
 def baseline(ckpt: str, paths: dict) -> dict:
     from model.checkpoint import from_pretrained
-    from tasks.pararl import DEFAULT_SAMPLER, checkpoint_layout, heldout_eval
+    from tasks.pararl.pararl import DEFAULT_SAMPLER, checkpoint_layout, heldout_eval
     from model.sampling import SamplerConfig
 
     seq, _, _ = checkpoint_layout(ckpt)
@@ -63,7 +63,7 @@ def baseline(ckpt: str, paths: dict) -> dict:
 
 def run_arm(name: str, seed: int, a, paths: dict, clip: str) -> dict:
     from rl.learner import RLConfig
-    from tasks.pararl import run_rl
+    from tasks.pararl.pararl import run_rl
 
     out = os.path.join(a.out, f"{name}-s{seed}")
     shutil.rmtree(out, ignore_errors=True)
@@ -88,9 +88,9 @@ def rollout_speed(a, paths: dict) -> None:
 
     from rl.learner import RLConfig
     from rl.rollout import RolloutWorker
-    from tasks.pararl import DEFAULT_SAMPLER, checkpoint_layout
-    from tasks.sft import load_set
-    from tasks.sft_data import build_prompt
+    from tasks.pararl.pararl import DEFAULT_SAMPLER, checkpoint_layout
+    from tasks.sft.sft import load_set
+    from tasks.sft.sft_data import build_prompt
     from model.sampling import SamplerConfig
 
     seq, shape, _ = checkpoint_layout(a.checkpoint)
@@ -128,10 +128,10 @@ def text_with_image(ckpt: str, paths: dict, true_image: bool, steps: int = 20) -
     from model.cache import StepForward
     from model.checkpoint import from_pretrained
     from model.layout import IMAGE, TEXT, output_regions, output_template
-    from tasks.pararl import checkpoint_layout
-    from tasks.sft import load_scenes, load_set
-    from tasks.sft_data import build_prompt, output_shape
-    from tasks.tokenizer import TextTokenizer
+    from tasks.common.tokenizer import TextTokenizer
+    from tasks.pararl.pararl import checkpoint_layout
+    from tasks.sft.sft import load_scenes, load_set
+    from tasks.sft.sft_data import build_prompt, output_shape
     from tasks.toy import text_correct
     from tasks.toy.scene import PRESETS
 
@@ -192,8 +192,8 @@ def main() -> None:
     import ray
     import torch
 
-    from tasks.fit_reward import fit_tiny_clip
-    from tasks.pararl import prepare_rl
+    from tasks.pararl.fit_reward import fit_tiny_clip
+    from tasks.pararl.pararl import prepare_rl
 
     torch.set_num_threads(1)
     a.checkpoint = os.path.abspath(a.checkpoint)

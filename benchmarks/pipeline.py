@@ -24,11 +24,11 @@ server start, the flow run and record-config); "teardown" = the last stage to th
 
 What the direct arm does differently (the difference is meant to be orchestration, not less work):
 - same config, data, seeds, steps, rounds, items; the same task bodies (`.fn`) and library functions.
-- SFT: tasks/sft.train_loop_per_worker's loop (train_step, checkpoint every 100 steps, toy eval every
+- SFT: tasks/sft/sft.train_loop_per_worker's loop (train_step, checkpoint every 100 steps, toy eval every
   500 and at the end) as one process with the full global batch and torch's default threads (2 here);
   orchestrated: Ray Train with num_workers gloo DDP workers x 1 CPU, half the batch each (same FLOPs,
   one all-reduce per step). Not pure overhead: 2 processes x 1 thread vs 1 process x 2 threads.
-- ParaRL: tasks.pararl.run_rl itself, with rl.loop.Roles replaced by `LocalRoles` (the same
+- ParaRL: tasks.pararl.pararl.run_rl itself, with rl.loop.Roles replaced by `LocalRoles` (the same
   RolloutWorker / RewardWorker classes called in this process on the driver's threads, one after the
   other, where Ray overlaps scoring with sampling) and ray.is_initialized patched so Ray never starts.
 - No Prefect at all: no server, task/flow runs, result persistence, cache keys, progress / markdown /
@@ -54,7 +54,7 @@ SMALL = dict(toy_samples=600, sft_steps=100, reward_steps=50, rl=dict(rounds=2, 
 
 
 def config(full: bool, out: str):
-    from tasks.pipeline_config import PipelineConfig
+    from tasks.pipeline.pipeline_config import PipelineConfig
 
     return PipelineConfig(out=out) if full else PipelineConfig(out=out, **SMALL)
 
@@ -64,7 +64,7 @@ def config(full: bool, out: str):
 def run_orchestrated(c) -> dict:
     """The pipeline flow as `parapipe run` calls it; stage windows from the Prefect API afterwards."""
     from flows.cli_support import console_tracebacks_off
-    from tasks.progress import quiet_internals
+    from tasks.pipeline.progress import quiet_internals
 
     quiet_internals()
     from flows.pipeline import pipeline
@@ -151,19 +151,19 @@ class LocalRoles:
 
 
 def direct_sft(c, root: str, out: str, recipe) -> str:
-    """flows/sft.py's work: tokenizer, prepare, tasks/sft.train_loop_per_worker's loop as one process
+    """flows/sft.py's work: tokenizer, prepare, tasks/sft/sft.train_loop_per_worker's loop as one process
     (same steps, checkpoints every 100 steps, toy eval every 500 and at the end), held-out evaluation."""
     import torch
 
     from flows.sft import fit_batch, image_tokenizer_for
     from model.checkpoint import from_pretrained
     from storage.parquet import write_rows
-    from tasks.image_codes import fit_image_tokenizer
-    from tasks.sft import _evaluate, _metric_rows, _save_checkpoint, evaluate_checkpoint, load_set, prepare_sft
-    from tasks.sft import step_seed
-    from tasks.sft_data import SequenceConfig, batch_stream
-    from tasks.sft_eval import evaluate_heldout
-    from tasks.sft_loop import SFTConfig, make_optimizer, train_step
+    from tasks.sft.image_codes import fit_image_tokenizer
+    from tasks.sft.sft import _evaluate, _metric_rows, _save_checkpoint, evaluate_checkpoint, load_set, prepare_sft
+    from tasks.sft.sft import step_seed
+    from tasks.sft.sft_data import SequenceConfig, batch_stream
+    from tasks.sft.sft_eval import evaluate_heldout
+    from tasks.sft.sft_loop import SFTConfig, make_optimizer, train_step
 
     r, run_id, every, interval = recipe.to_dict(), f"sft-{c.dataset}-direct", 100, 500  # flows/sft.py's defaults
     r["init_from"] = os.path.abspath(r["init_from"]) if r["init_from"] else None
@@ -208,12 +208,12 @@ def direct_sft(c, root: str, out: str, recipe) -> str:
 
 
 def direct_pararl(c, root: str, out: str, checkpoint: str, reward: str) -> str:
-    """flows/pararl.py's work through tasks.pararl.run_rl, with LocalRoles and without Ray."""
+    """flows/pararl.py's work through tasks.pararl.pararl.run_rl, with LocalRoles and without Ray."""
     import ray
 
     import rl.loop
     from rl.learner import RLConfig
-    from tasks.pararl import prepare_rl, run_rl
+    from tasks.pararl.pararl import prepare_rl, run_rl
 
     paths = prepare_rl(checkpoint, root, c.dataset, out)
     rl.loop.Roles, ray.is_initialized = LocalRoles, lambda: True  # run_rl: no actors, no ray.init
@@ -226,8 +226,8 @@ def direct_evaluate(c, root: str, checkpoints: list[str], sampler: dict) -> None
     """flows/evaluate.py's work: outputs, judgments, aggregates, sample grids and the metrics chart."""
     from flows.evaluate import TOY_BENCHMARK, judge_outputs, label_of, load_benchmark, sample_outputs, write_grid
     from storage.parquet import write_rows
-    from tasks.eval_report import metric_chart
-    from tasks.evaluate import aggregate
+    from tasks.evaluate.eval_report import metric_chart
+    from tasks.evaluate.evaluate import aggregate
 
     items, report = load_benchmark.fn(root, TOY_BENCHMARK)[:c.eval_limit], os.path.join(os.path.abspath(c.out), "eval")
     os.makedirs(report, exist_ok=True)
@@ -265,11 +265,11 @@ def run_direct(c) -> dict:
 
     from model.sampling import SamplerConfig
     from storage.parquet import read_table
-    from tasks.aggregate import ingest_source
-    from tasks.fit_reward import fit_tiny_clip
-    from tasks.generate import generate_examples_fn
-    from tasks.generators import GeneratorSpec
-    from tasks.traces import find_pending, generate_traces, generator_key
+    from tasks.aggregate.aggregate import ingest_source
+    from tasks.common.generate import generate_examples_fn
+    from tasks.pararl.fit_reward import fit_tiny_clip
+    from tasks.traces.generators import GeneratorSpec
+    from tasks.traces.traces import find_pending, generate_traces, generator_key
 
     out = os.path.abspath(c.out)
     root, recipe, windows = os.path.join(out, "data"), c.resolved_recipe(), {}

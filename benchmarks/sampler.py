@@ -152,15 +152,15 @@ def speed_section(a) -> None:
 
 def toy_section(a) -> None:
     """The trained toy checkpoint on the toy ParaBench: tokens/s and Output Alignment per mode."""
-    from tasks.evaluate import _prompt, eval_layout
-    from tasks.generate import load_image_tokenizer
-    from tasks.judge_exact import ExactToyJudge
-    from tasks.judges import EvalOutput
-    from tasks.parabench import build_toy_parabench
-    from tasks.sft_data import output_shape
-    from tasks.tokenizer import TextTokenizer
-    from tasks.toy_eval import decode_outputs
-    from tasks.evaluate import _png
+    from tasks.evaluate.evaluate import _prompt, eval_layout
+    from tasks.common.generate import load_image_tokenizer
+    from tasks.evaluate.judge_exact import ExactToyJudge
+    from tasks.evaluate.judges import EvalOutput
+    from tasks.evaluate.parabench import build_toy_parabench
+    from tasks.sft.sft_data import output_shape
+    from tasks.common.tokenizer import TextTokenizer
+    from tasks.sft.toy_eval import decode_outputs
+    from tasks.evaluate.evaluate import _png
     from flows.evaluate import DEFAULT_SAMPLER
     from model.checkpoint import from_pretrained
 

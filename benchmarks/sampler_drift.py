@@ -58,11 +58,11 @@ def drift_section(checkpoint: str | None, patterns: tuple[str, ...], n_prompts: 
     from flows.evaluate import DEFAULT_SAMPLER
     from model.checkpoint import from_pretrained
     from rl.learner import RLConfig
-    from tasks.evaluate import _prompt, eval_layout
-    from tasks.generate import load_image_tokenizer
-    from tasks.parabench import build_toy_parabench
-    from tasks.sft_data import output_shape
-    from tasks.tokenizer import TextTokenizer
+    from tasks.common.generate import load_image_tokenizer
+    from tasks.common.tokenizer import TextTokenizer
+    from tasks.evaluate.evaluate import _prompt, eval_layout
+    from tasks.evaluate.parabench import build_toy_parabench
+    from tasks.sft.sft_data import output_shape
 
     ckpt = checkpoint or next((p for pat in patterns for p in sorted(glob.glob(pat))), None)
     if ckpt is None:

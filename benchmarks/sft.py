@@ -20,10 +20,10 @@ import time
 
 def prepare(a) -> tuple[dict, dict, str, str]:
     """A toy dataset, its image tokenizer and base checkpoint; returns (recipe, paths, root, out)."""
-    import tasks.aggregate as agg
-    from tasks.image_codes import fit_image_tokenizer
-    from tasks.recipe import PRESETS
-    from tasks.sft import prepare_sft
+    import tasks.aggregate.aggregate as agg
+    from tasks.sft.image_codes import fit_image_tokenizer
+    from tasks.sft.recipe import PRESETS
+    from tasks.sft.sft import prepare_sft
 
     work = tempfile.mkdtemp(prefix="parapipe-sft-bench-")
     root, out = os.path.join(work, "lake"), os.path.join(work, "out")
@@ -37,13 +37,13 @@ def prepare(a) -> tuple[dict, dict, str, str]:
 
 
 def plain_tokens_per_s(recipe: dict, paths: dict, warmup: int) -> tuple[float, float]:
-    """Median tokens/s of tasks/sft_loop.train in this process (1 thread); also the model's params (M)."""
+    """Median tokens/s of tasks/sft/sft_loop.train in this process (1 thread); also the model's params (M)."""
     import torch
 
     from model.checkpoint import from_pretrained
-    from tasks.sft import load_set
-    from tasks.sft_data import SequenceConfig, batch_stream
-    from tasks.sft_loop import SFTConfig, train
+    from tasks.sft.sft import load_set
+    from tasks.sft.sft_data import SequenceConfig, batch_stream
+    from tasks.sft.sft_loop import SFTConfig, train
 
     sft, seq = SFTConfig(**recipe["sft"]), SequenceConfig(**recipe["seq"])
     torch.set_num_threads(1)
@@ -57,7 +57,7 @@ def ray_tokens_per_s(recipe: dict, paths: dict, root: str, out: str, run_id: str
                      workers: int, ddp: dict | None) -> tuple[float, float]:
     """Median tokens/s per worker of a Ray Train fit (train_metrics rows); also the fit's seconds."""
     from storage.parquet import read_table
-    from tasks.sft import run_sft
+    from tasks.sft.sft import run_sft
 
     cfg = {"base": paths["base"], "train_data": paths["train_data"], "seq": recipe["seq"], "sft": recipe["sft"],
            "root": root, "run_id": run_id, "out": out, "checkpoint_every": recipe["sft"]["total_steps"]}
@@ -77,7 +77,7 @@ def main() -> None:
     ap.add_argument("--samples", type=int, default=2000)
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--ddp", type=json.loads, default=None,
-                    help="JSON DistributedDataParallel kwargs of a second Ray arm next to tasks/sft.DDP_KWARGS, "
+                    help="JSON DistributedDataParallel kwargs of a second Ray arm next to tasks/sft/sft.DDP_KWARGS, "
                          "e.g. '{\"bucket_cap_mb\": 100, \"gradient_as_bucket_view\": true}'")
     ap.add_argument("--concurrent-plain", action="store_true",
                     help="also --workers plain loops at once (1 thread each) after each Ray fit: Ray's own overhead "

@@ -3,11 +3,11 @@
     python benchmarks/sft_recipe.py                      # TOY_TINY_RECIPE as is (~15 min of training)
     python benchmarks/sft_recipe.py --budget-s 120 --eval-n 16 --lr 3e-3 --layers 6
 
-Builds the toy world's tiny preset in memory (tasks/toy_eval.toy_rows), fits the patch-VQ and the
-text tokenizer on the train split, tokenises through the cache (tasks/sft_data.load_or_tokenise),
+Builds the toy world's tiny preset in memory (tasks/sft/toy_eval.toy_rows), fits the patch-VQ and the
+text tokenizer on the train split, tokenises through the cache (tasks/sft/sft_data.load_or_tokenise),
 times a large fp32 and bf16 matmul (the machine's peak) and a few train steps in each precision,
-trains with tasks/sft_loop.train under a time budget, evaluates held-out edits with
-tasks/toy_eval.evaluate every --eval-every steps, and prints the learning curve and the final
+trains with tasks/sft/sft_loop.train under a time budget, evaluates held-out edits with
+tasks/sft/toy_eval.evaluate every --eval-every steps, and prints the learning curve and the final
 per-category table next to the copy-input and most-common-output baselines.
 """
 import argparse
@@ -20,12 +20,12 @@ import torch
 from model.image_tokenizer import PatchVQ
 from model.tokens import tiny_vocab
 from model.transformer import DiffusionLM, ModelConfig
-from tasks.image_codes import png_to_tensor
-from tasks.sft_data import SequenceConfig, batch_stream, load_or_tokenise
-from tasks.sft_loop import TOY_TINY_RECIPE, SFTConfig, ToyRecipe, make_optimizer, train, train_step
-from tasks.tokenizer import build_tiny_tokenizer
+from tasks.common.tokenizer import build_tiny_tokenizer
+from tasks.sft.image_codes import png_to_tensor
+from tasks.sft.sft_data import SequenceConfig, batch_stream, load_or_tokenise
+from tasks.sft.sft_loop import TOY_TINY_RECIPE, SFTConfig, ToyRecipe, make_optimizer, train, train_step
+from tasks.sft.toy_eval import evaluate, greedy_sampler, select_per_category, table, toy_rows, toy_scenes
 from tasks.toy import PRESETS
-from tasks.toy_eval import evaluate, greedy_sampler, select_per_category, table, toy_rows, toy_scenes
 
 SIMPLE = ("recolour", "remove", "replace")
 MATMUL_N = 2048

@@ -21,7 +21,7 @@ def bare_seconds(spec, reqs, batch_size: int) -> tuple[float, float, int]:
     """A cold VLLMGenerator on reqs batch by batch: (start-up s, generation s, output tokens)."""
     import gc
 
-    from tasks.generators import VLLMGenerator
+    from tasks.traces.generators import VLLMGenerator
 
     t0 = time.perf_counter()
     gen = VLLMGenerator(spec)
@@ -49,12 +49,12 @@ def main() -> None:
     import statistics
     from dataclasses import asdict
 
-    import tasks.aggregate as agg
+    import tasks.aggregate.aggregate as agg
     from flows.traces import traces
     from storage.parquet import read_table
-    from tasks.generators import GeneratorSpec
-    from tasks.tiny_qwen import build_tiny_qwen25_vl
-    from tasks.traces import TraceRequest, sample_seed
+    from tasks.traces.generators import GeneratorSpec
+    from tasks.traces.tiny_qwen import build_tiny_qwen25_vl
+    from tasks.traces.traces import TraceRequest, sample_seed
 
     work = tempfile.mkdtemp(prefix="parapipe-traces-bench-")
     model = a.model or build_tiny_qwen25_vl(os.path.join(work, "tiny-qwen"))

@@ -10,9 +10,9 @@ the sources after it: the flow ingests them, summarises, then fails naming the f
 from prefect import flow
 from prefect.artifacts import create_progress_artifact, update_progress_artifact
 
-from tasks.aggregate import ingest_source, summarise
-from tasks.sources import SourceSpec, check_source
-from tasks.ui_artifacts import run_key
+from tasks.aggregate.aggregate import ingest_source, summarise
+from tasks.aggregate.sources import SourceSpec, check_source
+from tasks.pipeline.ui_artifacts import run_key
 
 TOY_DEFAULT = [{"type": "toy", "name": "toy-tiny", "preset": "tiny", "n": 2000, "seed": 0}]
 

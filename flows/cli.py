@@ -12,7 +12,7 @@ import sys
 from flows.cli_support import (CLIError, check_checkpoint, check_dataset, check_fields, check_root,
                                console_tracebacks_off, format_summary, load_object, one_line)
 
-ONE_BLOCK = 1 << 30  # a block length above any text length: the whole text is one block (tasks/generate.py)
+ONE_BLOCK = 1 << 30  # a block length above any text length: the whole text is one block (tasks/common/generate.py)
 SAMPLER_DEFAULTS = dict(steps=32, image_steps=16, text_block_length=ONE_BLOCK, text_cfg=0.0, image_cfg=0.0,
                         text_temperature=0.0, image_temperature=1.0, text_tokens=None)
 SAMPLER_FLAGS = dict(steps="--steps", image_steps="--image-steps", text_block_length="--block-length",
@@ -37,7 +37,7 @@ def _sampler_config(a):
     """SamplerConfig and text length: the checkpoint's recorded sampler (or --settings) < explicit flags.
     Prints a warning for every explicit flag that departs from what the checkpoint was evaluated with."""
     from model.sampling import SamplerConfig
-    from tasks.generate import RELEASED_SETTINGS, recorded_sampler
+    from tasks.common.generate import RELEASED_SETTINGS, recorded_sampler
 
     recorded, source = recorded_sampler(a.checkpoint)
     base = RELEASED_SETTINGS[a.settings] if a.settings else recorded
@@ -60,7 +60,7 @@ def cmd_generate(a) -> None:
     check_checkpoint(a.checkpoint)
     if a.image is not None and not os.path.isfile(a.image):
         raise CLIError(f"--image {a.image!r} does not exist; give a PNG or JPEG file, or drop --image to generate")
-    from tasks.generate import generate_to_files
+    from tasks.common.generate import generate_to_files
 
     sampler, text_tokens = _sampler_config(a)
     meta = generate_to_files(a.checkpoint, a.prompt, a.out, sampler, text_tokens=text_tokens,
@@ -70,7 +70,7 @@ def cmd_generate(a) -> None:
 
 
 def cmd_init_tiny(a) -> None:
-    from tasks.generate import make_tiny_checkpoint
+    from tasks.common.generate import make_tiny_checkpoint
 
     make_tiny_checkpoint(a.out, seed=a.seed)
     print(f"tiny random checkpoint in {a.out}")
@@ -86,7 +86,7 @@ def _pipeline_config(a):
     """The run's PipelineConfig: --config file < flags given; validated (pydantic) before Prefect starts."""
     from pydantic import ValidationError
 
-    from tasks.pipeline_config import PipelineConfig
+    from tasks.pipeline.pipeline_config import PipelineConfig
 
     fields = load_object("--config", a.config) or {}
     fields.update({f: getattr(a, flag) for flag, f in RUN_FLAGS.items() if getattr(a, flag) not in (None, False)})
@@ -97,7 +97,7 @@ def _pipeline_config(a):
         msg = err["msg"].removeprefix("Value error, ")
         where = ".".join(str(x) for x in err["loc"])
         what = f"{where}={err.get('input')!r}: " if where else ""
-        raise CLIError(f"run config: {what}{msg} (the fields: tasks/pipeline_config.py)") from None
+        raise CLIError(f"run config: {what}{msg} (the fields: tasks/pipeline/pipeline_config.py)") from None
 
 
 def cmd_run(a) -> None:
@@ -107,7 +107,7 @@ def cmd_run(a) -> None:
     from flows.runtime import install_process_guard
 
     install_process_guard(tmp_dir=os.path.join(config.out, "tmp"))  # temporary files live under the run
-    from tasks.progress import quiet_internals
+    from tasks.pipeline.progress import quiet_internals
 
     if not a.debug:
         quiet_internals()  # progress bars and warnings; Ray and Prefect chatter off (the UI keeps every log)
@@ -150,14 +150,14 @@ def _check_sources(path: str, sources) -> list[dict]:
     if not isinstance(sources, list) or not all(isinstance(s, dict) for s in sources):
         raise CLIError(f"--sources {path!r} must hold a list of source dicts (or {{\"sources\": [...]}}), "
                        f"got {type(sources).__name__}")
-    from tasks.sources import SourceSpec
+    from tasks.aggregate.sources import SourceSpec
 
     for i, spec in enumerate(sources):
         try:
             SourceSpec.from_dict(spec)
         except (TypeError, ValueError) as e:
             raise CLIError(f"--sources {path!r}, source {i} {json.dumps(spec)}: {one_line(e)} (fields: "
-                           f"tasks/sources.SourceSpec)") from None
+                           f"tasks/aggregate/sources.SourceSpec)") from None
     return sources
 
 
@@ -173,8 +173,8 @@ def cmd_aggregate(a) -> None:
 
 def cmd_traces(a) -> None:
     check_dataset(a.root, a.dataset)
-    from tasks.generators import GENERATOR_KINDS, GeneratorSpec
-    from tasks.traces import FilterConfig
+    from tasks.traces.generators import GENERATOR_KINDS, GeneratorSpec
+    from tasks.traces.traces import FilterConfig
 
     generator = load_object("--generator", a.generator)
     if generator.get("kind", "teacher") not in GENERATOR_KINDS:
@@ -196,8 +196,8 @@ def cmd_traces(a) -> None:
 def cmd_sft(a) -> None:
     check_dataset(a.root, a.dataset)
     _positive(a, "workers", "steps", "checkpoint_every")
-    from tasks.recipe import PRESETS, default_preset, load_recipe, recipe_from_args
-    from tasks.sft_data import is_toy_dataset
+    from tasks.sft.recipe import PRESETS, default_preset, load_recipe, recipe_from_args
+    from tasks.sft.sft_data import is_toy_dataset
 
     try:
         base = load_recipe(a.recipe) if a.recipe else PRESETS[default_preset(is_toy_dataset(a.root, a.dataset))]
@@ -294,7 +294,7 @@ def cmd_ablate(a) -> None:
 
 
 def cmd_fit_reward(a) -> None:
-    from tasks.fit_reward import fit_tiny_clip
+    from tasks.pararl.fit_reward import fit_tiny_clip
 
     _print_result(a, fit_tiny_clip(a.out, preset=a.preset, seed=a.seed))
 

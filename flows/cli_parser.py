@@ -15,7 +15,8 @@ EXAMPLES = {
     "init-tiny": ["parapipe init-tiny --out runs/tiny-ckpt --seed 1"],
     "run": ["parapipe run                      # the whole pipeline into runs/default (~27 min on 2 cores)",
             "parapipe run --out runs/quick --toy-samples 200 --sft-steps 50",
-            "parapipe run --config run.yaml --gpu   # run.yaml: PipelineConfig fields (tasks/pipeline_config.py)"],
+            "parapipe run --config run.yaml --gpu   # run.yaml: PipelineConfig fields "
+            "(tasks/pipeline/pipeline_config.py)"],
     "aggregate": ["parapipe aggregate --root data --dataset toy-tiny      # the toy world",
                   "parapipe aggregate --sources sources.yaml --dataset magicbrush --resolution 256"],
     "traces": ["parapipe traces --dataset toy-tiny",
@@ -104,7 +105,7 @@ def _option_file(p) -> None:
 def _sampler_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--settings", default=None, choices=("mmada-parallel-m", "mmada-parallel-a"),
                    help="upstream's published inference settings for released checkpoints "
-                   "(tasks/generate.RELEASED_SETTINGS, bugs fixed); explicit flags still win")
+                   "(tasks/common/generate.RELEASED_SETTINGS, bugs fixed); explicit flags still win")
     g = p.add_argument_group("sampler", "Default: the sampler the checkpoint records (its evaluation's); a flag that "
                              "departs from it prints a warning.\nA checkpoint that records none gets [the value in "
                              "brackets].")
@@ -147,7 +148,7 @@ def _generate_parsers(sub, cli) -> None:
 def _run_parser(sub, cli) -> None:
     r = _sub(sub, "run", "the whole pipeline on the embedded default: aggregate, reward, traces, SFT, ParaRL, eval",
              "Runs every stage into --out (data/, sft/, rl/, eval/, examples/). Unchanged stages are skipped on a "
-             "re-run. Options below override --config (PipelineConfig fields, tasks/pipeline_config.py).")
+             "re-run. Options below override --config (PipelineConfig fields, tasks/pipeline/pipeline_config.py).")
     r.add_argument("--config", default=None, metavar="FILE", help="YAML or JSON file (or inline JSON) of "
                    "PipelineConfig fields: out, dataset, seed, recipe, toy_samples, sft_steps, num_workers, gpu, "
                    "reward_steps, rl, eval_modes, eval_limit, examples")
@@ -168,7 +169,7 @@ def _run_parser(sub, cli) -> None:
 def _stage_parsers(sub, cli, command: str | None) -> None:
     ag = _sub(sub, "aggregate", "aggregate sources into a validated, deduplicated samples table (resumable)")
     ag.add_argument("--sources", default=None, metavar="FILE|JSON", help="JSON or YAML file (or inline JSON): a list "
-                    "of source dicts, tasks/sources.SourceSpec fields [default: the toy world, 2000 tasks]")
+                    "of source dicts, tasks/aggregate/sources.SourceSpec fields [default: the toy world, 2000 tasks]")
     _root(ag, "storage root to write into: a folder (created) or s3://bucket/prefix")
     _dataset(ag, "dataset name to write (the run partition of the samples and quarantine tables)")
     ag.add_argument("--resolution", type=int, default=32, help="output image side in pixels")
@@ -180,10 +181,10 @@ def _stage_parsers(sub, cli, command: str | None) -> None:
     tr = _sub(sub, "traces", "write a reasoning trace for every sample (resumable: re-run to continue)")
     _root(tr), _dataset(tr)
     tr.add_argument("--generator", default='{"kind": "teacher"}', metavar="JSON|FILE",
-                    help=f"JSON object or JSON/YAML file of GeneratorSpec fields (tasks/generators.py); kind is one "
-                    f"of teacher, vllm, http, ray, e.g. {{\"kind\": \"vllm\", \"model\": FOLDER}}")
-    tr.add_argument("--filters", default=None, metavar="JSON|FILE", help="FilterConfig fields (tasks/traces.py), e.g. "
-                    "{\"min_words\": 5}; [default: FilterConfig's]")
+                    help=f"JSON object or JSON/YAML file of GeneratorSpec fields (tasks/traces/generators.py); "
+                    f"kind is one of teacher, vllm, http, ray, e.g. {{\"kind\": \"vllm\", \"model\": FOLDER}}")
+    tr.add_argument("--filters", default=None, metavar="JSON|FILE",
+                    help="FilterConfig fields (tasks/traces/traces.py), e.g. {\"min_words\": 5}; [default: FilterConfig's]")
     tr.add_argument("--batch-size", type=int, default=16, help="samples per generator call")
     tr.add_argument("--commit-every-s", type=float, default=10.0,
                     help="commit finished traces at least this often, in seconds (0: after every batch)")
@@ -200,7 +201,7 @@ def _stage_parsers(sub, cli, command: str | None) -> None:
     sf.add_argument("--run-id", default=None, help="run name: checkpoint folder and metric rows [default: "
                     "sft-DATASET]")
     sf.add_argument("--recipe", default=None, help="preset (toy-tiny, toy-all, small) or JSON file of recipe fields "
-                    "(tasks/recipe.py; {'preset': ...} picks the base) [default: toy-tiny on toy data, else small]")
+                    "(tasks/sft/recipe.py; {'preset': ...} picks the base) [default: toy-tiny on toy data, else small]")
     sf.add_argument("--steps", type=int, default=None, help="optimiser steps (shortcut for --sft.total_steps, with a "
                     "proportionate warm-up) [default: the recipe's]")
     sf.add_argument("--workers", type=int, default=2, help="Ray Train data-parallel workers")
@@ -209,7 +210,7 @@ def _stage_parsers(sub, cli, command: str | None) -> None:
     sf.add_argument("--checkpoint-every", type=int, default=100, help="checkpoint every N optimiser steps")
     _option_file(sf), _json_flag(sf)
     if command == "sft":  # ~100 recipe flags; they import torch, so only when asked for
-        from tasks.recipe import recipe_flags
+        from tasks.sft.recipe import recipe_flags
 
         recipe_flags(sf)
     sf.set_defaults(fn=cli.cmd_sft)
@@ -267,7 +268,7 @@ def _rl_eval_parsers(sub, cli) -> None:
     ev.add_argument("--judge", default="exact", choices=("exact", "vlm", "clip"),
                     help="exact: toy-world facts; vlm: an OpenAI-compatible VLM server; clip: CLIP-score proxy")
     ev.add_argument("--judge-args", default=None, metavar="JSON|FILE", help='vlm {"base_url": "http://host:8000/v1", '
-                    '"model": "qwen", ...} (tasks/judge_vlm.py); clip {"clip_folder": DIR} or {"model_name", '
+                    '"model": "qwen", ...} (tasks/evaluate/judge_vlm.py); clip {"clip_folder": DIR} or {"model_name", '
                     '"pretrained"}')
     ev.add_argument("--sampler", default=None, metavar="JSON|FILE",
                     help="SamplerConfig fields [default: the toy recipe's, greedy]")

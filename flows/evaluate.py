@@ -13,7 +13,7 @@ import os
 from prefect import flow, task
 from prefect.artifacts import create_markdown_artifact
 
-from tasks.judges import METRICS, EvalOutput
+from tasks.evaluate.judges import METRICS, EvalOutput
 
 TOY_BENCHMARK = "toy-parabench"
 
@@ -21,7 +21,7 @@ TOY_BENCHMARK = "toy-parabench"
 @task(name="load-benchmark", persist_result=False)
 def load_benchmark(root: str, benchmark: str, preset: str = "tiny", columns: dict | None = None) -> list:
     """toy-parabench (built once with the pinned seed, then read back) or a local ParaBench folder."""
-    from tasks.parabench import build_toy_parabench, read_benchmark, read_parabench, write_benchmark
+    from tasks.evaluate.parabench import build_toy_parabench, read_benchmark, read_parabench, write_benchmark
 
     if benchmark == TOY_BENCHMARK:
         try:
@@ -47,7 +47,7 @@ def sample_outputs(checkpoint: str, items: list, root: str, run_id: str, bench: 
 
     from model.sampling import SamplerConfig
     from storage.parquet import read_table, write_rows
-    from tasks.evaluate import sample_items
+    from tasks.evaluate.evaluate import sample_items
 
     tbl = read_table(root, "eval_outputs", run=run_id, filter=(pc.field("mode") == mode) &
                      (pc.field("seed") == seed) & (pc.field("benchmark") == bench))
@@ -91,28 +91,28 @@ def judge_outputs(items: list, outputs: list, judge_name: str, root: str, run_id
 
 
 def _overall(j) -> float | None:
-    from tasks.judges import overall
+    from tasks.evaluate.judges import overall
 
     return None if j.failed else overall(j.scores)
 
 
 def _judge(name: str, items: list, args: dict | None):
     if name == "exact":
-        from tasks.judge_exact import ExactToyJudge
+        from tasks.evaluate.judge_exact import ExactToyJudge
 
         presets = {i.extra.get("preset") for i in items}
         if None in presets or len(presets) != 1:
             raise ValueError("judge='exact' scores toy-world items only; use judge='vlm' on other benchmarks")
         return ExactToyJudge(presets.pop())
     if name == "vlm":
-        from tasks.judge_vlm import VLMJudge
+        from tasks.evaluate.judge_vlm import VLMJudge
 
         if not args:
             raise ValueError("judge='vlm' needs judge_args={'base_url': ..., 'model': ...} (any OpenAI-compatible "
                              "server)")
         return VLMJudge(**args)
     if name == "clip":
-        from tasks.judge_clip import ClipProxyJudge
+        from tasks.evaluate.judge_clip import ClipProxyJudge
 
         return ClipProxyJudge(**(args or {}))
     raise ValueError(f"judge={name!r}; choose 'exact' (toy world), 'vlm' (OpenAI-compatible server) or 'clip' "
@@ -121,7 +121,7 @@ def _judge(name: str, items: list, args: dict | None):
 
 def write_grid(items: list, outputs: list, judgments: list, path: str, n: int) -> str:
     """The first n items per kind (edits, then generations) as a PNG grid of sample outputs."""
-    from tasks.eval_report import sample_grid
+    from tasks.evaluate.eval_report import sample_grid
 
     pick = [k for kind in ("edit", "generate") for k in [i for i, it in enumerate(items) if it.kind == kind][:n // 2]]
     rows = [{"instruction": items[k].instruction, "input_image": items[k].input_image,
@@ -132,7 +132,7 @@ def write_grid(items: list, outputs: list, judgments: list, path: str, n: int) -
 
 def table2_markdown(rows: dict, title: str) -> str:
     """The paper's Table 2 layout: ours (one row per mode) under its published rows."""
-    from tasks.evaluate import PAPER_TABLE2
+    from tasks.evaluate.evaluate import PAPER_TABLE2
 
     head = "| model | " + " | ".join(m.replace("_", " ") for m in METRICS) + " | overall |"
     lines = [f"# {title}", "", head, "|---" * (len(METRICS) + 2) + "|"]
@@ -159,7 +159,7 @@ def score_checkpoint(checkpoint: str, items: list, root: str, run_id: str, bench
                      sampler: dict, batch_size: int, judge: str, judge_args: dict | None, grid: str, n: int) -> dict:
     """Outputs -> judgments -> aggregates (written to eval_results) and a sample grid for one checkpoint and mode."""
     from storage.parquet import write_rows
-    from tasks.evaluate import aggregate
+    from tasks.evaluate.evaluate import aggregate
 
     outputs = sample_outputs(checkpoint, items, root, run_id, bench, mode, seed, sampler, batch_size)
     judgments = judge_outputs(items, outputs, judge, root, run_id, bench, mode, seed, judge_args)
@@ -198,8 +198,8 @@ def evaluate(checkpoints: list[str], benchmark: str = TOY_BENCHMARK, root: str =
             results[name] = score_checkpoint(c, items, root, run, bench, mode, seed, sampler, batch_size, judge,
                                              judge_args, grid, grid_items)
             pngs.append(results[name]["grid"])
-    from tasks.eval_report import metric_chart
-    from tasks.ui_artifacts import embed_pngs
+    from tasks.evaluate.eval_report import metric_chart
+    from tasks.pipeline.ui_artifacts import embed_pngs
 
     rows = {name: r["table"]["overall"] for name, r in results.items()}
     pngs.append(metric_chart(rows, os.path.join(report_dir, "metrics.png"), f"{bench} ({judge} judge)"))

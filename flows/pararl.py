@@ -2,7 +2,7 @@
 
 validate the config -> tokenise prompts (and held-out toy tasks) -> the reward model (a local
 open_clip model, or a tiny CLIP fitted on the toy world for the embedded default) -> rounds of
-rollouts on Ray actors, rewards on Ray actors and a learner update (tasks/pararl.run_rl; re-running
+rollouts on Ray actors, rewards on Ray actors and a learner update (tasks/pararl/pararl.run_rl; re-running
 the same run id resumes) -> a summary artifact. Every round writes rl_metrics, trajectories and
 rewards rows (inspect them with `parapipe query "SELECT * FROM reward_by_step"`) and updates the
 run's progress and metrics artifacts.
@@ -16,9 +16,9 @@ from prefect.artifacts import create_markdown_artifact, create_progress_artifact
 from prefect.artifacts import update_progress_artifact
 
 from rl.learner import RLConfig
-from tasks.pararl import prepare_rl, run_rl
-from tasks.progress import bar as progress_bar
-from tasks.ui_artifacts import publish_markdown, rl_metrics_markdown, run_key, stable_key, trajectory_markdown
+from tasks.pararl.pararl import prepare_rl, run_rl
+from tasks.pipeline.progress import bar as progress_bar
+from tasks.pipeline.ui_artifacts import publish_markdown, rl_metrics_markdown, run_key, stable_key, trajectory_markdown
 
 prepare = task(prepare_rl, name="prepare-rl")
 SHOWN = ("round", "reward_mean", "zero_var_frac", "kl", "clip_frac", "entropy", "heldout_agreement",
@@ -32,7 +32,7 @@ def _key(*parts: str) -> str:
 @task(name="fit-reward")
 def fit_reward(out: str, preset: str, seed: int = 0) -> str:
     """The embedded default's reward model: a tiny CLIP trained on toy (image, trace) pairs (cached)."""
-    from tasks.fit_reward import fit_tiny_clip
+    from tasks.pararl.fit_reward import fit_tiny_clip
 
     if not os.path.isfile(os.path.join(out, "reward.json")):
         fit_tiny_clip(out, preset=preset, seed=seed)

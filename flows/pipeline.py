@@ -6,7 +6,7 @@ and sequential decoding, on the pinned toy ParaBench -> a few examples a person 
 
 One frozen, validated `PipelineConfig` per run (a typed form in the Prefect UI), written to
 `{out}/config.json` and the `runs` table. Every stage is a Prefect task whose cache key is the stage's
-arguments, the code version and a fingerprint of its inputs (tasks/stage_cache.py): a re-run skips
+arguments, the code version and a fingerprint of its inputs (tasks/pipeline/stage_cache.py): a re-run skips
 the stages whose inputs did not change (state `Cached`), and a crashed run redoes only from the
 stage that crashed, which itself resumes (aggregation chunks, traces rows, SFT and ParaRL checkpoints,
 stored evaluation outputs).
@@ -25,9 +25,9 @@ from flows.pararl import pararl
 from flows.sft import sft
 from flows.traces import traces
 from model.sampling import SamplerConfig
-from tasks.generate import generate_examples_fn
-from tasks.pipeline_config import PipelineConfig
-from tasks.stage_cache import CACHED, code_version, fingerprint, run_stage, stage_key
+from tasks.common.generate import generate_examples_fn
+from tasks.pipeline.pipeline_config import PipelineConfig
+from tasks.pipeline.stage_cache import CACHED, code_version, fingerprint, run_stage, stage_key
 
 generate_examples = task(generate_examples_fn, name="generate-examples")
 
@@ -39,7 +39,7 @@ def aggregate_stage(key: str, kw: dict) -> dict:
 
 @task(name="fit-reward-stage", **CACHED)
 def fit_reward_stage(key: str, out: str, preset: str, steps: int, seed: int) -> str:
-    from tasks.fit_reward import fit_tiny_clip
+    from tasks.pararl.fit_reward import fit_tiny_clip
 
     fit_tiny_clip(out, preset=preset, seed=seed, steps=steps)
     return out

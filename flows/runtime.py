@@ -14,7 +14,7 @@ watchdog finds nothing to do. The marker is matched in /proc/<pid>/environ, the 
 process started with, so it works across sessions and process groups and after re-parenting.
 Linux only (/proc); elsewhere the guard is a no-op that says so.
 
-Leaves out: temporary files. Each stage writes its own under the run's folder (tasks/sft.py puts
+Leaves out: temporary files. Each stage writes its own under the run's folder (tasks/sft/sft.py puts
 Ray Train's checkpoint staging under `{out}/tmp`); `install_process_guard(tmp_dir=...)` also points
 TMPDIR there for the whole process tree.
 """

@@ -12,12 +12,12 @@ import os
 from prefect import flow, task
 from prefect.artifacts import create_markdown_artifact
 
-from tasks.image_codes import fit_image_tokenizer
-from tasks.recipe import PRESETS, Recipe, default_preset
-from tasks.sft import evaluate_checkpoint, prepare_sft, run_sft
-from tasks.sft_eval import evaluate_heldout
-from tasks.sft_data import is_toy_dataset
-from tasks.ui_artifacts import publish_markdown, sft_loss_markdown, stable_key
+from tasks.sft.image_codes import fit_image_tokenizer
+from tasks.sft.recipe import PRESETS, Recipe, default_preset
+from tasks.sft.sft import evaluate_checkpoint, prepare_sft, run_sft
+from tasks.sft.sft_eval import evaluate_heldout
+from tasks.sft.sft_data import is_toy_dataset
+from tasks.pipeline.ui_artifacts import publish_markdown, sft_loss_markdown, stable_key
 
 
 @task(name="choose-image-tokenizer")

@@ -13,8 +13,8 @@ from prefect import flow
 from prefect.artifacts import create_progress_artifact
 from prefect.runtime import flow_run
 
-from tasks.generators import GeneratorSpec
-from tasks.traces import find_pending, generate_traces, generator_key
+from tasks.traces.generators import GeneratorSpec
+from tasks.traces.traces import find_pending, generate_traces, generator_key
 
 MAX_FAILED_FRACTION = 0.25
 

@@ -5,7 +5,7 @@ rows up to vocab_size. MMaDA / MMaDA-Parallel-M (LLaDA tokenizer, MAGVIT-v2 code
 at id 126349 + c for c < 8192. Lumina-DiMOO / MMaDA-Parallel-A: 7 more text tokens, codes at
 126356 + c. Plain LLaDA-8B is text-only (codebook_size 0). The tiny layout used by the embedded
 default puts the same special tokens first in a small offline-built tokenizer, then the image
-codes. Holds ids only; the text tokenizer itself lives in tasks/tokenizer.py, and reading the
+codes. Holds ids only; the text tokenizer itself lives in tasks/common/tokenizer.py, and reading the
 files of a checkpoint folder in model/checkpoint.py.
 """
 from dataclasses import asdict, dataclass, replace

@@ -4,12 +4,12 @@ Holds:
   ClipScorer          one open_clip model; cosine similarity of (image, text) pairs, with texts longer
                       than the text tower's context split into word-boundary chunks (not truncated)
   save_clip_folder    writes a trained CLIP (config JSON + safetensors + reward.json) that
-                      ClipScorer.from_folder reads back (tasks/fit_reward.py trains the toy one)
+                      ClipScorer.from_folder reads back (tasks/pararl/fit_reward.py trains the toy one)
   partial_text/_image what a half-denoised sample looks like: masked text ids dropped, masked image
                       patches painted flat grey
   toy_agreement       exact graded agreement (F1) between a trace's stated result and an image
   RewardWorker        a plain class the caller wraps with ray.remote(RewardWorker)
-Leaves out the RL loop (rl/grpo.py, rl/learner.py) and CLIP training (tasks/fit_reward.py).
+Leaves out the RL loop (rl/grpo.py, rl/learner.py) and CLIP training (tasks/pararl/fit_reward.py).
 open_clip is imported inside functions only; ray never.
 
 Shapes: images are uint8 (H, W, 3) (or PIL images); image codes are long (N, h, w), -1 = masked.
@@ -142,7 +142,7 @@ class ClipScorer:
         path = os.path.join(folder, REWARD_FILE)
         if not os.path.isfile(path):
             raise FileNotFoundError(f"{path} not found; write the folder with save_clip_folder or "
-                                    f"python -m tasks.fit_reward --out {folder}")
+                                    f"python -m tasks.pararl.fit_reward --out {folder}")
         with open(path) as f:
             info = json.load(f)
         scorer = cls(info["model_name"], pretrained=os.path.join(folder, info["weights_file"]), device=device,
@@ -363,7 +363,7 @@ class RewardWorker:
         self.kind, self.preset, self.scorer, self.crash_marker = kind, PRESETS[preset], None, crash_marker
         if kind == "clip":
             if clip_folder is None and model_name is None:
-                raise ValueError("kind='clip' needs clip_folder (from tasks.fit_reward) or model_name")
+                raise ValueError("kind='clip' needs clip_folder (from tasks.pararl.fit_reward) or model_name")
             self.scorer = (ClipScorer.from_folder(clip_folder, device) if clip_folder is not None
                            else ClipScorer(model_name, pretrained, device))
 

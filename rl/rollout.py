@@ -38,8 +38,8 @@ class RolloutWorker:
 
     def __init__(self, checkpoint: str, shape, threads: int = 1, device: str = "cpu",
                  crash_marker: str | None = None):
-        from tasks.generate import load_image_tokenizer
-        from tasks.tokenizer import TextTokenizer
+        from tasks.common.generate import load_image_tokenizer
+        from tasks.common.tokenizer import TextTokenizer
 
         torch.set_num_threads(threads)
         self.model, self.vocab = from_pretrained(checkpoint, device=device)

@@ -9,10 +9,10 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-import tasks.aggregate as agg
+import tasks.aggregate.aggregate as agg
 from storage.parquet import read_table
-from tasks.curate import CurateConfig, Rejected, normalise
-from tasks.sources import RawRecord, SourceSpec, read_source
+from tasks.aggregate.curate import CurateConfig, Rejected, normalise
+from tasks.aggregate.sources import RawRecord, SourceSpec, read_source
 from tests.s3server import s3_root, s3_server  # noqa: F401  (pytest fixtures)
 
 CFG = dict(resolution=32, resize="squash", min_side=16, max_aspect=3.0, near_duplicate_bits=2)

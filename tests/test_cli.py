@@ -12,7 +12,7 @@ from flows.cli import main
 from flows.cli_parser import parse
 from flows.cli_support import CLIError
 from storage.parquet import write_rows
-from tasks.generate import example_folder_name
+from tasks.common.generate import example_folder_name
 from tests.test_query import populate, trace
 from tests.test_storage import sample
 
@@ -114,7 +114,7 @@ def test_version_and_help_show_defaults_and_examples(capsys):
     flat = " ".join(out.split())
     assert code == 0 and "examples:" in out and "parapipe traces --dataset toy-tiny" in out
     assert "samples per generator call (default: 16)" in flat
-    from tasks.generators import GENERATOR_KINDS
+    from tasks.traces.generators import GENERATOR_KINDS
 
     assert f"kind is one of {', '.join(GENERATOR_KINDS)}" in flat  # the help names them without importing them
     assert "in seconds (0: after every batch) (default: 10.0)" in flat
@@ -239,7 +239,7 @@ def test_generate_defaults_to_the_checkpoint_sampler_and_warns_on_departures(tmp
 
     from flows.cli import ONE_BLOCK, _sampler_config
     from model.sampling import SamplerConfig
-    from tasks.generate import sampler_meta
+    from tasks.common.generate import sampler_meta
 
     flags = dict(settings=None, steps=None, image_steps=None, block_length=None, text_cfg=None, image_cfg=None,
                  text_temperature=None, image_temperature=None, text_length=None, mode="parallel")

@@ -12,9 +12,9 @@ from prefect.flows import load_flow_from_entrypoint
 from flows.deploy import HOME_VAR, POOLS, enter_home
 from model.sampling import SamplerConfig
 from rl.learner import RLConfig
-from tasks.generators import GeneratorSpec
-from tasks.sources import SourceSpec
-from tasks.traces import FilterConfig
+from tasks.aggregate.sources import SourceSpec
+from tasks.traces.generators import GeneratorSpec
+from tasks.traces.traces import FilterConfig
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 

@@ -9,13 +9,13 @@ import torch
 from PIL import Image
 
 from storage.parquet import read_table
-from tasks.evaluate import aggregate
-from tasks.judges import METRICS, EvalItem, EvalOutput, Judgment
+from tasks.evaluate.evaluate import aggregate
+from tasks.evaluate.judges import METRICS, EvalItem, EvalOutput, Judgment
 
 
 def _tiny_checkpoint(folder: str, items: list) -> str:
     from model.image_tokenizer import PatchVQ
-    from tasks.generate import make_tiny_checkpoint
+    from tasks.common.generate import make_tiny_checkpoint
 
     images = [np.asarray(Image.open(io.BytesIO(b)).convert("RGB")) for i in items
               for b in (i.input_image, i.target_image) if b]
@@ -33,7 +33,7 @@ def test_evaluate_flow_on_toy_parabench(tmp_path, prefect_harness):
     from prefect.client.orchestration import get_client
 
     from flows.evaluate import evaluate
-    from tasks.parabench import build_toy_parabench
+    from tasks.evaluate.parabench import build_toy_parabench
 
     root = str(tmp_path / "lake")
     ckpt = _tiny_checkpoint(str(tmp_path / "ckpt" / "final"), build_toy_parabench())
@@ -91,8 +91,8 @@ def test_clip_proxy_judge_scores_three_metrics_and_fails_missing_outputs(tmp_pat
     import open_clip
 
     from rl.reward import TINY_CLIP_CONFIG, register_tiny_clip, save_clip_folder
-    from tasks.judge_clip import ClipProxyJudge
-    from tasks.parabench import build_toy_parabench
+    from tasks.evaluate.judge_clip import ClipProxyJudge
+    from tasks.evaluate.parabench import build_toy_parabench
 
     name = register_tiny_clip(str(tmp_path / "clip-config"))
     torch.manual_seed(0)

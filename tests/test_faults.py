@@ -14,7 +14,7 @@ import time
 
 import pytest
 
-import tasks.aggregate as agg
+import tasks.aggregate.aggregate as agg
 from storage.parquet import read_table
 from tests.faults import (after, commits, commits_at_least, compare, finish, kill_when, snapshot, start,
                           then, uncommitted_shard)
@@ -23,7 +23,7 @@ from tests.test_sft_ray import _fit, _losses, prepared  # noqa: F401  (fixture)
 CURATE = dict(resolution=32, resize="squash", min_side=16, max_aspect=3.0, near_duplicate_bits=2)
 TOY = {"type": "toy", "name": "toy", "preset": "tiny", "n": 240, "seed": 4}
 AGG_CHUNK = 40  # 240 samples -> 6 commits of the samples table
-AGG_CODE = ("import json, sys; import tasks.aggregate as agg; agg.CHUNK_ROWS = int(sys.argv[4]); "
+AGG_CODE = ("import json, sys; import tasks.aggregate.aggregate as agg; agg.CHUNK_ROWS = int(sys.argv[4]); "
             "print(agg.ingest_source.fn(json.loads(sys.argv[1]), sys.argv[2], sys.argv[3], json.loads(sys.argv[5])))")
 
 

@@ -39,7 +39,7 @@ def audit(event, a):
         if path.startswith((args["tmp"], "/dev/")):
             opened.append(path)
 sys.addaudithook(audit)
-import tasks.aggregate as agg
+import tasks.aggregate.aggregate as agg
 stats = [agg.ingest_source.fn(s, args["lake"], "hostile", args["curate"]) for s in args["sources"]]
 result = {"stats": stats, "opened": list(opened)}  # before opening the output file
 json.dump(result, open(sys.argv[2], "w"))

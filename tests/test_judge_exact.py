@@ -7,8 +7,8 @@ import pytest
 from PIL import Image
 
 from rl.reward import toy_agreement
-from tasks.judge_exact import ExactToyJudge, png_bytes, toy_item
-from tasks.judges import METRICS, EvalOutput, overall
+from tasks.evaluate.judge_exact import ExactToyJudge, png_bytes, toy_item
+from tasks.evaluate.judges import METRICS, EvalOutput, overall
 from tasks.toy import PRESETS, describe, render, sample_tasks, write_trace
 from tasks.toy.scene import ToyObject, free_cells, make_scene
 

@@ -15,9 +15,9 @@ import httpx
 import pytest
 from PIL import Image
 
-from tasks.judge_vlm import (CACHE_FILE, PROMPT_VERSION, SYSTEM_PROMPT, VLMJudge, answer_schema, build_messages,
-                             parse_answer)
-from tasks.judges import METRICS, EvalItem, EvalOutput, overall
+from tasks.evaluate.judge_vlm import (CACHE_FILE, PROMPT_VERSION, SYSTEM_PROMPT, VLMJudge, answer_schema,
+                                      build_messages, parse_answer)
+from tasks.evaluate.judges import METRICS, EvalItem, EvalOutput, overall
 
 
 def _png(color, size=(64, 48)) -> bytes:
@@ -331,7 +331,7 @@ def tiny_vllm(tmp_path_factory):
     The judge prompt is ~1.4k tokens with this toy tokenizer, so the context is stretched past the
     model's 2048 positions (random weights: nothing to preserve).
     """
-    from tasks.tiny_qwen import build_tiny_qwen25_vl
+    from tasks.traces.tiny_qwen import build_tiny_qwen25_vl
 
     folder = build_tiny_qwen25_vl(str(tmp_path_factory.mktemp("tiny-qwen25-vl")))
     with socket.socket() as s:

@@ -56,7 +56,7 @@ def test_layout_errors_name_the_fix():
 
 
 def test_tiny_vocab_and_tokenizer_agree():
-    from tasks.tokenizer import build_tiny_tokenizer
+    from tasks.common.tokenizer import build_tiny_tokenizer
 
     tok = build_tiny_tokenizer(["turn the red circle blue"])
     v = tiny_vocab(len(tok), 16)

@@ -16,8 +16,9 @@ import pytest
 from PIL import Image
 
 from storage.parquet import SchemaError
-from tasks.parabench import (BENCHMARK_SCHEMA, PINNED_SEED, benchmark_uri, build_toy_parabench, item_content_id,
-                             read_benchmark, read_parabench, toy_parabench_fingerprint, write_benchmark)
+from tasks.evaluate.parabench import (BENCHMARK_SCHEMA, PINNED_SEED, benchmark_uri, build_toy_parabench,
+                                      item_content_id, read_benchmark, read_parabench, toy_parabench_fingerprint,
+                                      write_benchmark)
 from tasks.toy import EDIT_CATEGORIES, PRESETS, parse_description, parse_image
 from tasks.toy.tasks import split_of
 
@@ -78,7 +79,7 @@ def test_toy_build_is_deterministic_across_builds_and_processes(toy):
     assert again == toy and _digest(again) == _digest(toy)
     assert toy_parabench_fingerprint(again) == toy_parabench_fingerprint(toy)
     code = ("import sys; sys.path.insert(0, 'tests'); from test_parabench import _digest; "
-            "from tasks.parabench import build_toy_parabench as b, toy_parabench_fingerprint as f; "
+            "from tasks.evaluate.parabench import build_toy_parabench as b, toy_parabench_fingerprint as f; "
             "items = b(); print(_digest(items), f(items))")
     env = {**os.environ, "PYTHONHASHSEED": "12345"}
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, check=True)

@@ -7,17 +7,17 @@ import numpy as np
 import pytest
 import torch
 
-import tasks.aggregate as agg
+import tasks.aggregate.aggregate as agg
 from model.checkpoint import from_pretrained, save_pretrained
 from model.sampling import SamplerConfig, generate
 from rl.learner import RLConfig
 from rl.replay import replay_logprobs, state_before
 from storage.parquet import read_table
-from tasks.image_codes import fit_image_tokenizer
-from tasks.pararl import checkpoint_layout, prepare_rl, run_rl
-from tasks.sft import load_set, prepare_sft
-from tasks.sft_data import SequenceConfig, batch_stream, build_prompt
-from tasks.sft_loop import SFTConfig, train
+from tasks.pararl.pararl import checkpoint_layout, prepare_rl, run_rl
+from tasks.sft.image_codes import fit_image_tokenizer
+from tasks.sft.sft import load_set, prepare_sft
+from tasks.sft.sft_data import SequenceConfig, batch_stream, build_prompt
+from tasks.sft.sft_loop import SFTConfig, train
 
 CURATE = dict(resolution=32, resize="squash", min_side=16, max_aspect=3.0, near_duplicate_bits=2)
 SEQ = dict(text_tokens=32, instruction_tokens=16)

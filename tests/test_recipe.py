@@ -1,4 +1,4 @@
-"""SFT recipes (tasks/recipe.py): presets, JSON files, flags, validation; image resizing as aggregation does."""
+"""SFT recipes (tasks/sft/recipe.py): presets, JSON files, flags, validation; image resizing as aggregation does."""
 import argparse
 import json
 
@@ -6,8 +6,9 @@ import pytest
 import torch
 from PIL import Image
 
-from tasks.recipe import PRESETS, Recipe, default_preset, field_docs, load_recipe, merge, recipe_flags, recipe_from_args
-from tasks.sft_loop import TOY_TINY_RECIPE
+from tasks.sft.recipe import (PRESETS, Recipe, default_preset, field_docs, load_recipe, merge, recipe_flags,
+                              recipe_from_args)
+from tasks.sft.sft_loop import TOY_TINY_RECIPE
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -78,8 +79,8 @@ def test_unknown_field_in_a_file_is_refused(tmp_path):
 
 
 def test_read_png_resizes_any_size_like_aggregation(tmp_path):
-    from tasks.curate import resize_image
-    from tasks.generate import read_png
+    from tasks.aggregate.curate import resize_image
+    from tasks.common.generate import read_png
 
     img = Image.new("RGB", (640, 480), (10, 20, 30))
     img.paste((200, 0, 0), (0, 0, 80, 480))  # a red band on the left eighth

@@ -134,7 +134,7 @@ def llada_folder(tmp_path_factory, llada_tokenizer) -> str:
 
 
 def test_published_llada_folder_loads_as_a_text_only_model(llada_folder):
-    from tasks.tokenizer import TextTokenizer
+    from tasks.common.tokenizer import TextTokenizer
 
     model, vocab = from_pretrained(llada_folder)
     assert vocab == LLADA_VOCAB
@@ -185,7 +185,7 @@ def test_mmada_folder_without_parapipe_vocab_gets_the_mmada_vocabulary(tmp_path)
 
 
 def test_tiny_tokenizer_ids_are_derived_by_name(tmp_path):
-    from tasks.tokenizer import build_tiny_tokenizer
+    from tasks.common.tokenizer import build_tiny_tokenizer
 
     tok = build_tiny_tokenizer(["turn the red circle blue"])
     ours = tiny_vocab(len(tok), 16)

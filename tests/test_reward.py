@@ -25,7 +25,7 @@ def scorer(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def fitted(tmp_path_factory):
-    from tasks.fit_reward import fit_tiny_clip
+    from tasks.pararl.fit_reward import fit_tiny_clip
 
     out = str(tmp_path_factory.mktemp("toyclip"))
     t0 = time.perf_counter()
@@ -87,7 +87,7 @@ class _CharTokenizer:
 
 
 def test_partial_text_drops_mask_ids():
-    from tasks.tokenizer import build_tiny_tokenizer
+    from tasks.common.tokenizer import build_tiny_tokenizer
 
     assert partial_text([ord(c) for c in "red#circle"], ord("#"), _CharTokenizer()) == "redcircle"
     tok = build_tiny_tokenizer()

@@ -16,7 +16,7 @@ import uuid
 
 import pytest
 
-import tasks.aggregate as agg
+import tasks.aggregate.aggregate as agg
 from flows.runtime import GUARD_ENV
 
 pytestmark = pytest.mark.slow

@@ -78,7 +78,7 @@ def test_nothing_in_the_package_loads_a_pickle_or_runs_remote_code():
 
 
 def test_trust_remote_code_is_off_unless_asked():
-    from tasks.generators import GeneratorSpec
+    from tasks.traces.generators import GeneratorSpec
 
     assert GeneratorSpec().trust_remote_code is False
     spec = GeneratorSpec(kind="vllm", model="/does/not/exist")
@@ -90,12 +90,12 @@ def test_trust_remote_code_is_off_unless_asked():
 def test_what_parapipe_saves_loads_with_weights_only(tmp_path):
     from rl.grpo import RewardStats
     from rl.learner import RLConfig
-    from tasks.sft import load_scenes, load_set, save_scenes, save_set
-    from tasks.sft_data import TokenisedSet
-    from tasks.sft_loop import SFTConfig, make_optimizer
+    from tasks.sft.sft import load_scenes, load_set, save_scenes, save_set
+    from tasks.sft.sft_data import TokenisedSet
+    from tasks.sft.sft_loop import SFTConfig, make_optimizer
+    from tasks.sft.toy_eval import toy_scenes
     from tasks.toy.scene import PRESETS
     from tasks.toy.tasks import sample_tasks
-    from tasks.toy_eval import toy_scenes
 
     data = TokenisedSet(["a", "b"], ["edit", "generate"], ["recolour", "other"], ["train", "train"], [[1, 2], None],
                         [[3], [4, 5]], [[6, 7], [8, 9]], dropped={"too_long": 1})

@@ -11,16 +11,16 @@ from model.image_tokenizer import PatchVQ
 from model.layout import IMAGE, PROMPT, TEXT, OutputShape, edit_prompt, output_target
 from model.tokens import tiny_vocab
 from model.transformer import DiffusionLM, ModelConfig
-from tasks import sft_data
-from tasks.image_codes import png_to_tensor
-from tasks.sft_data import (SequenceConfig, TokenisedSet, batch_stream, build_prompt, dropout_flags, epoch_batches,
-                            epoch_order, load_or_tokenise, pick_traces, tokenise_rows)
-from tasks.sft_loop import (SFTConfig, lr_at, make_optimizer, micro_batch_loss, resume_state, train, train_step,
-                            training_state)
-from tasks.tokenizer import build_tiny_tokenizer
+from tasks.sft import sft_data
+from tasks.sft.image_codes import png_to_tensor
+from tasks.sft.sft_data import (SequenceConfig, TokenisedSet, batch_stream, build_prompt, dropout_flags, epoch_batches,
+                                epoch_order, load_or_tokenise, pick_traces, tokenise_rows)
+from tasks.sft.sft_loop import (SFTConfig, lr_at, make_optimizer, micro_batch_loss, resume_state, train, train_step,
+                                training_state)
+from tasks.common.tokenizer import build_tiny_tokenizer
 from tasks.toy import PRESETS
-from tasks.toy_eval import (decode_outputs, evaluate, greedy_sampler, score, select_per_category, to_eval_results,
-                            toy_rows, toy_scenes)
+from tasks.sft.toy_eval import (decode_outputs, evaluate, greedy_sampler, score, select_per_category, to_eval_results,
+                                toy_rows, toy_scenes)
 
 PRESET = PRESETS["tiny"]
 SEQ = SequenceConfig(text_tokens=40, instruction_tokens=24)
@@ -250,7 +250,7 @@ def test_toy_eval_scores_an_oracle_1_and_copy_input_0_on_recolour(toy):
 
 
 def test_recipe_fits_its_model_and_sampler():
-    from tasks.sft_loop import TOY_TINY_RECIPE
+    from tasks.sft.sft_loop import TOY_TINY_RECIPE
 
     r = TOY_TINY_RECIPE
     cfg = ModelConfig(**r.model, vocab_size=600, embedding_size=600)

@@ -5,10 +5,10 @@ import os
 
 import pytest
 
-import tasks.aggregate as agg
+import tasks.aggregate.aggregate as agg
 from storage.parquet import read_table
-from tasks.image_codes import fit_image_tokenizer
-from tasks.sft import prepare_sft, run_sft
+from tasks.sft.image_codes import fit_image_tokenizer
+from tasks.sft.sft import prepare_sft, run_sft
 
 pytestmark = pytest.mark.slow
 CURATE = dict(resolution=32, resize="squash", min_side=16, max_aspect=3.0, near_duplicate_bits=2)

@@ -5,10 +5,10 @@ from http.server import BaseHTTPRequestHandler, HTTPServer
 
 import pytest
 
-import tasks.aggregate as agg
+import tasks.aggregate.aggregate as agg
 from storage.parquet import read_table
-from tasks.generators import GeneratorSpec, HTTPGenerator
-from tasks.traces import FilterConfig, TraceRequest, filter_reason, find_pending, generate_traces, generator_key
+from tasks.traces.generators import GeneratorSpec, HTTPGenerator
+from tasks.traces.traces import FilterConfig, TraceRequest, filter_reason, find_pending, generate_traces, generator_key
 
 CURATE = dict(resolution=32, resize="squash", min_side=16, max_aspect=3.0, near_duplicate_bits=2)
 
@@ -243,7 +243,7 @@ def test_a_generator_that_cannot_start_fails_once_with_a_clear_error(lake, prefe
     from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
 
     from flows.traces import traces
-    from tasks.generators import GeneratorStartError
+    from tasks.traces.generators import GeneratorStartError
 
     state = traces(root=lake, dataset="d", generator={"kind": "ray", "model": "/does/not/exist"}, return_state=True)
     assert state.is_failed()

@@ -10,7 +10,7 @@ import pytest
 import torch
 from PIL import Image
 
-from tasks import ui_artifacts as ui
+from tasks.pipeline import ui_artifacts as ui
 
 DATA_URI = re.compile(r"!\[[^\]]*\]\(data:image/png;base64,([A-Za-z0-9+/=]+)\)")
 

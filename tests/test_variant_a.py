@@ -57,13 +57,13 @@ def _rows(n: int = 10) -> list[dict]:
 def test_variant_a_sft_sequences_eval_checkpoint_generate_and_rl_replay(a_folder, tmp_path):
     from rl.replay import replay_logprobs
     from rl.rollout import RolloutWorker
-    from tasks.generate import open_image_tokenizer
-    from tasks.pararl import checkpoint_layout
-    from tasks.sft_data import (SequenceConfig, build_prompt, dimoo_prompt_ids, epoch_batches, output_shape,
-                                tokenise_rows)
-    from tasks.sft_eval import heldout_loss
-    from tasks.sft_loop import SFTConfig, make_optimizer, train_step
-    from tasks.tokenizer import TextTokenizer
+    from tasks.common.generate import open_image_tokenizer
+    from tasks.common.tokenizer import TextTokenizer
+    from tasks.pararl.pararl import checkpoint_layout
+    from tasks.sft.sft_data import (SequenceConfig, build_prompt, dimoo_prompt_ids, epoch_batches, output_shape,
+                                    tokenise_rows)
+    from tasks.sft.sft_eval import heldout_loss
+    from tasks.sft.sft_loop import SFTConfig, make_optimizer, train_step
 
     work, ckpt = a_folder
     model, vocab = from_pretrained(ckpt)

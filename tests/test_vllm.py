@@ -15,7 +15,7 @@ import time
 import httpx
 import pytest
 
-import tasks.aggregate as agg
+import tasks.aggregate.aggregate as agg
 from storage.parquet import read_manifest, read_table
 
 pytestmark = pytest.mark.slow
@@ -26,7 +26,7 @@ SERVER_START_S = 300
 
 @pytest.fixture(scope="session")
 def tiny_qwen(tmp_path_factory) -> str:
-    from tasks.tiny_qwen import build_tiny_qwen25_vl
+    from tasks.traces.tiny_qwen import build_tiny_qwen25_vl
 
     return build_tiny_qwen25_vl(str(tmp_path_factory.mktemp("tiny-qwen25-vl")))
 
@@ -132,8 +132,8 @@ def test_http_generator_against_vllm_serve_survives_a_kill(tmp_path, vllm_server
 def test_ray_data_llm_generator_writes_the_same_table(tmp_path, tiny_qwen):
     import ray
 
-    from tasks.generators import GeneratorSpec
-    from tasks.traces import find_pending, generate_traces, generator_key
+    from tasks.traces.generators import GeneratorSpec
+    from tasks.traces.traces import find_pending, generate_traces, generator_key
 
     root, n = _lake(tmp_path, n=6)
     spec = {**GeneratorSpec().__dict__, "kind": "ray", "model": tiny_qwen, "max_tokens": 16, "max_model_len": 1024,
@@ -150,8 +150,8 @@ def test_ray_data_llm_generator_writes_the_same_table(tmp_path, tiny_qwen):
 
 
 def test_structured_output_over_http(tmp_path, vllm_server):
-    from tasks.generators import GeneratorSpec, HTTPGenerator
-    from tasks.traces import TraceRequest
+    from tasks.traces.generators import GeneratorSpec, HTTPGenerator
+    from tasks.traces.traces import TraceRequest
 
     root, _ = _lake(tmp_path, n=4)
     rows = read_table(root, "samples").slice(0, 3).to_pylist()

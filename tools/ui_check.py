@@ -57,7 +57,7 @@ def publish(a: argparse.Namespace) -> str:
     from prefect import flow
     from prefect.runtime import flow_run
 
-    from tasks import ui_artifacts as ui
+    from tasks.pipeline import ui_artifacts as ui
 
     @flow(name="ui-check")
     def ui_check() -> str:

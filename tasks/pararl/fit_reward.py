@@ -39,7 +39,7 @@ import numpy as np
 import torch
 
 from rl.reward import GREY, REWARD_FILE, ClipScorer, save_clip_folder, toy_agreement
-from tasks.progress import bar
+from tasks.pipeline.progress import bar
 from tasks.toy import PRESETS, render, sample_tasks, write_trace
 from tasks.toy.scene import ToyPreset
 

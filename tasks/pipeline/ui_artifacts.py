@@ -295,7 +295,7 @@ def trajectory_rollouts(root: str, run_id: str, per_round: int = 2, most_rounds:
 
 def trajectory_markdown(root: str, run_id: str, out: str, checkpoint: str | None) -> str:
     """Denoising strips of a ParaRL run (PNG per round under out/strips/) as markdown with the images embedded."""
-    from tasks.generate import load_image_tokenizer
+    from tasks.common.generate import load_image_tokenizer
 
     picked = trajectory_rollouts(root, run_id)
     if not picked:

@@ -1,6 +1,6 @@
 """Distributed SFT on Ray Train: data preparation, `train_loop_per_worker`, and the Prefect tasks.
 
-The worker loop is plain PyTorch around tasks/sft_loop.train_step plus the Ray calls: the rank and
+The worker loop is plain PyTorch around tasks/sft/sft_loop.train_step plus the Ray calls: the rank and
 world size, `prepare_model` (DDP; FSDP2 `fully_shard` per block on GPUs), `get_checkpoint` and
 `report`. A checkpoint folder is a model folder (`config.json`, safetensors, `tokenizer.json`,
 `image_tokenizer/`) plus `train_state.pt` (optimiser, step), so the latest one loads straight into
@@ -21,9 +21,9 @@ import torch
 from prefect import task
 
 from model.checkpoint import from_pretrained, read_config, save_pretrained
-from tasks.progress import follow_steps, start_ray, write_step
-from tasks.sft_data import SequenceConfig, TokenisedSet, batch_stream
-from tasks.sft_loop import SFTConfig, make_optimizer, train_step
+from tasks.pipeline.progress import follow_steps, start_ray, write_step
+from tasks.sft.sft_data import SequenceConfig, TokenisedSet, batch_stream
+from tasks.sft.sft_loop import SFTConfig, make_optimizer, train_step
 
 TRAIN_STATE = "train_state.pt"
 METRIC_KEYS = ("loss", "loss_text", "loss_image", "grad_norm", "tokens")
@@ -49,8 +49,8 @@ def load_set(path: str) -> TokenisedSet:
 
 def save_scenes(rows: list[dict], path: str) -> str:
     """The true output scenes of toy rows as JSON (sample_id -> description), never a pickle."""
+    from tasks.sft.toy_eval import toy_scenes
     from tasks.toy.scene import describe
-    from tasks.toy_eval import toy_scenes
 
     with open(path, "w") as f:
         json.dump({sid: describe(scene) for sid, scene in toy_scenes(rows).items()}, f)
@@ -167,10 +167,10 @@ def _metric_rows(rows: list[dict], run_id: str) -> list[dict]:
 def _evaluate(model, cfg: dict, vocab, step: int) -> list[dict]:
     """Toy-world validation on rank 0: eval_results rows (exact image / text / agreement)."""
     from model.sampling import SamplerConfig
-    from tasks.generate import open_image_tokenizer
-    from tasks.tokenizer import TextTokenizer
+    from tasks.common.generate import open_image_tokenizer
+    from tasks.common.tokenizer import TextTokenizer
+    from tasks.sft.toy_eval import evaluate, to_eval_results
     from tasks.toy.scene import PRESETS
-    from tasks.toy_eval import evaluate, to_eval_results
 
     ev = cfg["eval"]
     val, train = load_set(ev["val_data"]), load_set(cfg["train_data"])
@@ -303,11 +303,11 @@ def prepare_sft(root: str, dataset: str, out: str, recipe: dict, init_from: str 
     the train split's drops per reason ('dropped') and the val split's ('val_dropped')."""
     from model.tokens import tiny_vocab
     from model.transformer import DiffusionLM, ModelConfig
-    from tasks.generate import GRID_KEY, open_image_tokenizer
+    from tasks.common.generate import GRID_KEY, open_image_tokenizer
     from model.tokens import LUMINA_TEXT_VOCAB_SIZE
-    from tasks.sft_data import dimoo_prompt_ids, load_or_tokenise, pick_traces, read_samples
-    from tasks.tokenizer import TextTokenizer, build_tiny_tokenizer
-    from tasks.toy_eval import select_per_category
+    from tasks.sft.sft_data import dimoo_prompt_ids, load_or_tokenise, pick_traces, read_samples
+    from tasks.common.tokenizer import TextTokenizer, build_tiny_tokenizer
+    from tasks.sft.toy_eval import select_per_category
 
     seq, sft = SequenceConfig(**recipe["seq"]), SFTConfig(**recipe["sft"])
     select = dict(categories=_tuple(recipe.get("categories")), kinds=_tuple(recipe.get("kinds")))
@@ -365,7 +365,7 @@ def prepare_sft(root: str, dataset: str, out: str, recipe: dict, init_from: str 
 def _grow_text_only(init_from: str, vq, base: str, seed: int) -> str:
     """A copy of a text-only checkpoint with vq.codebook_size new image rows (embedding and head)."""
     from model.checkpoint import add_image_codebook
-    from tasks.generate import GRID_KEY
+    from tasks.common.generate import GRID_KEY
 
     model, vocab = from_pretrained(init_from)
     vocab = add_image_codebook(model, vocab, vq.codebook_size, seed)
@@ -390,11 +390,11 @@ def evaluate_checkpoint(checkpoint: str, root: str, dataset: str, run_id: str, s
 
     from model.sampling import SamplerConfig
     from storage.parquet import write_rows
-    from tasks.generate import load_image_tokenizer
-    from tasks.sft_data import load_or_tokenise, read_samples
-    from tasks.tokenizer import TextTokenizer
+    from tasks.common.generate import load_image_tokenizer
+    from tasks.common.tokenizer import TextTokenizer
+    from tasks.sft.sft_data import load_or_tokenise, read_samples
+    from tasks.sft.toy_eval import METRICS, evaluate, select_per_category, table, to_eval_results, toy_scenes
     from tasks.toy.scene import PRESETS
-    from tasks.toy_eval import METRICS, evaluate, select_per_category, table, to_eval_results, toy_scenes
 
     model, vocab = from_pretrained(checkpoint)
     tok, vq = TextTokenizer.load(checkpoint), load_image_tokenizer(checkpoint)

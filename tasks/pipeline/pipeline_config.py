@@ -12,7 +12,7 @@ import os
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from rl.learner import RLConfig
-from tasks.recipe import PRESETS, Recipe, load_recipe
+from tasks.sft.recipe import PRESETS, Recipe, load_recipe
 
 PIPELINE_RL = dict(rounds=4, eval_every=4, checkpoint_every=4)
 MODES = ("parallel", "sequential")
@@ -30,7 +30,7 @@ class PipelineConfig(BaseModel):
     seed: int = 0
     """Seeds the toy world, the teacher traces, the reward model, ParaRL and evaluation sampling."""
     recipe: str = "toy-tiny"
-    """SFT recipe: a preset (toy-tiny, toy-all, small) or a JSON file of tasks.recipe.Recipe fields."""
+    """SFT recipe: a preset (toy-tiny, toy-all, small) or a JSON file of tasks.sft.recipe.Recipe fields."""
     toy_samples: int | None = None
     """Toy tasks to generate; None = the recipe's toy_samples."""
     sft_steps: int | None = None
@@ -40,7 +40,7 @@ class PipelineConfig(BaseModel):
     gpu: bool = False
     """Put SFT workers and ParaRL actors on GPUs."""
     reward_steps: int = Field(300, ge=1)
-    """Training steps of the toy reward CLIP (tasks/fit_reward.py; 700 gives 0.80 top-1 retrieval)."""
+    """Training steps of the toy reward CLIP (tasks/pararl/fit_reward.py; 700 gives 0.80 top-1 retrieval)."""
     rl: dict = Field(default_factory=lambda: dict(PIPELINE_RL))
     """ParaRL settings: rl.learner.RLConfig fields (reward, sampled_steps, reward_mode, lr, rounds ...)."""
     eval_modes: tuple[str, ...] = MODES

@@ -12,7 +12,7 @@ import io
 
 import numpy as np
 
-from tasks.judges import METRICS, EvalItem, EvalOutput, Judgment
+from tasks.evaluate.judges import METRICS, EvalItem, EvalOutput, Judgment
 
 
 def _image(png: bytes) -> np.ndarray:

@@ -10,7 +10,7 @@ repair hint, up to `max_retries` times; transport errors (refused connections, t
 retried with exponential backoff. What still fails becomes Judgment(failed=True, reason=...), never zeros,
 and is not cached, so the next run asks again.
 
-Not here: choosing a judge (the evaluation flow does, by name), aggregating scores (tasks/judges.overall),
+Not here: choosing a judge (the evaluation flow does, by name), aggregating scores (tasks/evaluate/judges.overall),
 and any model-specific chat formatting (the server applies its own template). httpx and PIL are imported
 by the functions that use them.
 """
@@ -24,7 +24,7 @@ import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 
-from tasks.judges import METRICS, EvalItem, EvalOutput, Judgment
+from tasks.evaluate.judges import METRICS, EvalItem, EvalOutput, Judgment
 
 PROMPT_VERSION = "parabench-judge-p1"
 """Bump when SYSTEM_PROMPT, the user message layout or REPAIR_HINT changes."""
@@ -282,7 +282,7 @@ def _new_stats() -> dict:
 
 
 class VLMJudge:
-    """A Judge (tasks/judges.py) over any OpenAI-compatible `/chat/completions` server with image input.
+    """A Judge (tasks/evaluate/judges.py) over any OpenAI-compatible `/chat/completions` server with image input.
 
     Args:
         base_url: the endpoint root, e.g. "http://127.0.0.1:8000/v1" or "https://api.openai.com/v1".

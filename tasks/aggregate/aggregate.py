@@ -1,6 +1,6 @@
 """Prefect tasks of the aggregation flow: ingest one source into the samples table, summarise.
 
-`ingest_source` streams a source in chunks: normalise + validate (tasks/curate.py), deduplicate
+`ingest_source` streams a source in chunks: normalise + validate (tasks/aggregate/curate.py), deduplicate
 against everything already committed to the dataset (any source), then commit the chunk's samples
 and quarantine rows. Every chunk is committed before the next is read, and writes skip keys that
 are already committed, so a crashed or retried ingest resumes without duplicates or loss.
@@ -25,9 +25,9 @@ from prefect.artifacts import create_table_artifact, update_progress_artifact
 
 from storage.fs import is_s3
 from storage.parquet import read_table, write_rows
-from tasks.curate import CurateConfig, Deduper, Rejected, normalise, quarantine_row
-from tasks.source_io import clean
-from tasks.sources import SourceSpec, read_source
+from tasks.aggregate.curate import CurateConfig, Deduper, Rejected, normalise, quarantine_row
+from tasks.aggregate.source_io import clean
+from tasks.aggregate.sources import SourceSpec, read_source
 
 CHUNK_ROWS = 512
 INDEX_COLUMNS = ["sample_id", "source", "instruction", "content_hash", "phash", "extra_json"]

@@ -20,7 +20,7 @@ import torch
 from model.layout import IMAGE, TEXT, OutputShape, output_regions
 from model.sampling import SamplerConfig, generate
 from model.tokens import Vocab
-from tasks.sft_data import SequenceConfig, TokenisedSet, build_prompt, output_shape
+from tasks.sft.sft_data import SequenceConfig, TokenisedSet, build_prompt, output_shape
 from tasks.toy import parse_image, render, sample_tasks, text_correct, text_image_agreement, write_trace
 from tasks.toy.scene import Scene, ToyPreset, parse_description
 

@@ -19,7 +19,7 @@ from collections import defaultdict
 import numpy as np
 import torch
 
-from tasks.judges import EDIT_ONLY, METRICS, EvalItem, EvalOutput, Judgment, overall
+from tasks.evaluate.judges import EDIT_ONLY, METRICS, EvalItem, EvalOutput, Judgment, overall
 
 # ParaBench, GPT-4.1 judge (paper Table 2): METRICS order, then Overall.
 PAPER_TABLE2 = {
@@ -43,7 +43,7 @@ def _png(image: np.ndarray) -> bytes:
 def _decode_png(data: bytes, size: tuple[int, int]) -> torch.Tensor:
     from PIL import Image
 
-    from tasks.curate import resize_image
+    from tasks.aggregate.curate import resize_image
 
     with Image.open(io.BytesIO(data)) as im:
         return torch.from_numpy(np.asarray(resize_image(im.convert("RGB"), size)).copy())
@@ -54,7 +54,7 @@ def eval_layout(checkpoint: str, vocab, tokenizer, image_tokenizer, text_tokens:
     unpadded instructions, or the dimoo layout for a Lumina vocabulary; text_tokens overrides."""
     from model.checkpoint import CONFIG_FILE
     from model.tokens import LUMINA_TEXT_VOCAB_SIZE
-    from tasks.sft_data import SequenceConfig, dimoo_prompt_ids
+    from tasks.sft.sft_data import SequenceConfig, dimoo_prompt_ids
 
     with open(os.path.join(checkpoint, CONFIG_FILE)) as f:
         recorded = json.load(f).get("parapipe_sequence")
@@ -71,7 +71,7 @@ def eval_layout(checkpoint: str, vocab, tokenizer, image_tokenizer, text_tokens:
 
 def _prompt(item: EvalItem, vocab, seq, tokenizer, image_tokenizer):
     """(prompt, uncond prompt) ids of one item; raises ValueError with the reason when it cannot be built."""
-    from tasks.sft_data import build_prompt
+    from tasks.sft.sft_data import build_prompt
 
     instruction = tokenizer.encode(item.instruction)
     if seq.instruction_tokens and len(instruction) > seq.instruction_tokens:
@@ -93,11 +93,11 @@ def sample_items(checkpoint: str, items: list[EvalItem], sampler, seed: int = 0,
     """One output per item (in order) and its forward passes; failures are outputs with an error."""
     from model.checkpoint import from_pretrained
     from model.sampling import generate
-    from tasks.generate import load_image_tokenizer
-    from tasks.progress import bar
-    from tasks.sft_data import output_shape
-    from tasks.tokenizer import TextTokenizer
-    from tasks.toy_eval import decode_outputs
+    from tasks.common.generate import load_image_tokenizer
+    from tasks.common.tokenizer import TextTokenizer
+    from tasks.pipeline.progress import bar
+    from tasks.sft.sft_data import output_shape
+    from tasks.sft.toy_eval import decode_outputs
 
     model, vocab = from_pretrained(checkpoint, device=device)
     model.eval()

@@ -24,11 +24,11 @@ from model.layout import OutputShape
 from model.sampling import SamplerConfig
 from rl.grpo import RewardStats, fit_reward_stats, sparse_steps
 from rl.learner import RLConfig, Rollouts, advantages, update
-from tasks.progress import start_ray
-from tasks.sft_data import SequenceConfig, build_prompt, output_shape
+from tasks.pipeline.progress import start_ray
+from tasks.sft.sft_data import SequenceConfig, build_prompt, output_shape
 
 LEARNER_STATE = "learner_state.pt"
-DEFAULT_SAMPLER = dict(steps=20, image_steps=10)  # the toy recipe's timeline (tasks/sft_loop.TOY_TINY_RECIPE)
+DEFAULT_SAMPLER = dict(steps=20, image_steps=10)  # the toy recipe's timeline (tasks/sft/sft_loop.TOY_TINY_RECIPE)
 
 
 def _seeded(*parts: int) -> torch.Generator:
@@ -44,7 +44,7 @@ def checkpoint_layout(checkpoint: str) -> tuple[SequenceConfig, OutputShape, dic
                          f"start RL from an SFT checkpoint written by `parapipe sft`")
     seq = SequenceConfig(**raw["parapipe_sequence"])
     if seq.image_grid is None:  # checkpoints written before the grid was recorded
-        from tasks.generate import image_grid, load_image_tokenizer
+        from tasks.common.generate import image_grid, load_image_tokenizer
 
         seq = dataclasses.replace(seq, image_grid=image_grid(checkpoint, load_image_tokenizer(checkpoint)))
     extras = {k: v for k, v in raw.items() if k.startswith("parapipe_") and k != VOCAB_KEY}
@@ -54,11 +54,11 @@ def checkpoint_layout(checkpoint: str) -> tuple[SequenceConfig, OutputShape, dic
 def prepare_rl(checkpoint: str, root: str, dataset: str, out: str, categories: tuple[str, ...] | None = None,
                eval_per_category: int = 32) -> dict:
     """Tokenised train prompts (+ toy val set and scenes) saved under out/data; returns their paths."""
-    from tasks.generate import load_image_tokenizer
-    from tasks.sft import save_scenes, save_set
-    from tasks.sft_data import load_or_tokenise, read_samples
-    from tasks.tokenizer import TextTokenizer
-    from tasks.toy_eval import select_per_category
+    from tasks.common.generate import load_image_tokenizer
+    from tasks.common.tokenizer import TextTokenizer
+    from tasks.sft.sft import save_scenes, save_set
+    from tasks.sft.sft_data import load_or_tokenise, read_samples
+    from tasks.sft.toy_eval import select_per_category
 
     seq, _, _ = checkpoint_layout(checkpoint)
     _, vocab = from_pretrained(checkpoint)
@@ -151,11 +151,11 @@ def heldout_eval(policy, paths: dict, vocab, seq: SequenceConfig, start: str, sa
     """Exact toy metrics (overall) of greedy decoding on the held-out val tasks; {} off the toy world."""
     if "val" not in paths:
         return {}
-    from tasks.generate import load_image_tokenizer
-    from tasks.sft import load_scenes, load_set
-    from tasks.tokenizer import TextTokenizer
+    from tasks.common.generate import load_image_tokenizer
+    from tasks.common.tokenizer import TextTokenizer
+    from tasks.sft.sft import load_scenes, load_set
+    from tasks.sft.toy_eval import evaluate, greedy_sampler
     from tasks.toy.scene import PRESETS
-    from tasks.toy_eval import evaluate, greedy_sampler
 
     val, train = load_set(paths["val"]), load_set(paths["train"])
     greedy = greedy_sampler(seq.text_tokens, sampler.steps, sampler.image_steps)
@@ -179,8 +179,8 @@ def run_rl(start: str, paths: dict, cfg: RLConfig, out: str, root: str, run_id: 
     """The ParaRL driver; re-running the same run_id in the same `out` resumes (see module docstring)."""
     from rl.loop import Roles
     from storage.parquet import write_rows
-    from tasks.sft import load_set
-    from tasks.tokenizer import TextTokenizer
+    from tasks.common.tokenizer import TextTokenizer
+    from tasks.sft.sft import load_set
 
     seq, shape, extras = checkpoint_layout(start)
     base = SamplerConfig(**{**DEFAULT_SAMPLER, **(sampler or {}), "text_block_length": seq.text_tokens})

@@ -5,7 +5,7 @@ revision, template hash and sampling parameters, so changing any of them makes a
 traces instead of silently mixing two. A run generates only for samples without an `ok` or
 `filtered` trace of this generator; failed ones are retried under the next attempt number.
 Failures are rows with their error, never an empty trace standing in for one. Post-filters mark
-rows `filtered` with a reason instead of deleting them. The generators are in tasks/generators.py.
+rows `filtered` with a reason instead of deleting them. The generators are in tasks/traces/generators.py.
 """
 import hashlib
 import io
@@ -252,7 +252,7 @@ class _ProgressCard:
 
 def _transient(task, task_run, state) -> bool:
     """Prefect retry condition: a generator that cannot start or whose engine died is not retried."""
-    from tasks.generators import GeneratorDeadError, GeneratorStartError
+    from tasks.traces.generators import GeneratorDeadError, GeneratorStartError
 
     return not isinstance(state.data, (GeneratorStartError, GeneratorDeadError))  # data: the exception
 
@@ -271,7 +271,7 @@ def generate_traces(root: str, dataset: str, generator: dict, pending: dict[str,
     import pyarrow.compute as pc
 
     from storage.parquet import open_dataset, write_rows
-    from tasks.generators import GeneratorDeadError, GeneratorSpec, make_generator
+    from tasks.traces.generators import GeneratorDeadError, GeneratorSpec, make_generator
 
     spec, cfg = GeneratorSpec(**generator), FilterConfig(**(filters or {}))
     prov = Provenance(generator_key(generator), spec.model, spec.revision, template_hash(), run_id, spec.seed)

@@ -13,7 +13,7 @@ import os
 
 
 PACKAGES = ("flows", "tasks", "model", "rl", "storage")
-HERE = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+HERE = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repo: tasks/pipeline/ -> ../..
 
 
 def _key_param(_context, parameters: dict) -> str:

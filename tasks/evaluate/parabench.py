@@ -3,7 +3,8 @@
 Holds: `build_toy_parabench` (300 held-out toy items shaped like ParaBench: 200 edits, 20 per toy edit category, and
 100 generations), `read_parabench` (the real benchmark from a local copy of its Hugging Face dataset, with a column
 mapping), `write_benchmark` / `read_benchmark` (one Parquet file per named benchmark) and `benchmark_fingerprint`.
-Leaves out: sampling model outputs and judging them (tasks/judges.py), any download (fetch ParaBench once, by hand).
+Leaves out: sampling model outputs and judging them (tasks/evaluate/judges.py), any download (fetch ParaBench once,
+by hand).
 
 Identity. An item's id is a content hash of what a judge sees (kind, category, instruction, the pixels of its images,
 reference text), so the same item gets the same id on every machine and in every process. Hashes cover decoded
@@ -30,7 +31,7 @@ from PIL import Image
 from storage import fs
 from storage.parquet import COMPRESSION, SchemaError
 from storage.schema import META_TABLE, META_VERSION
-from tasks.judges import EvalItem
+from tasks.evaluate.judges import EvalItem
 from tasks.toy.render import render
 from tasks.toy.scene import PRESETS, describe
 from tasks.toy.tasks import EDIT_CATEGORIES, GENERATION_CATEGORIES, ToyTask, sample_tasks

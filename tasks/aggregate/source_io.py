@@ -1,6 +1,6 @@
 """Safe reads for the aggregation sources: confined paths, regular files only, bounded sizes, checked text.
 
-Every reader in tasks/sources.py goes through these helpers, so the rules hold for all formats at once:
+Every reader in tasks/aggregate/sources.py goes through these helpers, so the rules hold for all formats at once:
 - a path named by the data (a manifest line, a Parquet image struct) resolves inside the source's root unless the
   source opts out (`allow_outside_root`); symlinks are resolved before the check;
 - only regular files are opened, never FIFOs or devices (a FIFO would block, /dev/zero would never end), and the
@@ -8,7 +8,7 @@ Every reader in tasks/sources.py goes through these helpers, so the rules hold f
 - a read stops at a size cap; a manifest line over its cap is skipped in bounded pieces;
 - text is checked to be UTF-8 (no lone surrogates) before it reaches a table.
 A bad value raises `Rejected(reason, detail)`, which the reader turns into a quarantine row for that one record.
-Leaves out: image decoding (tasks/curate.py). The root check and the open are two steps: a symlink swapped in
+Leaves out: image decoding (tasks/aggregate/curate.py). The root check and the open are two steps: a symlink swapped in
 between them by someone else is not caught (the source's files are assumed not to change while it is read).
 """
 import glob

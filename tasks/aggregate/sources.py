@@ -5,10 +5,10 @@ with a column mapping (MagicBrush / UltraEdit / HQ-Edit style); WebDataset tar s
 `input.jpg / output.jpg / input_text.txt / output_text.txt` members (MMaDA-Parallel's layout).
 A reader never raises on a bad record: each record is built inside its own guard, and one that cannot be
 read is yielded with `error` set ('reason: detail'), which the flow sends to quarantine. Reads of files go
-through tasks/source_io.py (confined to the source's root, regular files only, size caps). A record's
+through tasks/aggregate/source_io.py (confined to the source's root, regular files only, size caps). A record's
 `ref` names the file relative to the source's root and the line, row or tar key, so refs are unique
 within a source. Only a broken configuration (no manifest, no files, no column mapping) raises.
-Decoding, resizing and validation of images and text happen in tasks/curate.py.
+Decoding, resizing and validation of images and text happen in tasks/aggregate/curate.py.
 """
 import io
 import json
@@ -17,8 +17,8 @@ import tarfile
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
-from tasks.source_io import (Rejected, clean, inside, iter_lines, open_regular, read_capped, resolve_in_root,
-                             source_files)
+from tasks.aggregate.source_io import (Rejected, clean, inside, iter_lines, open_regular, read_capped, resolve_in_root,
+                                       source_files)
 
 SOURCE_TYPES = ("toy", "jsonl", "parquet", "webdataset")
 COLUMN_FIELDS = ("instruction", "input_image", "output_image", "trace", "category")

@@ -1,5 +1,5 @@
 """Held-out evaluation of an SFT checkpoint on any dataset (the toy world has its exact metrics in
-tasks/toy_eval.py; this is what works on real data).
+tasks/sft/toy_eval.py; this is what works on real data).
 
 - heldout_loss: cross-entropy per modality of the masked output slots at fixed mask ratios
   (0.25 / 0.5 / 0.75, seeded), unweighted by 1/t, so values are comparable across runs and
@@ -15,7 +15,7 @@ from prefect import task
 from model.layout import IMAGE, TEXT, OutputShape, collate, output_regions
 from model.sampling import SamplerConfig, generate
 from model.tokens import Vocab
-from tasks.sft_data import SequenceConfig, TokenisedSet, build_prompt, output_shape
+from tasks.sft.sft_data import SequenceConfig, TokenisedSet, build_prompt, output_shape
 
 MASK_RATIOS = (0.25, 0.5, 0.75)
 
@@ -97,10 +97,10 @@ def evaluate_heldout(checkpoint: str, root: str, dataset: str, run_id: str, reci
 
     from model.checkpoint import from_pretrained
     from storage.parquet import write_rows
-    from tasks.generate import load_image_tokenizer
-    from tasks.sft_data import load_or_tokenise, read_samples
-    from tasks.tokenizer import TextTokenizer
-    from tasks.toy_eval import select_per_category
+    from tasks.common.generate import load_image_tokenizer
+    from tasks.common.tokenizer import TextTokenizer
+    from tasks.sft.sft_data import load_or_tokenise, read_samples
+    from tasks.sft.toy_eval import select_per_category
 
     model, vocab = from_pretrained(checkpoint)
     tok, vq = TextTokenizer.load(checkpoint), load_image_tokenizer(checkpoint)

@@ -9,7 +9,7 @@ import textwrap
 
 from PIL import Image, ImageDraw, ImageFont
 
-from tasks.judges import METRICS
+from tasks.evaluate.judges import METRICS
 
 CELL = 128          # image thumbnail side, px
 TEXT_W = 520        # text column width, px

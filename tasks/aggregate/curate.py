@@ -14,8 +14,8 @@ import json
 import warnings
 from dataclasses import asdict, dataclass
 
-from tasks.source_io import Rejected, check_text, clean
-from tasks.sources import RawRecord
+from tasks.aggregate.source_io import Rejected, check_text, clean
+from tasks.aggregate.sources import RawRecord
 
 RESIZE_POLICIES = ("squash", "center_crop")
 SPLITS = (("train", 0.90), ("val", 0.05), ("test", 0.05))

@@ -17,8 +17,8 @@ import textwrap
 from pydantic import BaseModel, ConfigDict, Field
 
 from model.sampling import SamplerConfig
-from tasks.sft_data import SequenceConfig
-from tasks.sft_loop import TOY_TINY_RECIPE, SFTConfig
+from tasks.sft.sft_data import SequenceConfig
+from tasks.sft.sft_loop import TOY_TINY_RECIPE, SFTConfig
 
 KINDS = ("edit", "generate")
 RESOLVED_SEQ_FIELDS = ("layout", "image_grid", "prompt_ids")  # set by prepare_sft from the checkpoint, not chosen
@@ -55,9 +55,9 @@ class Recipe(BaseModel):
     """Vocabulary of the tiny text tokenizer fitted for a fresh model."""
     seq: dict = Field(default_factory=lambda: {k: v for k, v in dataclasses.asdict(TOY_TINY_RECIPE.seq).items()
                                                if k not in RESOLVED_SEQ_FIELDS})
-    """Sequence lengths: tasks.sft_data.SequenceConfig fields."""
+    """Sequence lengths: tasks.sft.sft_data.SequenceConfig fields."""
     sft: dict = Field(default_factory=lambda: dataclasses.asdict(TOY_TINY_RECIPE.sft))
-    """Optimiser and schedule: tasks.sft_loop.SFTConfig fields."""
+    """Optimiser and schedule: tasks.sft.sft_loop.SFTConfig fields."""
     categories: tuple[str, ...] | None = None
     """Train (and evaluate) only these sample categories; None = all."""
     kinds: tuple[str, ...] | None = None

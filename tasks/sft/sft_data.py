@@ -176,7 +176,7 @@ def pick_traces(rows: list[dict], traces: list[dict] | None = None) -> list[str 
 
 
 def _png_to_tensor(data: bytes) -> torch.Tensor:
-    """PNG bytes -> uint8 (H, W, 3); tasks/image_codes.png_to_tensor without its Prefect import (train workers)."""
+    """PNG bytes -> uint8 (H, W, 3); tasks/sft/image_codes.png_to_tensor without its Prefect import (train workers)."""
     from PIL import Image
 
     with Image.open(io.BytesIO(data)) as im:

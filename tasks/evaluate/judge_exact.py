@@ -35,7 +35,7 @@ An image that decodes but is no toy render is *not* a failure: it scores by the 
 noise image: image_quality 0). A decoded image of the wrong size is judged as an all-grey canvas
 (no readable cell); RGBA / grey-scale PNGs are converted to RGB first. An item of another preset,
 or with malformed extra, raises ValueError (a benchmark error, not a model error).
-Leaves out: LLM judges, caching, aggregation (overall() is in tasks/judges.py).
+Leaves out: LLM judges, caching, aggregation (overall() is in tasks/evaluate/judges.py).
 """
 import io
 import re
@@ -45,7 +45,7 @@ import numpy as np
 from PIL import Image
 
 from rl.reward import GREY, _stated_objects, toy_agreement
-from tasks.judges import METRICS, EvalItem, EvalOutput, Judgment
+from tasks.evaluate.judges import METRICS, EvalItem, EvalOutput, Judgment
 from tasks.toy import teacher
 from tasks.toy.render import _cells, glyph_tiles, render
 from tasks.toy.scene import (EMPTY_SCENE_TEXT, PRESETS, Scene, ToyObject, ToyPreset, cell_name,

@@ -15,7 +15,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
-from tasks.traces import SYSTEM_PROMPT, TraceRequest, TraceResult, request_images, user_text
+from tasks.traces.traces import SYSTEM_PROMPT, TraceRequest, TraceResult, request_images, user_text
 
 GENERATOR_KINDS = ("teacher", "vllm", "http", "ray")
 RETRY_STATUS = (408, 429, 500, 502, 503, 504)
@@ -313,4 +313,5 @@ def make_generator(spec: GeneratorSpec):
     except Exception as e:
         raise GeneratorStartError(f"the {spec.kind} generator could not start model {spec.model!r}: "
                                   f"{type(e).__name__}: {e}. Check the model folder or id and the generator's "
-                                  f"max_model_len / kv_cache_gib / max_num_seqs fields (tasks/generators.py)") from e
+                                  f"max_model_len / kv_cache_gib / max_num_seqs fields "
+                                  f"(tasks/traces/generators.py)") from e

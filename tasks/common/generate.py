@@ -1,7 +1,7 @@
 """Inference from a checkpoint folder to files, and the tiny random checkpoint of the embedded default.
 
 A checkpoint folder holds config.json + safetensors (model/checkpoint.py), tokenizer.json
-(tasks/tokenizer.py) and optionally image_tokenizer/ (model/image_tokenizer.py). Without an image
+(tasks/common/tokenizer.py) and optionally image_tokenizer/ (model/image_tokenizer.py). Without an image
 tokenizer the image is written as its code grid (image_codes.txt) instead of a PNG.
 """
 import json
@@ -15,7 +15,7 @@ from model.layout import IMAGE, TEXT, OutputShape, edit_prompt, generation_promp
 from model.sampling import SamplerConfig, generate
 from model.tokens import LUMINA_TEXT_VOCAB_SIZE, tiny_vocab
 from model.transformer import DiffusionLM, ModelConfig
-from tasks.tokenizer import TextTokenizer, build_tiny_tokenizer
+from tasks.common.tokenizer import TextTokenizer, build_tiny_tokenizer
 
 IMAGE_TOKENIZER_DIR = "image_tokenizer"
 GRID_KEY = "parapipe_image_grid"
@@ -103,7 +103,7 @@ def read_png(path: str, size: tuple[int, int] | None = None, policy: str = "squa
     import numpy as np
     from PIL import Image
 
-    from tasks.curate import resize_image
+    from tasks.aggregate.curate import resize_image
 
     if not os.path.isfile(path):
         raise FileNotFoundError(f"input image {path!r} does not exist")
@@ -137,7 +137,7 @@ def recorded_sampler(folder: str) -> tuple[dict, str]:
     if raw.get(SAMPLER_KEY):
         return dict(raw[SAMPLER_KEY]), f"recorded in {folder}/{CONFIG_FILE}"
     if SEQUENCE_KEY in raw:
-        from tasks.recipe import Recipe
+        from tasks.sft.recipe import Recipe
 
         sampler = Recipe.model_fields["sampler"].default_factory()
         text_tokens = raw[SEQUENCE_KEY].get("text_tokens")
@@ -155,7 +155,7 @@ def sampler_meta(sampler: SamplerConfig) -> dict:
 
 
 def pad_instruction_ids(ids: list[int], layout: dict, eos_id: int) -> list[int]:
-    """Instruction ids <eos>-padded as in training (tasks/sft_data.pad_instruction)."""
+    """Instruction ids <eos>-padded as in training (tasks/sft/sft_data.pad_instruction)."""
     n = layout.get("instruction_tokens", 0)
     if n and len(ids) > n:
         raise ValueError(f"instruction of {len(ids)} tokens is longer than the {n} the checkpoint was trained "

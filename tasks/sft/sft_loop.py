@@ -4,11 +4,11 @@ train_step() is one optimiser step over a list of micro-batches (gradient accumu
 forward (masking) process and the re-weighted loss of model/diffusion.py, optional bf16 autocast,
 gradient clipping, the lr of lr_at(). It holds no state besides its arguments, so a Ray
 TorchTrainer `train_loop_per_worker` can call it on a DDP-wrapped model with its own shard of
-batches (tasks/sft_data.batch_stream with rank / world_size). train() is the single-process loop
+batches (tasks/sft/sft_data.batch_stream with rank / world_size). train() is the single-process loop
 built from these pieces (tests, benchmarks); resume_state() / training_state() are what a
 checkpoint needs (model, optimiser, step, the masking generator's state). TOY_TINY_RECIPE is the
 measured recipe for the toy world's tiny preset on a 2-core CPU (model, SFT, data and eval settings).
-Leaves out: Ray, DDP, checkpoint files, data loading (tasks/sft_data.py), evaluation (tasks/toy_eval.py).
+Leaves out: Ray, DDP, checkpoint files, data loading (tasks/sft/sft_data.py), evaluation (tasks/sft/toy_eval.py).
 """
 import contextlib
 import dataclasses
@@ -21,7 +21,7 @@ import torch
 
 from model.diffusion import PAPER, PARALLEL_A, PARALLEL_M, diffusion_loss, forward_process
 from model.layout import IMAGE, TEXT, Batch
-from tasks.sft_data import SequenceConfig
+from tasks.sft.sft_data import SequenceConfig
 
 OBJECTIVES = {"paper": PAPER, "parallel_m": PARALLEL_M, "parallel_a": PARALLEL_A}
 
@@ -218,7 +218,7 @@ def train(model: torch.nn.Module, batches: Iterator[Batch], cfg: SFTConfig, mask
     """Single-process SFT: cfg.total_steps optimiser steps (or until time_budget_s of training time).
 
     Args:
-        batches: endless micro-batch stream (tasks/sft_data.batch_stream).
+        batches: endless micro-batch stream (tasks/sft/sft_data.batch_stream).
         eval_fn: called as eval_fn(step, model) every cfg.eval_interval steps and at the end; its
             dict is merged into that step's history row (its time is not counted as training time).
         log_fn: receives each history row at cfg.log_interval (and evaluated) steps.
