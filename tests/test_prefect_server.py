@@ -177,7 +177,7 @@ def _publish(api: str, lake: str, out: str) -> str:
     from prefect.settings import PREFECT_API_URL, temporary_settings
 
     from flows.aggregate import aggregate
-    from tasks import ui_artifacts as ui
+    from tasks.pipeline import ui_artifacts as ui
 
     @flow(name="ui-browser")
     def publish_artifacts() -> str:
