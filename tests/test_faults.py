@@ -1,10 +1,10 @@
-"""Fault injection: aggregation SIGKILLed at several points (before, during, right after a commit), re-run, and
-compared with an uninterrupted run (0 rows lost, 0 duplicated); a second Ray node killed mid-SFT (the run finishes,
-losses and checkpoint as uninterrupted); the S3 server frozen, stopped and restarted mid-write; two writers on one
-dataset.
+"""Fault injection across the stages: SIGKILL at several points (before, during, right after a commit), re-run,
+and compare every table with an uninterrupted run (0 rows lost, 0 duplicated, checkpoints loadable); a second
+Ray node killed mid-SFT and mid-RL; the S3 server stopped and restarted mid-write; two writers on one dataset.
 
 Helpers (start in a process group, kill when the Nth commit appears, snapshot tables) are in tests/faults.py.
 """
+import glob
 import json
 import os
 import random
@@ -16,8 +16,9 @@ import pytest
 
 import tasks.aggregate.aggregate as agg
 from storage.parquet import read_table
-from tests.faults import (after, commits, commits_at_least, compare, finish, kill_when, snapshot, start,
+from tests.faults import (after, commits, commits_at_least, compare, exists, finish, kill_when, snapshot, start,
                           then, uncommitted_shard)
+from tests.test_pararl import _metrics, _run, random_clip, sft_checkpoint  # noqa: F401  (fixtures)
 from tests.test_sft_ray import _fit, _losses, prepared  # noqa: F401  (fixture)
 
 CURATE = dict(resolution=32, resize="squash", min_side=16, max_aspect=3.0, near_duplicate_bits=2)
@@ -85,6 +86,55 @@ def test_two_aggregations_into_one_dataset_lose_nothing_or_fail_clearly(tmp_path
     rows = compare(snapshot(root), snapshot(str(want)))
     assert rows == 480
     print(f"faults: two aggregations at once, exit codes {codes}, {rows} rows compared")
+
+
+PIPELINE_YAML = ("reward_steps: 10\neval_limit: 12\nrl: {rounds: 2, prompts_per_round: 4, group_size: 2, "
+                 "norm_min_prompts: 8, checkpoint_every: 1}\n")
+
+
+def _pipeline(tmp_path, out: str, mark: str):
+    (tmp_path / "run.yaml").write_text(PIPELINE_YAML)
+    argv = ["run", "--out", out, "--toy-samples", "200", "--sft-steps", "4", "--config", str(tmp_path / "run.yaml")]
+    return start(argv, tmp_path / f"{out}.log", mark, cwd=tmp_path, env={"PREFECT_HOME": str(tmp_path / "prefect")})
+
+
+def _scores(log) -> list[str]:
+    """The closing table of the last run in a log (checkpoint, decoding, TQ ... overall)."""
+    text = log.read_text(errors="replace").rsplit("ParaPipe run finished", 1)[-1]
+    return [ln for ln in text.splitlines() if ln.startswith(("  SFT (", "  ParaRL ("))]
+
+
+@pytest.mark.slow
+def test_the_pipeline_killed_in_every_stage_ends_as_an_uninterrupted_run(tmp_path):
+    from model.checkpoint import from_pretrained
+
+    ref = _pipeline(tmp_path, "ref", f"pipe-ref-{tmp_path.name}")
+    finish(ref, f"pipe-ref-{tmp_path.name}", tmp_path / "ref.log", timeout=1500)
+    data = str(tmp_path / "killed" / "data")
+    kills = {"before any stage": after(3.0),
+             "after the samples commit (aggregate)": commits_at_least(data, "samples", 1),
+             "after a traces commit": commits_at_least(data, "traces", 1),
+             "mid-SFT, after a metrics commit": commits_at_least(data, "train_metrics", 1),
+             "after ParaRL round 0's commit": commits_at_least(data, "rl_metrics", 1),
+             "mid-evaluation, after an outputs commit": commits_at_least(data, "eval_outputs", 1)}
+    landed = []
+    for i, (where, cond) in enumerate(kills.items()):
+        mark = f"pipe-{i}-{tmp_path.name}"
+        if kill_when(_pipeline(tmp_path, "killed", mark), cond, mark, timeout=900, poll=0.01):
+            landed.append(where)
+    log = tmp_path / "killed.log"
+    finish(_pipeline(tmp_path, "killed", f"pipe-end-{tmp_path.name}"), f"pipe-end-{tmp_path.name}", log, timeout=900)
+    assert landed == list(kills), f"kills that never landed: {set(kills) - set(landed)}"
+    got = snapshot(data, out=str(tmp_path / "killed"))
+    want = snapshot(str(tmp_path / "ref" / "data"), out=str(tmp_path / "ref"))
+    assert all(want[t] for t in ("samples", "traces", "train_metrics", "rl_metrics", "trajectories", "eval_outputs"))
+    rows = compare(got, want)
+    assert _scores(log) == _scores(tmp_path / "ref.log") and len(_scores(log)) == 4
+    for ckpt in glob.glob(str(tmp_path / "killed" / "**" / "final"), recursive=True) + \
+            sorted(glob.glob(str(tmp_path / "killed" / "rl" / "checkpoints" / "*" / "round-*"))):
+        assert from_pretrained(ckpt)[0] is not None, ckpt
+    print(f"faults: pipeline, {len(kills)} kills landed in {len(landed)} places, {rows} rows in "
+          f"{sum(bool(c) for c in want.values())} tables compared, scores {_scores(log)}")
 
 
 # ------------------------------------------------------------------------------------------------ a second Ray node
@@ -162,6 +212,24 @@ def test_sft_survives_losing_the_node_its_workers_run_on(prepared, two_nodes):
         assert got[step] == pytest.approx(want[step], rel=1e-4, abs=1e-5), step
     assert from_pretrained(result["checkpoint"])[0] is not None
     print(f"faults: SFT lost node {killed[:8]} past step 6, 12 loss rows compared")
+
+
+@pytest.mark.slow
+def test_pararl_survives_losing_the_node_its_actors_run_on(sft_checkpoint, random_clip, two_nodes):
+    from model.checkpoint import from_pretrained
+
+    root = sft_checkpoint[0]
+    result, _ = _run(sft_checkpoint, random_clip, "node-ref", "rl-node-ref")
+    ref = _metrics(root, "node-ref")
+    traj = os.path.join(root, "trajectories", "run=node-killed", "_manifest.json")
+    result, killed = _with_node_loss(lambda: _run(sft_checkpoint, random_clip, "node-killed", "rl-node-killed")[0],
+                                     then(exists(traj), 0.5), two_nodes)  # in round 1, its rollouts under way
+    assert killed is not None
+    assert _metrics(root, "node-killed") == ref
+    rows = {t: len(read_table(root, t, run="node-killed")) for t in ("trajectories", "rewards", "rl_metrics")}
+    assert rows == {t: len(read_table(root, t, run="node-ref")) for t in rows}
+    assert from_pretrained(result["checkpoint"])[0] is not None
+    print(f"faults: ParaRL lost node {killed[:8]} in round 1, rows compared {rows}")
 
 
 # ------------------------------------------------------------------------------------------------ storage faults
