@@ -88,8 +88,9 @@ def test_two_aggregations_into_one_dataset_lose_nothing_or_fail_clearly(tmp_path
     print(f"faults: two aggregations at once, exit codes {codes}, {rows} rows compared")
 
 
-PIPELINE_YAML = ("reward_steps: 10\neval_limit: 12\nrl: {rounds: 2, prompts_per_round: 4, group_size: 2, "
+PIPELINE_YAML = ("reward_steps: 10\neval_limit: 12\nexamples: 1\nrl: {rounds: 2, prompts_per_round: 4, group_size: 2, "
                  "norm_min_prompts: 8, checkpoint_every: 1}\n")
+STAGE_TABLES = ("samples", "traces", "train_metrics", "rl_metrics", "eval_outputs")  # one per stage, in order
 
 
 def _pipeline(tmp_path, out: str, mark: str):
@@ -108,8 +109,10 @@ def _scores(log) -> list[str]:
 def test_the_pipeline_killed_in_every_stage_ends_as_an_uninterrupted_run(tmp_path):
     from model.checkpoint import from_pretrained
 
+    t0 = time.monotonic()
     ref = _pipeline(tmp_path, "ref", f"pipe-ref-{tmp_path.name}")
     finish(ref, f"pipe-ref-{tmp_path.name}", tmp_path / "ref.log", timeout=1500)
+    timing = [f"reference {time.monotonic() - t0:.0f} s"]
     data = str(tmp_path / "killed" / "data")
     kills = {"before any stage": after(3.0),
              "after the samples commit (aggregate)": commits_at_least(data, "samples", 1),
@@ -117,24 +120,39 @@ def test_the_pipeline_killed_in_every_stage_ends_as_an_uninterrupted_run(tmp_pat
              "mid-SFT, after a metrics commit": commits_at_least(data, "train_metrics", 1),
              "after ParaRL round 0's commit": commits_at_least(data, "rl_metrics", 1),
              "mid-evaluation, after an outputs commit": commits_at_least(data, "eval_outputs", 1)}
-    landed = []
+    landed, seen = [], {}  # seen: commits of each stage's table when the kill landed
     for i, (where, cond) in enumerate(kills.items()):
-        mark = f"pipe-{i}-{tmp_path.name}"
+        mark, t0 = f"pipe-{i}-{tmp_path.name}", time.monotonic()
         if kill_when(_pipeline(tmp_path, "killed", mark), cond, mark, timeout=900, poll=0.01):
             landed.append(where)
-    log = tmp_path / "killed.log"
+        seen[where] = [commits(data, t) for t in STAGE_TABLES]
+        timing.append(f"kill {i} {time.monotonic() - t0:.0f} s")
+    log, t0 = tmp_path / "killed.log", time.monotonic()
     finish(_pipeline(tmp_path, "killed", f"pipe-end-{tmp_path.name}"), f"pipe-end-{tmp_path.name}", log, timeout=900)
+    timing.append(f"last run {time.monotonic() - t0:.0f} s")
     assert landed == list(kills), f"kills that never landed: {set(kills) - set(landed)}"
+    # each kill landed in its stage: nothing committed before the first; each later one after its stage's first
+    # commit and before the next stage's (the mid-evaluation kill: every earlier stage done)
+    assert seen["before any stage"] == [0] * len(STAGE_TABLES), seen
+    for i, where in enumerate(list(kills)[1:]):
+        assert seen[where][i] >= 1 and seen[where][i + 1:] == [0] * (len(STAGE_TABLES) - i - 1), (where, seen)
+    ref_data = str(tmp_path / "ref" / "data")  # ParaRL and evaluation were killed part-way (2 rounds, 4 outputs)
+    assert seen["after ParaRL round 0's commit"][3] < commits(ref_data, "rl_metrics"), seen
+    assert seen["mid-evaluation, after an outputs commit"][4] < commits(ref_data, "eval_outputs"), seen
+    # the last run redid only what the last kill interrupted: every earlier stage came from its cache
+    assert "stages: aggregate cached, fit-reward cached, traces cached, sft cached, pararl cached, evaluate ran" \
+        in log.read_text(errors="replace").rsplit("ParaPipe run finished", 1)[-1]
     got = snapshot(data, out=str(tmp_path / "killed"))
-    want = snapshot(str(tmp_path / "ref" / "data"), out=str(tmp_path / "ref"))
+    want = snapshot(ref_data, out=str(tmp_path / "ref"))
     assert all(want[t] for t in ("samples", "traces", "train_metrics", "rl_metrics", "trajectories", "eval_outputs"))
     rows = compare(got, want)
     assert _scores(log) == _scores(tmp_path / "ref.log") and len(_scores(log)) == 4
     for ckpt in glob.glob(str(tmp_path / "killed" / "**" / "final"), recursive=True) + \
             sorted(glob.glob(str(tmp_path / "killed" / "rl" / "checkpoints" / "*" / "round-*"))):
         assert from_pretrained(ckpt)[0] is not None, ckpt
-    print(f"faults: pipeline, {len(kills)} kills landed in {len(landed)} places, {rows} rows in "
-          f"{sum(bool(c) for c in want.values())} tables compared, scores {_scores(log)}")
+    print(f"faults: pipeline, {len(kills)} kills landed in {len(landed)} places (commits of {STAGE_TABLES} when "
+          f"each landed: {seen}), {rows} rows in {sum(bool(c) for c in want.values())} tables compared, "
+          f"scores {_scores(log)}; {', '.join(timing)}")
 
 
 # ------------------------------------------------------------------------------------------------ a second Ray node
@@ -160,12 +178,13 @@ def two_nodes():
         cluster.remove_node(side, allow_graceful=False)
         nodes.append(cluster.add_node(num_cpus=2))
         return side.node_id
+    replace.raylet_pid = lambda: nodes[-1].all_processes["raylet"][0].process.pid  # the second node's raylet
     yield replace
     ray.shutdown()
     cluster.shutdown()
 
 
-def _with_node_loss(work, cond, replace, timeout: float = 900.0):
+def _with_node_loss(work, cond, replace, timeout: float = 900.0, poll: float = 0.05):
     """Runs work() in a thread; once cond() holds, replaces the second node from this (the main) thread, since
     starting a node installs signal handlers. Returns (work's result, the killed node's id or None)."""
     from concurrent.futures import ThreadPoolExecutor
@@ -176,8 +195,48 @@ def _with_node_loss(work, cond, replace, timeout: float = 900.0):
         while not future.done() and time.monotonic() < deadline:
             if killed is None and cond():
                 killed = replace()
-            time.sleep(0.05)
+            time.sleep(poll)
         return future.result(timeout=max(1.0, deadline - time.monotonic())), killed
+
+
+def _cmdline(pid: int) -> str:
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            return f.read().replace(b"\0", b" ").decode(errors="replace")
+    except OSError:
+        return ""
+
+
+def _children(pid: int) -> list[int]:
+    import psutil
+
+    try:
+        return [c.pid for c in psutil.Process(pid).children()]
+    except psutil.Error:
+        return []
+
+
+def _frozen_mid_call(gate, raylet_pid, title: str):
+    """True once a worker of the node (a child of its raylet) runs the actor method `title` (Ray's process title,
+    e.g. 'ray::RolloutWorker.sample', set for the call's duration) after gate() held: that worker is then
+    SIGSTOPped, so the call cannot finish before the node is killed. `.frozen` holds its pid."""
+    frozen, workers = [], []
+
+    def check():
+        if frozen or not gate():
+            return bool(frozen)
+        if not workers:
+            workers.extend(p for p in _children(raylet_pid()) if _cmdline(p).startswith(title.split(".")[0]))
+        for pid in workers:
+            if _cmdline(pid).startswith(title):
+                os.kill(pid, signal.SIGSTOP)
+                if _cmdline(pid).startswith(title):  # still inside the call: it is held there
+                    frozen.append(pid)
+                    return True
+                os.kill(pid, signal.SIGCONT)  # it returned in between: let it go, wait for the next call
+        return False
+    check.frozen = frozen
+    return check
 
 
 def _worker_nodes() -> set:
@@ -218,18 +277,36 @@ def test_sft_survives_losing_the_node_its_workers_run_on(prepared, two_nodes):
 def test_pararl_survives_losing_the_node_its_actors_run_on(sft_checkpoint, random_clip, two_nodes):
     from model.checkpoint import from_pretrained
 
-    root = sft_checkpoint[0]
+    root, _, work = sft_checkpoint
     result, _ = _run(sft_checkpoint, random_clip, "node-ref", "rl-node-ref")
     ref = _metrics(root, "node-ref")
-    traj = os.path.join(root, "trajectories", "run=node-killed", "_manifest.json")
+    # round 0 is done once its checkpoint is (learner_state.pt is written last); a rollout is a fraction of a
+    # second on CPU, too short to hit with a timer, so the worker is held inside round 1's sample call
+    round0 = str(work / "rl-node-killed" / "checkpoints" / "node-killed" / "round-00000" / "learner_state.pt")
+    cond = _frozen_mid_call(exists(round0), two_nodes.raylet_pid, "ray::RolloutWorker.sample")
+
+    def lose_the_node():
+        node = two_nodes()
+        for pid in cond.frozen:  # the machine is gone: its held worker too (if its raylet's death left it)
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except OSError:
+                pass
+        return node
+    before = _worker_nodes()
     result, killed = _with_node_loss(lambda: _run(sft_checkpoint, random_clip, "node-killed", "rl-node-killed")[0],
-                                     then(exists(traj), 0.5), two_nodes)  # in round 1, its rollouts under way
-    assert killed is not None
-    assert _metrics(root, "node-killed") == ref
+                                     cond, lose_the_node, poll=0.002)
+    assert killed in before and killed not in _worker_nodes(), "the node was not lost mid-rollout in round 1"
+    got = _metrics(root, "node-killed")
+    assert got == ref
     rows = {t: len(read_table(root, t, run="node-killed")) for t in ("trajectories", "rewards", "rl_metrics")}
     assert rows == {t: len(read_table(root, t, run="node-ref")) for t in rows}
     assert from_pretrained(result["checkpoint"])[0] is not None
-    print(f"faults: ParaRL lost node {killed[:8]} in round 1, rows compared {rows}")
+    secs = [r["rollout_s"] for run in ("node-ref", "node-killed")
+            for r in read_table(root, "rl_metrics", run=run).to_pylist() if r["round"] == 1]
+    print(f"faults: ParaRL lost node {killed[:8]} with its rollout worker (pid {cond.frozen[0]}) held inside round "
+          f"1's sample call; round 1 rollouts took {secs[0]:.2f} s uninterrupted, {secs[1]:.2f} s with the loss; "
+          f"{len(got)} metric rows equal, rows compared {rows}")
 
 
 # ------------------------------------------------------------------------------------------------ storage faults

@@ -29,7 +29,8 @@ FAST = dict(rounds=2, prompts_per_round=4, group_size=3, sampled_steps=2, norm_m
             eval_every=1, checkpoint_every=1, micro_batch=8, lr=1e-3)
 
 
-@pytest.fixture(scope="module")
+# session scope: tests/test_faults.py runs ParaRL on it too, and one build (minutes on 2 cores) serves both
+@pytest.fixture(scope="session")
 def sft_checkpoint(tmp_path_factory):
     """A toy dataset and a briefly fine-tuned tiny checkpoint folder (what `parapipe sft` writes)."""
     work = tmp_path_factory.mktemp("rl")
@@ -48,7 +49,7 @@ def sft_checkpoint(tmp_path_factory):
     return root, ckpt, work
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def random_clip(sft_checkpoint):
     """A randomly initialised tiny open_clip model saved as a reward folder (continuous scores)."""
     import open_clip
