@@ -277,13 +277,13 @@ def test_sft_survives_losing_the_node_its_workers_run_on(prepared, two_nodes):
 def test_pararl_survives_losing_the_node_its_actors_run_on(sft_checkpoint, random_clip, two_nodes):
     from model.checkpoint import from_pretrained
 
-    root, _, work = sft_checkpoint
+    root = sft_checkpoint[0]
     result, _ = _run(sft_checkpoint, random_clip, "node-ref", "rl-node-ref")
     ref = _metrics(root, "node-ref")
-    # round 0 is done once its checkpoint is (learner_state.pt is written last); a rollout is a fraction of a
-    # second on CPU, too short to hit with a timer, so the worker is held inside round 1's sample call
-    round0 = str(work / "rl-node-killed" / "checkpoints" / "node-killed" / "round-00000" / "learner_state.pt")
-    cond = _frozen_mid_call(exists(round0), two_nodes.raylet_pid, "ray::RolloutWorker.sample")
+    # once round 0's rows are committed its rollouts are over: the next sample call is round 1's. A rollout is a
+    # fraction of a second on CPU, too short to hit with a timer, so the worker is held inside that call
+    traj = os.path.join(root, "trajectories", "run=node-killed", "_manifest.json")
+    cond = _frozen_mid_call(exists(traj), two_nodes.raylet_pid, "ray::RolloutWorker.sample")
 
     def lose_the_node():
         node = two_nodes()
