@@ -25,3 +25,19 @@ def prefect_harness():
 
     with prefect_test_harness(server_startup_timeout=300):
         yield
+
+
+# ParaRL's starting point, built once per session (minutes on 2 cores): tests/test_pararl.py and
+# tests/test_faults.py both run ParaRL on it, under their own run ids
+@pytest.fixture(scope="session")
+def sft_checkpoint(tmp_path_factory):
+    from tests.test_pararl import build_sft_checkpoint
+
+    return build_sft_checkpoint(tmp_path_factory.mktemp("rl"))
+
+
+@pytest.fixture(scope="session")
+def random_clip(sft_checkpoint):
+    from tests.test_pararl import build_random_clip
+
+    return build_random_clip(sft_checkpoint[2])

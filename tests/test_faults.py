@@ -18,7 +18,7 @@ import tasks.aggregate.aggregate as agg
 from storage.parquet import read_table
 from tests.faults import (after, commits, commits_at_least, compare, exists, finish, kill_when, snapshot, start,
                           then, uncommitted_shard)
-from tests.test_pararl import _metrics, _run, random_clip, sft_checkpoint  # noqa: F401  (fixtures)
+from tests.test_pararl import _metrics, _run  # fixtures sft_checkpoint, random_clip: conftest.py
 from tests.test_sft_ray import _fit, _losses, prepared  # noqa: F401  (fixture)
 
 CURATE = dict(resolution=32, resize="squash", min_side=16, max_aspect=3.0, near_duplicate_bits=2)

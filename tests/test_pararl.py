@@ -29,11 +29,9 @@ FAST = dict(rounds=2, prompts_per_round=4, group_size=3, sampled_steps=2, norm_m
             eval_every=1, checkpoint_every=1, micro_batch=8, lr=1e-3)
 
 
-# session scope: tests/test_faults.py runs ParaRL on it too, and one build (minutes on 2 cores) serves both
-@pytest.fixture(scope="session")
-def sft_checkpoint(tmp_path_factory):
-    """A toy dataset and a briefly fine-tuned tiny checkpoint folder (what `parapipe sft` writes)."""
-    work = tmp_path_factory.mktemp("rl")
+def build_sft_checkpoint(work):
+    """A toy dataset and a briefly fine-tuned tiny checkpoint folder (what `parapipe sft` writes): the
+    `sft_checkpoint` fixture, session-scoped in conftest.py since tests/test_faults.py runs ParaRL on it too."""
     root, out = str(work / "lake"), str(work / "sft")
     src = {"type": "toy", "name": "toy", "preset": "tiny", "n": 240, "seed": 0, "categories": list(RECIPE["categories"])}
     agg.ingest_source.fn(src, root, "d", CURATE)
@@ -49,14 +47,12 @@ def sft_checkpoint(tmp_path_factory):
     return root, ckpt, work
 
 
-@pytest.fixture(scope="session")
-def random_clip(sft_checkpoint):
-    """A randomly initialised tiny open_clip model saved as a reward folder (continuous scores)."""
+def build_random_clip(work):
+    """A randomly initialised tiny open_clip model saved as a reward folder (continuous scores): `random_clip`."""
     import open_clip
 
     from rl.reward import TINY_CLIP_CONFIG, register_tiny_clip, save_clip_folder
 
-    work = sft_checkpoint[2]
     name = register_tiny_clip(str(work / "clip-config"))
     torch.manual_seed(0)
     return save_clip_folder(str(work / "clip"), open_clip.create_model(name), name, TINY_CLIP_CONFIG)
