@@ -84,14 +84,12 @@ def run_arm(name: str, seed: int, a, paths: dict, clip: str) -> dict:
 
 def rollout_speed(a, paths: dict) -> None:
     """rollouts/s of the rollout actor's sampling: upstream-style vs batched vs batched + threshold."""
-    import torch
-
+    from model.sampling import SamplerConfig
     from rl.learner import RLConfig
     from rl.rollout import RolloutWorker
     from tasks.pararl.pararl import DEFAULT_SAMPLER, checkpoint_layout
     from tasks.sft.sft import load_set
     from tasks.sft.sft_data import build_prompt
-    from model.sampling import SamplerConfig
 
     seq, shape, _ = checkpoint_layout(a.checkpoint)
     worker = RolloutWorker(a.checkpoint, shape, threads=a.threads)
