@@ -127,14 +127,20 @@ METRIC_ABBREV = {"text_quality": "TQ", "text_alignment": "TA", "image_consistenc
                  "image_quality": "IQ", "output_alignment": "OA", "overall": "overall"}
 
 
+def _traces_line(samples: int, t: dict) -> str:
+    """Dataset totals (a resumed run may write few or none of the traces) and this run's own rows."""
+    missing = t.get("without_trace", t.get("failed", 0))
+    return (f"traces: {samples - missing} of {samples} samples have one; this run wrote ok {t.get('ok', 0)}, "
+            f"failed {t.get('failed', 0)}")
+
+
 def summary_text(r: dict) -> str:
     """What a person reads at the end of `parapipe run`: scores, where everything is, how to look at it."""
     rel = lambda p: os.path.relpath(p) if not os.path.relpath(p).startswith("..") else p  # noqa: E731
     stages = ", ".join(f"{k} {v}" for k, v in r["stages"].items())
     text = r["sft"]["eval"].get("text_correct", {}).get("overall", {}).get("model")
     lines = [f"ParaPipe run finished in {rel(r['out'])} (config: {rel(r['config'])})", f"stages: {stages}",
-             f"{r['samples']} samples, {r['quarantined']} quarantined; traces ok {r['traces'].get('ok', 0)}, "
-             f"failed {r['traces'].get('failed', 0)}", "",
+             f"{r['samples']} samples, {r['quarantined']} quarantined; {_traces_line(r['samples'], r['traces'])}", "",
              f"toy ParaBench, {r['eval']['items']} items, exact judge (0-100; TQ/TA text quality/alignment, "
              "IC/IA/IQ image consistency/alignment/quality, OA output alignment):",
              f"  {'checkpoint (decoding)':24s} " + " ".join(f"{a:>7s}" for a in METRIC_ABBREV.values())]

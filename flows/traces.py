@@ -60,4 +60,5 @@ def traces(root: str = "data", dataset: str = "toy-tiny", generator: dict | None
                             batch_size, filters, progress, commit_every_s)
     print(f"{dataset}: generator {key} ({spec['kind']} {spec['model']}): {stats}")
     check_failures(stats, max_failed_fraction)
-    return {"pending": len(pending), **stats}
+    missing = len(find_pending(root, dataset, key)) if pending else 0  # dataset totals, not only this run's rows
+    return {"pending": len(pending), **stats, "without_trace": missing}

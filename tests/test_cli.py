@@ -274,7 +274,7 @@ def test_run_summary_says_scores_outputs_and_how_to_look():
            "image_quality": 100.0, "output_alignment": 35.5, "overall": 72.4}
     text = summary_text({"out": "/w/runs/x", "root": "/w/runs/x/data", "samples": 2000, "quarantined": 0,
                          "config": "/w/runs/x/config.json", "stages": {"aggregate": "cached", "sft": "ran"},
-                         "traces": {"pending": 2000, "ok": 1990, "failed": 10, "filtered": 0},
+                         "traces": {"pending": 2000, "ok": 1990, "failed": 10, "filtered": 0, "without_trace": 10},
                          "sft": {"checkpoint": "/w/runs/x/sft/final",
                                  "eval": {"text_correct": {"overall": {"model": 0.4}}}},
                          "rl": {"checkpoint": "/w/runs/x/rl/round-00007"}, "flow_run_id": "abc",
@@ -282,7 +282,8 @@ def test_run_summary_says_scores_outputs_and_how_to_look():
                                   "reports": ["/w/runs/x/eval/metrics.png"]}})
     lines = text.splitlines()
     assert lines[1] == "stages: aggregate cached, sft ran"
-    assert "2000 samples, 0 quarantined; traces ok 1990, failed 10" in lines
+    assert ("2000 samples, 0 quarantined; traces: 1990 of 2000 samples have one; this run wrote ok 1990, failed 10"
+            in lines)
     assert any(ln.startswith("  ParaRL (sequential)") for ln in lines)
     assert any(ln.startswith("  SFT (parallel)") and ln.split()[-1] == "72.4" and "35.5" in ln for ln in lines)
     assert "SFT held-out check: reasoning text right 40% of the time" in lines

@@ -208,7 +208,7 @@ def test_a_run_whose_rows_all_fail_ends_failed_with_the_count(lake, prefect_harn
     assert card2.key != card.key and "40/40 traces: 40 ok, 0 filtered, 0 failed" in card2.description
     # resumed with nothing to do: 100%, and the model is never loaded
     again = traces(root=lake, dataset="d", generator={"kind": "teacher"}, return_state=True)
-    assert again.is_completed() and again.result()["pending"] == 0
+    assert again.is_completed() and again.result()["pending"] == 0 and again.result()["without_trace"] == 0
     [card3] = _artifacts(again.state_details.flow_run_id)
     assert card3.data == 100.0 and card3.description.startswith("nothing to do")
 
@@ -233,6 +233,7 @@ def test_failures_over_the_threshold_fail_the_run_below_it_do_not(lake, tmp_path
     # another generator (seed 1): the same 20% fails, under the default threshold (0.25)
     lenient = traces(root=lake, dataset="d", generator={"kind": "teacher", "seed": 1}, return_state=True)
     assert lenient.is_completed() and lenient.result()["failed"] == failed and lenient.result()["pending"] == n
+    assert lenient.result()["without_trace"] == failed  # dataset totals: the failed samples still have none
     # retrying only the failed ones: all of this run's rows fail again, so this run fails
     retry = traces(root=lake, dataset="d", generator={"kind": "teacher", "seed": 1}, return_state=True)
     assert retry.is_failed() and f"{failed} of {failed} traces failed" in retry.message
