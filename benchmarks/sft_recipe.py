@@ -126,6 +126,7 @@ def parse_args() -> argparse.Namespace:
     ap.add_argument("--dropout", type=float, default=r.sft.cond_dropout)
     ap.add_argument("--text-tokens", type=int, default=r.seq.text_tokens)
     ap.add_argument("--instr-tokens", type=int, default=r.seq.instruction_tokens, help="0 = unpadded prompts")
+    ap.add_argument("--image-pos", action="store_true", help="learned row/column embeddings on image blocks")
     ap.add_argument("--fp32", action="store_true", help="train without bf16 autocast")
     ap.add_argument("--seed", type=int, default=r.sft.seed)
     ap.add_argument("--cache-dir", default="runs/sft_cache")
@@ -147,7 +148,8 @@ def main() -> None:
                                 objective=a.objective, image_coeff=a.image_coeff, cond_dropout=a.dropout,
                                 bf16=not a.fp32, seed=a.seed, eval_interval=a.eval_every))
     preset, tok, vq, vocab, train_set, val_set, scenes = build_data(recipe, a.cache_dir, a.seed)
-    model_cfg = ModelConfig(**recipe.model, vocab_size=vocab.vocab_size, embedding_size=vocab.vocab_size)
+    pos = dict(image_pos_grid=tuple(vq.grid), soi_id=vocab.soi_id) if a.image_pos else {}
+    model_cfg = ModelConfig(**recipe.model, vocab_size=vocab.vocab_size, embedding_size=vocab.vocab_size, **pos)
     cfg, seq = recipe.sft, recipe.seq
     stream = batch_stream(train_set, vocab, seq, cfg.batch_size, cfg.seed, cond_dropout=cfg.cond_dropout)
     model = DiffusionLM(model_cfg).init_weights(cfg.seed)
@@ -173,7 +175,8 @@ def main() -> None:
         return out
 
     def log_fn(row: dict) -> None:
-        extra = f" exact_image {row['exact_image/overall']:.2f}" if "exact_image/overall" in row else ""
+        extra = (f" exact_image {row['exact_image/overall']:.2f} text {row['text_correct/overall']:.2f} agreement "
+                 f"{row['agreement/overall']:.2f}" if "exact_image/overall" in row else "")
         print(f"step {row['step']:5d} {row['train_s']:6.0f}s loss {row['loss']:.3f} (text {row['loss_text']:.3f} "
               f"image {row['loss_image']:.3f}) gnorm {row['grad_norm']:.2f} lr {row['lr']:.2e} "
               f"{row['tokens_per_s']:.0f} tok/s{extra}", flush=True)

@@ -70,56 +70,69 @@ def evaluate_stage(key: str, kw: dict) -> dict:
 
 
 @task(name="record-config")
-def record_config(c: PipelineConfig, root: str) -> str:
-    """The frozen config beside the outputs and in the `runs` table, so a checkpoint's config can be read back."""
-    from storage.parquet import write_rows
-
+def record_config(c: PipelineConfig) -> str:
+    """The frozen config beside the outputs, so a checkpoint's config can be read back (also in `runs`)."""
     os.makedirs(c.out, exist_ok=True)
     path = os.path.join(c.out, "config.json")
     with open(path, "w") as f:
         json.dump(c.model_dump(mode="json"), f, indent=2)
-    run_id = f"pipeline-{c.dataset}-{dt.datetime.now(dt.timezone.utc):%Y%m%dT%H%M%S}"
-    write_rows(root, "runs", [{"run_id": run_id, "stage": "pipeline", "config_json": c.model_dump_json(),
-                               "code_version": code_version(), "start_time": dt.datetime.now(dt.timezone.utc)}],
-               run=run_id)
     return path
+
+
+@task(name="record-run")
+def record_run(c: PipelineConfig, root: str, start: dt.datetime, states: dict, seconds: dict) -> str:
+    """The finished run's row in the `runs` table: config, code version, start/end, each stage's state and seconds."""
+    from storage.parquet import write_rows
+
+    run_id = f"pipeline-{c.dataset}-{start:%Y%m%dT%H%M%S}"
+    timings = {k: {"state": states[k], "seconds": seconds.get(k)} for k in states}
+    write_rows(root, "runs", [{"run_id": run_id, "stage": "pipeline", "config_json": c.model_dump_json(),
+                               "code_version": code_version(), "start_time": start,
+                               "end_time": dt.datetime.now(dt.timezone.utc), "timings_json": json.dumps(timings)}],
+               run=run_id)
+    return run_id
 
 
 @flow(name="pipeline", log_prints=True)
 def pipeline(config: PipelineConfig = PipelineConfig()) -> dict:
     c = config
     root, recipe, out = os.path.join(c.out, "data"), c.resolved_recipe(), os.path.abspath(c.out)
-    record_config(c, root)
-    states: dict[str, str] = {}  # stage -> "ran" | "cached"
+    start = dt.datetime.now(dt.timezone.utc)
+    record_config(c)
+    states, seconds = {}, {}  # stage -> "ran" | "cached"; stage -> wall seconds
     sources = [{"type": "toy", "name": c.dataset, "preset": "tiny", "n": c.toy_samples or recipe.toy_samples,
                 "seed": c.seed, "categories": list(recipe.categories or [])}]
     agg = dict(sources=sources, root=root, dataset=c.dataset, resolution=32)
     summary = run_stage(states, aggregate_stage, out, stage_key("aggregate", agg), agg,
-                        must_exist=(os.path.join(root, "samples", f"run={c.dataset}"),))
+                        must_exist=(os.path.join(root, "samples", f"run={c.dataset}"),), seconds=seconds)
     reward = run_stage(states, fit_reward_stage, out, stage_key("fit-reward", c.reward_steps, c.seed),
-                       os.path.join(out, "reward"), "tiny", c.reward_steps, c.seed)
+                       os.path.join(out, "reward"), "tiny", c.reward_steps, c.seed, seconds=seconds)
     tr = dict(root=root, dataset=c.dataset, generator={"kind": "teacher", "seed": c.seed})
     key = stage_key("traces", tr, fingerprint(root, "samples", c.dataset))
-    trace_stats = run_stage(states, traces_stage, out, key, tr)
+    trace_stats = run_stage(states, traces_stage, out, key, tr, seconds=seconds)
     # run ids carry the stage key: changed inputs start a fresh run, a crashed run resumes its own
     st = dict(root=root, dataset=c.dataset, out=os.path.join(out, "sft"), recipe=recipe, total_steps=c.sft_steps,
               num_workers=c.num_workers, use_gpu=c.gpu)
     key = stage_key("sft", st, fingerprint(root, "traces", c.dataset))
-    trained = run_stage(states, sft_stage, out, key, {**st, "run_id": f"sft-{c.dataset}-{key[-8:]}"})
+    trained = run_stage(states, sft_stage, out, key, {**st, "run_id": f"sft-{c.dataset}-{key[-8:]}"},
+                        seconds=seconds)
     rl = dict(checkpoint=trained["checkpoint"], root=root, dataset=c.dataset, out=os.path.join(out, "rl"),
               config=c.rl, clip_folder=reward, use_gpu=c.gpu)
     key = stage_key("pararl", rl, fingerprint(trained["checkpoint"]), fingerprint(reward))
-    tuned = run_stage(states, pararl_stage, out, key, {**rl, "run_id": f"rl-{c.dataset}-{key[-8:]}"})
+    tuned = run_stage(states, pararl_stage, out, key, {**rl, "run_id": f"rl-{c.dataset}-{key[-8:]}"},
+                      seconds=seconds)
     ev = dict(checkpoints=[trained["checkpoint"], tuned["checkpoint"]], root=root, modes=list(c.eval_modes),
               sampler=recipe.sampler, limit=c.eval_limit, report_dir=os.path.join(out, "eval"))
     key = stage_key("evaluate", ev, fingerprint(trained["checkpoint"]), fingerprint(tuned["checkpoint"]))
-    scores = run_stage(states, evaluate_stage, out, key, {**ev, "run_id": f"eval-{c.dataset}-{key[-8:]}"})
+    scores = run_stage(states, evaluate_stage, out, key, {**ev, "run_id": f"eval-{c.dataset}-{key[-8:]}"},
+                       seconds=seconds)
     shown = generate_examples(tuned["checkpoint"], root, c.dataset, os.path.join(out, "examples"),
                               SamplerConfig(**recipe.sampler), n=c.examples, split="test", seed=c.seed)
+    record_run(c, root, start, states, seconds)
     create_markdown_artifact(scores["markdown"], key="pipeline-" + c.dataset.lower().replace("_", "-")[:80])
     return {"out": out, "root": os.path.abspath(root), "samples": summary["samples"],
             "quarantined": summary["quarantined"], "traces": trace_stats, "sft": trained, "rl": tuned,
-            "eval": scores, "examples": shown, "reward": reward, "stages": states,
+            "eval": scores, "examples": shown, "reward": reward, "stages": states, "seconds": seconds,
             "flow_run_id": str(flow_run.id), "config": os.path.join(out, "config.json")}
 
 
@@ -139,7 +152,9 @@ def summary_text(r: dict) -> str:
     rel = lambda p: os.path.relpath(p) if not os.path.relpath(p).startswith("..") else p  # noqa: E731
     stages = ", ".join(f"{k} {v}" for k, v in r["stages"].items())
     text = r["sft"]["eval"].get("text_correct", {}).get("overall", {}).get("model")
+    minutes = ", ".join(f"{k} {v / 60:.1f}" for k, v in r.get("seconds", {}).items())
     lines = [f"ParaPipe run finished in {rel(r['out'])} (config: {rel(r['config'])})", f"stages: {stages}",
+             f"minutes per stage: {minutes}",
              f"{r['samples']} samples, {r['quarantined']} quarantined; {_traces_line(r['samples'], r['traces'])}", "",
              f"toy ParaBench, {r['eval']['items']} items, exact judge (0-100; TQ/TA text quality/alignment, "
              "IC/IA/IQ image consistency/alignment/quality, OA output alignment):",

@@ -6,7 +6,9 @@ biases, untied head. Parameter names match the released safetensors (`model.tran
 `.blocks.{i}.q_proj` ... `.ln_f`, `.ff_out`) so checkpoints load without renaming
 (upstream-facts §1.1). Pads are masked out as keys and skipped by the position ids, so a
 left-padded row gives the same logits as the row alone. Upstream config values that would
-compute something else are refused by name (BACKBONE_FIELDS). No IO here: see model/checkpoint.py.
+compute something else are refused by name (BACKBONE_FIELDS). ParaPipe's own fresh models may add
+learned row/column embeddings on image blocks (ModelConfig.image_pos_grid; upstream has none).
+No IO here: see model/checkpoint.py.
 """
 import math
 from dataclasses import asdict, dataclass, fields, replace
@@ -73,6 +75,12 @@ class ModelConfig:
     """RMSNorm epsilon."""
     init_std: float = 0.02
     """Std of the random initialisation (tiny models trained from scratch)."""
+    image_pos_grid: tuple[int, int] | None = None
+    """ParaPipe's fresh models only (upstream has no such thing; None): the (h, w) code grid of an image
+    block. Learned row and column embeddings are added at the h*w positions after each `soi_id`, because
+    with 1D RoPE alone a small model finds column = position mod w hard to learn (image_position_ids)."""
+    soi_id: int | None = None
+    """Id of <soi>, the token that opens an image block (with image_pos_grid)."""
 
     def __post_init__(self):
         if self.d_model % self.n_heads:
@@ -84,6 +92,11 @@ class ModelConfig:
         if self.embedding_size is not None and self.embedding_size < self.vocab_size:
             raise ValueError(f"embedding_size={self.embedding_size} is below vocab_size={self.vocab_size}; "
                              f"the embedding needs a row for every id (raise embedding_size)")
+        if self.image_pos_grid is not None:
+            object.__setattr__(self, "image_pos_grid", tuple(self.image_pos_grid))  # JSON gives a list
+            if len(self.image_pos_grid) != 2 or min(self.image_pos_grid) < 1 or self.soi_id is None:
+                raise ValueError(f"image_pos_grid={self.image_pos_grid} needs two positive sizes (h, w) and "
+                                 f"soi_id={self.soi_id} the <soi> token id")
 
     @property
     def kv_heads(self) -> int:
@@ -147,6 +160,21 @@ def apply_rope(x, cos, sin):
     return (x.float() * cos + rotated * sin).to(x.dtype)
 
 
+def image_position_ids(input_ids: torch.Tensor, soi_id: int, grid: tuple[int, int]):
+    """Row and column of every position inside an image block: the h*w positions right after a <soi>.
+
+    input_ids (B, L) -> (row, col, inside), each (B, L); row/col are 0 outside (inside False there).
+    Works on any layout whose image block is <soi> followed by the h*w codes (or masks), row-major.
+    """
+    h, w = grid
+    idx = torch.arange(input_ids.shape[1], device=input_ids.device)  # (L,)
+    start = torch.where(input_ids == soi_id, idx, -1).cummax(-1).values  # (B, L): last <soi> at or before
+    k = idx - start - 1  # offset inside the block
+    inside = (start >= 0) & (k >= 0) & (k < h * w)
+    k = torch.where(inside, k, 0)
+    return k // w, k % w, inside
+
+
 class Block(nn.Module):
     """Pre-norm LLaDA block: x + attn(norm(x)); h + ff_out(silu(ff_proj(m)) * up_proj(m))."""
 
@@ -196,6 +224,9 @@ class LLaDAModel(nn.Module):
             ln_f=RMSNorm(cfg.d_model, cfg.rms_norm_eps),
             ff_out=nn.Linear(cfg.d_model, cfg.rows, bias=False),
         ))
+        if cfg.image_pos_grid is not None:
+            self.transformer["wpe_row"] = nn.Embedding(cfg.image_pos_grid[0], cfg.d_model)
+            self.transformer["wpe_col"] = nn.Embedding(cfg.image_pos_grid[1], cfg.d_model)
 
 
 class DiffusionLM(nn.Module):
@@ -245,7 +276,7 @@ class DiffusionLM(nn.Module):
             positions = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)  # (B, L)
             key_mask = attention_mask[:, None, None, :]  # (B, 1, 1, L): True = attend
         cos, sin = rope_cos_sin(positions, self.config.d_model // self.config.n_heads, self.config.rope_theta)
-        x = t.wte(input_ids)  # (B, L, D)
+        x = self.embed(input_ids)  # (B, L, D)
         for block in t.blocks:
             if self.gradient_checkpointing and self.training:
                 x = torch.utils.checkpoint.checkpoint(block, x, cos, sin, key_mask, use_reentrant=False)
@@ -282,10 +313,23 @@ class DiffusionLM(nn.Module):
             positions = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, cols]  # (B, A)
             key_mask = attention_mask[:, None, None, :]
         cos, sin = rope_cos_sin(positions, self.config.d_model // self.config.n_heads, self.config.rope_theta)
-        x = t.wte(input_ids[:, cols])  # (B, A, D)
+        x = self.embed(input_ids, cols)  # (B, A, D)
         for block, layer_kv in zip(t.blocks, kv):
             x = block(x, cos, sin, key_mask, [layer_kv], cols)
         return t.ff_out(t.ln_f(x))  # (B, A, V)
+
+    def embed(self, input_ids: torch.Tensor, cols: torch.Tensor | None = None) -> torch.Tensor:
+        """Token embeddings (B, L, D), plus the image row/column embeddings with image_pos_grid;
+        with cols (A,), only those columns (B, A, D) (the block offsets still read the whole row)."""
+        t, cfg = self.model.transformer, self.config
+        ids = input_ids if cols is None else input_ids[:, cols]
+        x = t.wte(ids)
+        if cfg.image_pos_grid is not None:
+            row, col, inside = image_position_ids(input_ids, cfg.soi_id, cfg.image_pos_grid)  # (B, L) each
+            if cols is not None:
+                row, col, inside = row[:, cols], col[:, cols], inside[:, cols]
+            x = x + (t.wpe_row(row) + t.wpe_col(col)) * inside[..., None].to(x.dtype)
+        return x
 
     def num_params(self) -> int:
         return sum(p.numel() for p in self.parameters())

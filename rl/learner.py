@@ -60,7 +60,11 @@ class RLConfig:
     lr: float = 1e-4
     """AdamW learning rate (constant). The tiny toy model needs ~1e-4; 8B full fine-tuning ~1e-6."""
     inner_iters: int = 2
-    """Optimiser steps per round over the same rollouts (mu in GRPO; d1 uses more with LoRA)."""
+    """Passes over the same rollouts per round (mu in GRPO; d1 uses more with LoRA)."""
+    minibatches: int = 1
+    """Optimiser steps per pass: the credited (rollout, step) pairs are cut into this many contiguous
+    mini-batches (verl's ppo_mini_batch_size, TRL's steps_per_generation), each scaled to the full
+    batch's gradient size. inner_iters * minibatches updates per round."""
     clip_norm: float = 1.0
     """Max gradient norm."""
     text_weight: float = 1.0
@@ -89,7 +93,7 @@ class RLConfig:
                              f"and credit from {CREDITS}")
         if self.group_size < 2:
             raise ValueError(f"RLConfig.group_size={self.group_size}: GRPO needs >= 2 samples per prompt")
-        for name in ("rounds", "prompts_per_round", "sampled_steps", "inner_iters", "micro_batch",
+        for name in ("rounds", "prompts_per_round", "sampled_steps", "inner_iters", "minibatches", "micro_batch",
                      "eval_every", "checkpoint_every"):
             if getattr(self, name) < 1:
                 raise ValueError(f"RLConfig.{name}={getattr(self, name)} must be >= 1")
@@ -147,7 +151,8 @@ class Rollouts:
 
 def update(policy, ref, optimizer, batch: Rollouts, cfg: RLConfig, vocab: Vocab, shape: OutputShape,
            sampler: SamplerConfig) -> dict:
-    """cfg.inner_iters optimiser steps on one round's rollouts. Returns averaged loss statistics."""
+    """cfg.inner_iters passes of cfg.minibatches optimiser steps each on one round's rollouts.
+    Returns loss statistics averaged over passes (grad norm and entropy: over optimiser steps)."""
     R, K = batch.adv.shape
     pairs = credit_pairs(batch.steps, batch.zero_var, cfg.credit)
     is_img = image_slots(shape, batch.tokens.device)
@@ -158,36 +163,49 @@ def update(policy, ref, optimizer, batch: Rollouts, cfg: RLConfig, vocab: Vocab,
         return stats
     weights = _weights(batch, pairs, is_img, cfg)  # per credited token, in pair order
     policy.train()
+    n_updates = cfg.inner_iters * min(cfg.minibatches, len(pairs))
     for _ in range(cfg.inner_iters):
-        optimizer.zero_grad(set_to_none=True)
-        ent_sum, n_tok = 0.0, 0
-        for start in range(0, len(pairs), cfg.micro_batch):
-            chunk = pairs[start:start + cfg.micro_batch]
-            rows, steps, slots = (torch.tensor(c) for c in zip(*chunk))
-            logp, credited, logits = replay_logprobs(policy, [batch.prompts[r] for r in rows.tolist()],
-                                                     batch.tokens[rows], batch.step_map[rows], steps, vocab,
-                                                     shape, sampler, return_logits=True)
-            p_idx, m_idx = credited.nonzero(as_tuple=True)  # (N,), (N,)
-            weight = weights[n_tok:n_tok + len(p_idx)].to(logp.device)
-            ref_tok = None if ref_logp is None else ref_logp[start:start + len(chunk)][p_idx, m_idx]
-            out = policy_loss(logp[p_idx, m_idx], batch.logp[rows][p_idx, m_idx], batch.adv[rows, slots][p_idx],
-                              weight, cfg.clip_eps, cfg.beta, ref_tok)
-            out.loss.backward()
-            with torch.no_grad():
-                ent_sum += float(_entropy(logits[p_idx, m_idx], is_img[m_idx], vocab, sampler).sum())
-            n_tok += len(p_idx)
-            for key in ("pg_loss", "kl", "clip_frac"):
-                stats[key] += getattr(out, key) * (len(p_idx) if key != "pg_loss" else 1) / cfg.inner_iters
-            stats["loss"] += float(out.loss.detach()) / cfg.inner_iters
-            stats["ratio_max"] = max(stats["ratio_max"], out.ratio_max)
-        norm = torch.nn.utils.clip_grad_norm_([p for p in policy.parameters() if p.grad is not None], cfg.clip_norm)
-        optimizer.step()
-        stats["grad_norm"] += float(norm) / cfg.inner_iters
-        stats["entropy"] += ent_sum / max(n_tok, 1) / cfg.inner_iters
+        n_tok = 0  # credited tokens before the current micro-batch, in pair order (indexes `weights`)
+        for mini in _split(len(pairs), cfg.minibatches):
+            optimizer.zero_grad(set_to_none=True)
+            ent_sum, mini_tok = 0.0, 0
+            for start in range(mini.start, mini.stop, cfg.micro_batch):
+                chunk = pairs[start:min(start + cfg.micro_batch, mini.stop)]
+                rows, steps, slots = (torch.tensor(c) for c in zip(*chunk))
+                logp, credited, logits = replay_logprobs(policy, [batch.prompts[r] for r in rows.tolist()],
+                                                         batch.tokens[rows], batch.step_map[rows], steps, vocab,
+                                                         shape, sampler, return_logits=True)
+                p_idx, m_idx = credited.nonzero(as_tuple=True)  # (N,), (N,)
+                weight = weights[n_tok:n_tok + len(p_idx)].to(logp.device) * (len(pairs) / len(mini))
+                ref_tok = None if ref_logp is None else ref_logp[start:start + len(chunk)][p_idx, m_idx]
+                out = policy_loss(logp[p_idx, m_idx], batch.logp[rows][p_idx, m_idx], batch.adv[rows, slots][p_idx],
+                                  weight, cfg.clip_eps, cfg.beta, ref_tok)
+                out.loss.backward()
+                with torch.no_grad():
+                    ent_sum += float(_entropy(logits[p_idx, m_idx], is_img[m_idx], vocab, sampler).sum())
+                n_tok += len(p_idx)
+                mini_tok += len(p_idx)
+                for key in ("kl", "clip_frac"):
+                    stats[key] += getattr(out, key) * len(p_idx) / cfg.inner_iters
+                # the mini-batch's share of the full-batch loss, averaged over passes
+                stats["pg_loss"] += out.pg_loss * len(mini) / len(pairs) / cfg.inner_iters
+                stats["loss"] += float(out.loss.detach()) * len(mini) / len(pairs) / cfg.inner_iters
+                stats["ratio_max"] = max(stats["ratio_max"], out.ratio_max)
+            norm = torch.nn.utils.clip_grad_norm_([p for p in policy.parameters() if p.grad is not None],
+                                                  cfg.clip_norm)
+            optimizer.step()
+            stats["grad_norm"] += float(norm) / n_updates
+            stats["entropy"] += ent_sum / max(mini_tok, 1) / n_updates
         stats["learner_tokens"] += n_tok
     for key in ("kl", "clip_frac"):  # token-weighted means over micro-batches
         stats[key] /= max(stats["learner_tokens"] / cfg.inner_iters, 1)
     return stats
+
+
+def _split(n: int, parts: int) -> list[range]:
+    """n items cut into min(parts, n) contiguous ranges of near-equal size."""
+    bounds = torch.linspace(0, n, min(parts, n) + 1).round().long().tolist()
+    return [range(a, b) for a, b in zip(bounds[:-1], bounds[1:])]
 
 
 def _weights(batch: Rollouts, pairs, is_img: torch.Tensor, cfg: RLConfig) -> torch.Tensor:

@@ -226,7 +226,13 @@ def test_run_pipeline_then_query_and_inspect(tmp_path):
     con.execute(sql.read_text())
     assert con.sql("SELECT count(*) FROM samples").fetchall() == [(200,)]
     assert con.sql("SELECT count(*) FROM train_metrics").fetchall() == [(4,)]
-    assert con.sql("SELECT count(*) FROM runs WHERE stage = 'pipeline'").fetchall() == [(2,)]
+    rows = con.sql("SELECT end_time > start_time, timings_json FROM runs WHERE stage = 'pipeline' "
+                   "ORDER BY start_time").fetchall()
+    assert [r[0] for r in rows] == [True, True]
+    first, second = (json.loads(r[1]) for r in rows)
+    stages = ["aggregate", "fit-reward", "traces", "sft", "pararl", "evaluate"]
+    assert list(first) == stages and {v["state"] for v in first.values()} == {"ran"}
+    assert {v["state"] for v in second.values()} == {"cached"} and all(v["seconds"] >= 0 for v in second.values())
     overall = con.sql("SELECT count(*) FROM eval_results WHERE metric = 'overall/overall'").fetchall()
     assert overall == [(4,)]  # SFT and ParaRL, parallel and sequential
     session = subprocess.run([sys.executable, "-m", "flows.cli", "inspect", "--root", root],
@@ -274,6 +280,7 @@ def test_run_summary_says_scores_outputs_and_how_to_look():
            "image_quality": 100.0, "output_alignment": 35.5, "overall": 72.4}
     text = summary_text({"out": "/w/runs/x", "root": "/w/runs/x/data", "samples": 2000, "quarantined": 0,
                          "config": "/w/runs/x/config.json", "stages": {"aggregate": "cached", "sft": "ran"},
+                         "seconds": {"aggregate": 0.4, "sft": 612.0},
                          "traces": {"pending": 2000, "ok": 1990, "failed": 10, "filtered": 0, "without_trace": 10},
                          "sft": {"checkpoint": "/w/runs/x/sft/final",
                                  "eval": {"text_correct": {"overall": {"model": 0.4}}}},
@@ -282,6 +289,7 @@ def test_run_summary_says_scores_outputs_and_how_to_look():
                                   "reports": ["/w/runs/x/eval/metrics.png"]}})
     lines = text.splitlines()
     assert lines[1] == "stages: aggregate cached, sft ran"
+    assert lines[2] == "minutes per stage: aggregate 0.0, sft 10.2"
     assert ("2000 samples, 0 quarantined; traces: 1990 of 2000 samples have one; this run wrote ok 1990, failed 10"
             in lines)
     assert any(ln.startswith("  ParaRL (sequential)") for ln in lines)

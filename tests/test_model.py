@@ -7,7 +7,7 @@ import torch
 
 from model.checkpoint import INDEX_FILE, build_meta, from_pretrained, save_pretrained
 from model.tokens import MMADA_VOCAB
-from model.transformer import ModelConfig, RMSNorm, apply_rope, rope_cos_sin
+from model.transformer import DiffusionLM, ModelConfig, RMSNorm, apply_rope, image_position_ids, rope_cos_sin
 from tests.helpers import VOCAB, tiny_model
 
 
@@ -69,6 +69,37 @@ def test_rmsnorm_computes_in_fp32():
     expected = x / torch.sqrt((x ** 2).mean() + 1e-5)
     torch.testing.assert_close(n(x), expected)
     assert n(x.bfloat16()).dtype == torch.bfloat16
+
+
+def test_image_position_ids_follow_each_soi_row_major():
+    soi = 9  # two 2x3 image blocks; the codes' own ids do not matter, only the <soi> before them
+    ids = torch.tensor([[5, soi, 1, 2, 3, 4, 5, 6, 7, soi, 0, 0, 0, 0, 0, 0, 3, 3]])
+    row, col, inside = image_position_ids(ids, soi, (2, 3))
+    assert inside[0].int().tolist() == [0, 0] + [1] * 6 + [0, 0] + [1] * 6 + [0, 0]
+    assert row[0, inside[0]].tolist() == [0, 0, 0, 1, 1, 1] * 2
+    assert col[0, inside[0]].tolist() == [0, 1, 2] * 2 * 2
+
+
+def test_image_position_embeddings_change_only_image_blocks_and_survive_save_load(tmp_path):
+    cfg = ModelConfig(d_model=32, n_layers=2, n_heads=2, mlp_hidden_size=64, vocab_size=VOCAB.vocab_size,
+                      embedding_size=VOCAB.vocab_size, image_pos_grid=[2, 2], soi_id=VOCAB.soi_id)
+    assert cfg.image_pos_grid == (2, 2)
+    m = DiffusionLM(cfg).init_weights(0)
+    ids = torch.tensor([[VOCAB.bos_id, VOCAB.soi_id, 11, 12, 13, 14, VOCAB.eoi_id, 15]])
+    emb = m.embed(ids)  # (1, 8, D)
+    plain = m.model.transformer.wte(ids)
+    changed = (emb - plain).abs().amax(-1)[0] > 0
+    assert changed.tolist() == [False, False, True, True, True, True, False, False]
+    kv = []
+    full = m(ids, kv=kv)
+    cols = torch.tensor([0, 3, 7])
+    torch.testing.assert_close(m.forward_cols(ids, cols, None, kv), full[:, cols], atol=1e-5, rtol=1e-5)
+    save_pretrained(m, VOCAB, tmp_path / "pos")
+    loaded, _ = from_pretrained(str(tmp_path / "pos"))
+    assert loaded.config == cfg
+    torch.testing.assert_close(loaded(ids), full)
+    with pytest.raises(ValueError, match="soi_id=None"):
+        ModelConfig(image_pos_grid=(2, 2))
 
 
 def test_save_load_round_trip_single_and_sharded(tmp_path):

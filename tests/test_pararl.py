@@ -10,7 +10,7 @@ import torch
 import tasks.aggregate.aggregate as agg
 from model.checkpoint import from_pretrained, save_pretrained
 from model.sampling import SamplerConfig, generate
-from rl.learner import RLConfig
+from rl.learner import RLConfig, Rollouts, update
 from rl.replay import replay_logprobs, state_before
 from storage.parquet import read_table
 from tasks.pararl.pararl import checkpoint_layout, prepare_rl, run_rl
@@ -96,6 +96,32 @@ def test_replayed_logprobs_equal_behaviour_and_credit_exactly_the_step(sft_check
     # every output slot is decoded exactly once: the per-step credits partition the slots
     decoded = torch.stack([(res.step_map == s) for s in range(SAMPLER["steps"])]).sum(0)
     assert torch.equal(decoded, (res.step_map >= 0).long())
+
+
+class CountingSGD(torch.optim.SGD):
+    steps = 0
+
+    def step(self, closure=None):
+        self.steps += 1
+        return super().step(closure)
+
+
+def test_minibatches_take_that_many_steps_and_keep_the_full_batch_loss(sft_checkpoint):
+    root, ckpt, _ = sft_checkpoint
+    model, vocab, shape, cfg, prompts, res, steps = _rollout(ckpt, root)
+    R = len(prompts)
+    adv = torch.tensor([[1.0, -0.5, 0.2], [-1.0, 0.5, -0.2]] * (R // 2))  # (R, K)
+    batch = Rollouts(prompts=prompts, tokens=res.tokens, step_map=res.step_map, logp=res.logp, steps=list(steps),
+                     adv=adv, zero_var=torch.zeros(R, 3, dtype=torch.bool))
+    out = {}
+    for m in (1, 3):
+        opt = CountingSGD(model.parameters(), lr=0.0)  # lr 0: the policy stays the behaviour policy
+        rl = RLConfig(inner_iters=2, minibatches=m, micro_batch=5, beta=0.0, reward="exact")
+        out[m] = update(model, None, opt, batch, rl, vocab, shape, cfg)
+        assert opt.steps == 2 * m
+    assert out[3]["pairs"] == out[1]["pairs"] > 3 and out[3]["learner_tokens"] == out[1]["learner_tokens"]
+    assert out[3]["pg_loss"] == pytest.approx(out[1]["pg_loss"], rel=1e-5, abs=1e-7)
+    assert out[1]["pg_loss"] != 0.0 and out[3]["clip_frac"] == 0.0
 
 
 def _run(sft_checkpoint, clip, run_id, out_name, crash=None, **overrides):

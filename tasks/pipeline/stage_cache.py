@@ -10,6 +10,7 @@ folder has since been deleted.
 import hashlib
 import json
 import os
+import time
 
 
 PACKAGES = ("flows", "tasks", "model", "rl", "storage")
@@ -64,11 +65,14 @@ def _outputs(result) -> list[str]:
     return [result["checkpoint"]] if isinstance(result, dict) and "checkpoint" in result else []
 
 
-def run_stage(states: dict, stage_task, out: str, key: str, *args, must_exist: tuple[str, ...] = ()):
+def run_stage(states: dict, stage_task, out: str, key: str, *args, must_exist: tuple[str, ...] = (),
+              seconds: dict | None = None):
     """Runs (or takes from the cache under {out}/.cache) one stage and records in `states` whether it ran
-    or came from the cache; a cached result whose checkpoint or `must_exist` paths are gone is recomputed."""
+    or came from the cache (and in `seconds` its wall time); a cached result whose checkpoint or
+    `must_exist` paths are gone is recomputed."""
     from prefect.filesystems import LocalFileSystem
 
+    t0 = time.perf_counter()
     base = os.path.join(os.path.abspath(out), ".cache", "stages")
     name = "parapipe-" + hashlib.sha256(base.encode()).hexdigest()[:16]  # Prefect needs a saved block
     LocalFileSystem(basepath=base).save(name, overwrite=True)
@@ -78,5 +82,8 @@ def run_stage(states: dict, stage_task, out: str, key: str, *args, must_exist: t
     if state.name == "Cached" and any(not os.path.exists(p) for p in (*_outputs(result), *must_exist)):
         state = stage_task.with_options(**options, refresh_cache=True)(key, *args, return_state=True)
         result = state.result()
-    states[stage_task.name.removesuffix("-stage")] = "cached" if state.name == "Cached" else "ran"
+    name = stage_task.name.removesuffix("-stage")
+    states[name] = "cached" if state.name == "Cached" else "ran"
+    if seconds is not None:
+        seconds[name] = round(time.perf_counter() - t0, 1)
     return result

@@ -45,6 +45,9 @@ class Recipe(BaseModel):
     model: dict = Field(default_factory=lambda: dict(TOY_TINY_RECIPE.model))
     """Fresh model: model.transformer.ModelConfig fields except vocab_size / embedding_size (set from the
     tokenizers). Ignored with init_from."""
+    image_positions: bool = True
+    """Fresh model only: learned row/column embeddings on image blocks (ModelConfig.image_pos_grid, sized
+    from the image tokenizer). Without them the toy model's text misnames the column of cells it reads."""
     init_from: str | None = None
     """Checkpoint folder to fine-tune (ours or a released MMaDA-Parallel / MMaDA / LLaDA folder); None trains
     a fresh model of `model` with a tiny text tokenizer fitted on the dataset."""
@@ -163,7 +166,11 @@ def _json(text: str):
         raise ValueError(f"not JSON ({e.msg})") from None
 
 
-TOP_LEVEL = {"init_from": lambda t: None if t.lower() in ("none", "null", "") else t, "image_tokenizer": str,
+def _bool(text: str) -> bool:
+    return _parse(text, True)
+
+
+TOP_LEVEL = {"image_positions": _bool, "init_from": lambda t: None if t.lower() in ("none", "null", "") else t, "image_tokenizer": str,
              "tokenizer_vocab": int, "categories": _csv, "kinds": _csv, "eval_per_category": int,
              "eval_clip": _json, "toy_samples": int, "model": _json}
 
