@@ -14,7 +14,8 @@ pytestmark = pytest.mark.slow
 CURATE = dict(resolution=32, resize="squash", min_side=16, max_aspect=3.0, near_duplicate_bits=2)
 RECIPE = {"model": dict(d_model=32, n_layers=1, n_heads=2, mlp_hidden_size=64, rope_theta=10000.0),
           "sft": dict(lr=3e-3, warmup_steps=2, total_steps=12, batch_size=8, cond_dropout=0.1, bf16=True, seed=0),
-          "seq": dict(text_tokens=40, instruction_tokens=26), "tokenizer_vocab": 400}
+          "seq": dict(text_tokens=40, instruction_tokens=26), "tokenizer_vocab": 400,
+          "image_positions": True}  # the optional image row/column embeddings go through DDP, resume and generate
 
 
 @pytest.fixture(scope="module")
@@ -53,6 +54,8 @@ def _losses(root, run_id):
 def test_two_workers_learn_on_different_shards(prepared, ray_cluster):
     root, _, paths = prepared
     assert paths["train_size"] > 200 and paths["from_cache"] is False
+    config = json.loads(open(os.path.join(paths["base"], "config.json")).read())
+    assert config["image_pos_grid"] == [4, 4] and config["soi_id"] is not None
     result = _fit(prepared, "plain")
     assert result["metrics"]["step"] == 12 and result["metrics"]["distinct_rank_batches"] == 2
     losses = _losses(root, "plain")

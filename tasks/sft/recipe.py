@@ -45,9 +45,9 @@ class Recipe(BaseModel):
     model: dict = Field(default_factory=lambda: dict(TOY_TINY_RECIPE.model))
     """Fresh model: model.transformer.ModelConfig fields except vocab_size / embedding_size (set from the
     tokenizers). Ignored with init_from."""
-    image_positions: bool = True
+    image_positions: bool = False
     """Fresh model only: learned row/column embeddings on image blocks (ModelConfig.image_pos_grid, sized
-    from the image tokenizer). Without them the toy model's text misnames the column of cells it reads."""
+    from the image tokenizer). Tried against the toy model's column-letter errors; no clear gain (README)."""
     init_from: str | None = None
     """Checkpoint folder to fine-tune (ours or a released MMaDA-Parallel / MMaDA / LLaDA folder); None trains
     a fresh model of `model` with a tiny text tokenizer fitted on the dataset."""

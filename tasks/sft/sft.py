@@ -334,7 +334,7 @@ def prepare_sft(root: str, dataset: str, out: str, recipe: dict, init_from: str 
         corpus = [r["instruction"] for r in rows] + [t for t in pick_traces(rows, traces) if t]
         tok = build_tiny_tokenizer(corpus, vocab_size=recipe.get("tokenizer_vocab", 512))
         vocab = tiny_vocab(len(tok), vq.codebook_size)
-        pos = dict(image_pos_grid=tuple(vq.grid), soi_id=vocab.soi_id) if recipe.get("image_positions", True) else {}
+        pos = dict(image_pos_grid=tuple(vq.grid), soi_id=vocab.soi_id) if recipe.get("image_positions") else {}
         mcfg = ModelConfig(**recipe["model"], vocab_size=vocab.vocab_size, embedding_size=vocab.vocab_size, **pos)
         base = os.path.join(out, "base")
         save_pretrained(DiffusionLM(mcfg).init_weights(sft.seed), vocab, base, extra={GRID_KEY: list(vq.grid)})
