@@ -1,11 +1,11 @@
 """The pipeline's one configuration: a frozen pydantic model (Prefect shows it as a typed form and
 validates it), checked before any work starts and stored with the run's outputs.
 
-The defaults are the embedded default. Measured with SFT cut to 2400 steps and 8 ParaRL rounds, `make run`
-took 24 min on 2 CPU cores (set-up 2.2, aggregate + reward CLIP 1.8, traces + SFT 12.6, ParaRL 6.7,
-evaluation 0.7), and the short SFT left the reasoning text right on 9% of held-out edits (40% at the
-recipe's 3400 steps: text loss 0.41 vs 0.16). So SFT keeps the recipe's steps and ParaRL runs 4 rounds
-(about 27 min in all, estimated from those stage rates); the reward CLIP trains 300 steps instead of 700.
+The defaults are the embedded default. Measured on 2 idle CPU cores, the pipeline took 23 min 22 s
+(aggregate 0.2, reward CLIP 1.4, traces 0.0, SFT 17.5, ParaRL 3.2, evaluation 0.7), plus ~2 min of venv
+set-up for `make run`. With SFT cut to 2300 steps (image loss weight 1.5, image positions on) it took 16.8 min, but the reasoning text was right on
+8% of held-out edits (33-40% at the recipe's 3400 steps) and exact images fell to 0.74: SFT keeps the
+recipe's steps and ParaRL runs 4 rounds; the reward CLIP trains 300 steps instead of 700.
 """
 import os
 
