@@ -71,7 +71,7 @@ def evaluate_stage(key: str, kw: dict) -> dict:
 
 @task(name="record-config")
 def record_config(c: PipelineConfig) -> str:
-    """The frozen config beside the outputs, so a checkpoint's config can be read back (record_run puts it in `runs`)."""
+    """The frozen config beside the outputs, so a checkpoint's config can be read back (record_run: `runs`)."""
     os.makedirs(c.out, exist_ok=True)
     path = os.path.join(c.out, "config.json")
     with open(path, "w") as f:

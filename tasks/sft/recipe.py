@@ -170,7 +170,8 @@ def _bool(text: str) -> bool:
     return _parse(text, True)
 
 
-TOP_LEVEL = {"image_positions": _bool, "init_from": lambda t: None if t.lower() in ("none", "null", "") else t, "image_tokenizer": str,
+TOP_LEVEL = {"image_positions": _bool,
+             "init_from": lambda t: None if t.lower() in ("none", "null", "") else t, "image_tokenizer": str,
              "tokenizer_vocab": int, "categories": _csv, "kinds": _csv, "eval_per_category": int,
              "eval_clip": _json, "toy_samples": int, "model": _json}
 
