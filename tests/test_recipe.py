@@ -41,11 +41,11 @@ def test_flags_override_with_types_and_help_lists_every_field():
     p = _parser()
     a = p.parse_args(["--sft.lr", "1e-5", "--seq.text_tokens", "256", "--categories", "add,remove",
                       "--init-from", "/m/A", "--sft.bf16", "false", "--sampler.mode", "sequential",
-                      "--sft.betas", "[0.9, 0.99]", "--kinds", "edit"])
+                      "--sft.betas", "[0.9, 0.99]", "--kinds", "edit", "--image-positions", "true"])
     r = recipe_from_args(a, PRESETS["small"])
     assert r.sft["lr"] == 1e-5 and r.sft["bf16"] is False and r.sft["betas"] == [0.9, 0.99]
     assert r.seq["text_tokens"] == 256 and r.categories == ("add", "remove") and r.kinds == ("edit",)
-    assert r.init_from == "/m/A" and r.sampler["mode"] == "sequential"
+    assert r.init_from == "/m/A" and r.sampler["mode"] == "sequential" and r.image_positions is True
     assert recipe_from_args(p.parse_args([]), PRESETS["small"]) == PRESETS["small"]
     text = p.format_help()
     for field in ("--sft.lr", "--sft.total_steps", "--seq.text_tokens", "--sampler.image_steps", "--init-from",
@@ -63,6 +63,7 @@ def test_flags_override_with_types_and_help_lists_every_field():
     (["--kinds", "edit,video"], "kinds"),
     (["--sampler.image_steps", "999"], "image_steps=999"),
     (["--eval-clip", "{oops"], "not JSON"),
+    (["--image-positions", "maybe"], "--image-positions='maybe': expected true or false"),
 ])
 def test_bad_flags_fail_with_the_value_and_the_fix(argv, match):
     with pytest.raises(ValueError, match=match):

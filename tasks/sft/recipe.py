@@ -202,7 +202,8 @@ def recipe_from_args(args, base: Recipe) -> Recipe:
         try:
             value = _parse(text, d[sec].get(field, _default(sec, field))) if field else TOP_LEVEL[sec](text)
         except ValueError as e:
-            raise ValueError(f"--{key}={text!r}: {e}") from None
+            flag = key if field else key.replace("_", "-")  # top-level flags use dashes, sections field names
+            raise ValueError(f"--{flag}={text!r}: {e}") from None
         if field:
             over.setdefault(sec, {})[field] = value
         else:
