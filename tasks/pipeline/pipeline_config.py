@@ -1,11 +1,12 @@
 """The pipeline's one configuration: a frozen pydantic model (Prefect shows it as a typed form and
 validates it), checked before any work starts and stored with the run's outputs.
 
-The defaults are the embedded default. Measured on 2 idle CPU cores, the pipeline took 23 min 22 s
-(aggregate 0.2, reward CLIP 1.4, traces 0.0, SFT 17.5, ParaRL 3.2, evaluation 0.7), plus ~2 min of venv
-set-up for `make run`. With SFT cut to 2300 steps (image loss weight 1.5, image positions on) it took 16.8 min, but the reasoning text was right on
-8% of held-out edits (33-40% at the recipe's 3400 steps) and exact images fell to 0.74: SFT keeps the
-recipe's steps and ParaRL runs 4 rounds; the reward CLIP trains 300 steps instead of 700.
+The defaults are the embedded default. Measured on 2 idle CPU cores from a fresh clone, `make run` took 25 min
+33 s: ~2.5 min of venv set-up, then aggregate 0.2, reward CLIP 1.4, traces 0.1, SFT 17.6, ParaRL 3.2,
+evaluation 0.6. With SFT cut to 2300 steps (image loss weight 1.5, image positions on) it took 16.8 min, but
+the reasoning text was right on 8% of held-out edits (33-40% at the recipe's 3400 steps) and exact images fell
+to 0.74: SFT keeps the recipe's steps and ParaRL runs 4 rounds; the reward CLIP trains 300 steps instead of
+700.
 """
 import os
 
