@@ -168,19 +168,18 @@ def _write_lake(root: str) -> None:
         for rnd in range(2) for sample in ("s0", "s1") for k, step in enumerate((2, 5, 7))], run="rl-ui")
 
 
-def _publish(api: str, lake: str, out: str) -> str:
-    """One flow run against the server that publishes ParaPipe's artifacts as the flows do: the aggregate
-    flow's progress card and summary table (its body, on 16 toy samples), the SFT loss chart, the ParaRL
-    chart and the denoising strips. Returns the flow run id."""
+def publish_artifacts(lake: str, out: str) -> str:
+    """One flow run that publishes ParaPipe's artifacts as the flows do: the aggregate flow's progress card
+    and summary table (its body, on 16 toy samples), the SFT loss chart, the ParaRL chart and the denoising
+    strips. Returns the flow run id. Runs in a process of its own (see _publish)."""
     from prefect import flow
     from prefect.runtime import flow_run
-    from prefect.settings import PREFECT_API_URL, temporary_settings
 
     from flows.aggregate import aggregate
     from tasks.pipeline import ui_artifacts as ui
 
     @flow(name="ui-browser")
-    def publish_artifacts() -> str:
+    def publish() -> str:
         _write_lake(lake)
         aggregate.fn(sources=[{"type": "toy", "name": "toy-tiny", "preset": "tiny", "n": N, "seed": 0}],
                      root=lake, dataset="ui-check")
@@ -192,8 +191,18 @@ def _publish(api: str, lake: str, out: str) -> str:
                             out, None, description="ParaRL rl-ui: denoising strips")
         return flow_run.get_id()
 
-    with temporary_settings(updates={PREFECT_API_URL: api}):
-        return publish_artifacts()
+    return publish()
+
+
+def _publish(env: dict, lake: str, out: str) -> str:
+    """publish_artifacts in a fresh Python process pointed at the server, as a user's script would be. Not in
+    this one: Prefect keeps one event worker per process, and an earlier test's may still be bound to the
+    test harness's server, which then gets this run's task-run and artifact events (the UI showed a run with
+    no task runs and an empty Artifacts tab)."""
+    code = ("import sys; from tests.test_prefect_server import publish_artifacts; "
+            "print('FLOW RUN', publish_artifacts(sys.argv[1], sys.argv[2]))")
+    printed = _run([sys.executable, "-c", code, lake, out], env, ROOT, timeout=300)
+    return re.search(r"FLOW RUN ([0-9a-f-]{36})", printed).group(1)
 
 
 # what each artifact's page must show (whitespace squashed): the numbers a person reads off it
@@ -244,7 +253,7 @@ def test_ui_pages_show_the_run_in_headless_chromium(server, tmp_path):
     url, env = server
     shots = tmp_path / "screenshots"
     shots.mkdir()
-    run_id = _publish(env["PREFECT_API_URL"], str(tmp_path / "lake"), str(tmp_path / "out"))
+    run_id = _publish(env, str(tmp_path / "lake"), str(tmp_path / "out"))
     with SyncPrefectClient(env["PREFECT_API_URL"]) as client:
         arts = client.read_artifacts(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[run_id])))
     expect = {a.key: next(v for k, v in EXPECT.items() if k in a.key) for a in arts}
