@@ -1,7 +1,7 @@
 """Ray Train overhead for SFT: tokens/s per worker under Ray (2 gloo DDP workers, 1 CPU each) vs a
 plain single-process loop with 1 thread, on the same model, data and batch size, in one run.
 
-    python benchmarks/sft.py [--rounds 3] [--steps 40] [--batch-size 32] [--samples 2000]
+    python benchmarks/sft.py [--rounds 3] [--steps 40] [--batch-size 32] [--samples 2000] [--compile]
 
 The arms are interleaved (plain, Ray, plain, Ray, ..., plain) so that load from other processes on
 a shared machine falls on both: a round's ratio divides by the mean of the plain loops run just
@@ -31,7 +31,7 @@ def prepare(a) -> tuple[dict, dict, str, str]:
                          dict(resolution=32))
     recipe = PRESETS["toy-tiny"].to_dict()
     recipe["sft"] = {**recipe["sft"], "total_steps": a.steps, "warmup_steps": a.steps // 5,
-                     "batch_size": a.batch_size, "eval_interval": 0, "log_interval": 0}
+                     "batch_size": a.batch_size, "eval_interval": 0, "log_interval": 0, "compile": a.compile}
     paths = prepare_sft.fn(root, "d", out, recipe, image_tokenizer_dir=fit_image_tokenizer.fn(root, "d", work + "/vq"))
     return recipe, paths, root, out
 
@@ -79,6 +79,7 @@ def main() -> None:
     ap.add_argument("--ddp", type=json.loads, default=None,
                     help="JSON DistributedDataParallel kwargs of a second Ray arm next to tasks/sft/sft.DDP_KWARGS, "
                          "e.g. '{\"bucket_cap_mb\": 100, \"gradient_as_bucket_view\": true}'")
+    ap.add_argument("--compile", action="store_true", help="both arms with SFTConfig.compile (torch.compile)")
     ap.add_argument("--concurrent-plain", action="store_true",
                     help="also --workers plain loops at once (1 thread each) after each Ray fit: Ray's own overhead "
                          "apart from the cores' contention")

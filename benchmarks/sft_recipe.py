@@ -2,6 +2,7 @@
 
     python benchmarks/sft_recipe.py                      # TOY_TINY_RECIPE as is (~15 min of training)
     python benchmarks/sft_recipe.py --budget-s 120 --eval-n 16 --lr 3e-3 --layers 6
+    python benchmarks/sft_recipe.py --speed-only --batch 32   # one Ray worker's step: fp32, bf16, SDPA
 
 Builds the toy world's tiny preset in memory (tasks/sft/toy_eval.toy_rows), fits the patch-VQ and the
 text tokenizer on the train split, tokenises through the cache (tasks/sft/sft_data.load_or_tokenise),
@@ -17,6 +18,7 @@ import time
 
 import torch
 
+from model import transformer
 from model.image_tokenizer import PatchVQ
 from model.tokens import tiny_vocab
 from model.transformer import DiffusionLM, ModelConfig
@@ -66,22 +68,26 @@ def build_data(recipe: ToyRecipe, cache_dir: str, seed: int):
     return preset, tok, vq, vocab, train_set, val_set, toy_scenes(val_rows)
 
 
-def precision_speed(model_cfg: ModelConfig, cfg: SFTConfig, stream, mask_id: int, steps: int = 6) -> dict:
-    """Median tokens/s of train_step in fp32 and in bf16, steps alternating between the two (so load
-    from other processes hits both alike), after one warm-up step each."""
+def precision_speed(model_cfg: ModelConfig, cfg: SFTConfig, stream, mask_id: int, steps: int = 8) -> dict:
+    """Median tokens/s of train_step in fp32, in bf16, and in bf16 with every attention through SDPA (the CPU
+    flash kernel) instead of model/transformer.attention's explicit fp32 form; steps alternate between the
+    variants (so load from other processes hits all alike), after one warm-up step each."""
     runs = {}
-    for bf16 in (False, True):
+    for name, bf16 in (("fp32", False), ("bf16", True), ("bf16 sdpa", True)):
         c = dataclasses.replace(cfg, bf16=bf16)
         model = DiffusionLM(model_cfg).init_weights(cfg.seed)
-        runs[bf16] = (c, model, make_optimizer(model, c), torch.Generator().manual_seed(0), [])
+        runs[name] = (c, model, make_optimizer(model, c), torch.Generator().manual_seed(0), [])
+    explicit_max = transformer.EXPLICIT_ATTENTION_MAX_KEYS
     for i in range(steps + 1):
         batch = next(stream)
-        for c, model, opt, gen, rates in runs.values():
+        for name, (c, model, opt, gen, rates) in runs.items():
+            transformer.EXPLICIT_ATTENTION_MAX_KEYS = 0 if name == "bf16 sdpa" else explicit_max
             t0 = time.perf_counter()
             tokens = train_step(model, opt, [batch], c, gen, 1, mask_id)["tokens"]
             if i:
                 rates.append(tokens / (time.perf_counter() - t0))
-    return {("bf16" if k else "fp32"): sorted(v[4])[len(v[4]) // 2] for k, v in runs.items()}
+    transformer.EXPLICIT_ATTENTION_MAX_KEYS = explicit_max
+    return {k: sorted(v[4])[len(v[4]) // 2] for k, v in runs.items()}
 
 
 def print_curve(history: list[dict]) -> None:
@@ -131,6 +137,7 @@ def parse_args() -> argparse.Namespace:
     ap.add_argument("--seed", type=int, default=r.sft.seed)
     ap.add_argument("--cache-dir", default="runs/sft_cache")
     ap.add_argument("--skip-speed", action="store_true", help="skip the matmul peak and fp32/bf16 comparison")
+    ap.add_argument("--speed-only", action="store_true", help="stop after the speed comparison")
     ap.add_argument("--json", default="", help="write history + final rows to this file")
     return ap.parse_args()
 
@@ -163,7 +170,10 @@ def main() -> None:
             flops = 6 * n_params * speed[k]
             print(f"{k}: matmul peak {peak[k] / 1e9:6.1f} GFLOP/s, train {speed[k]:7.0f} tokens/s = "
                   f"{flops / 1e9:5.2f} model GFLOP/s, MFU {flops / peak[k]:.1%} (of the {k} peak)")
-        print(f"bf16 / fp32 train tokens/s: {speed['bf16'] / speed['fp32']:.2f}x")
+        print(f"bf16 / fp32 train tokens/s: {speed['bf16'] / speed['fp32']:.2f}x; explicit / SDPA attention (bf16): "
+              f"{speed['bf16'] / speed['bf16 sdpa']:.2f}x ({speed['bf16 sdpa']:.0f} tokens/s with SDPA)")
+        if a.speed_only:
+            return
     eval_set = select_per_category(val_set, recipe.eval_per_category)
     sampler = greedy_sampler(seq.text_tokens, recipe.sampler_steps, recipe.sampler_image_steps)
 

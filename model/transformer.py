@@ -175,6 +175,33 @@ def image_position_ids(input_ids: torch.Tensor, soi_id: int, grid: tuple[int, in
     return k // w, k % w, inside
 
 
+EXPLICIT_ATTENTION_MAX_KEYS = 512
+"""On CPU, attention over at most this many keys runs as explicit fp32 matmuls (attention()), not SDPA."""
+
+
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_mask: torch.Tensor | None) -> torch.Tensor:
+    """softmax(q k^T / sqrt(hd), masked keys at -inf) v, bidirectional.
+
+    q (B, H, Lq, hd); k, v (B, Hkv, L, hd); key_mask (B, 1, 1, L) bool or None -> (B, H, Lq, hd) in q's dtype.
+    On GPUs, and for long sequences anywhere, this is SDPA (flash / memory-efficient kernels). On CPU with
+    at most EXPLICIT_ATTENTION_MAX_KEYS keys it is two fp32 matmuls and a softmax, with autocast off: the
+    CPU flash kernel's backward dominates a step at toy lengths, and the explicit form made a toy-tiny SFT step
+    (L = 88, batch 32, one thread, bf16 autocast) 1.3x faster, with scores and softmax in fp32 where the
+    kernel keeps them in fp32 as well (benchmarks/sft_recipe.py --attention prints the side-by-side figure).
+    """
+    B, H, Lq, hd = q.shape
+    if q.device.type != "cpu" or k.shape[2] > EXPLICIT_ATTENTION_MAX_KEYS:
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=key_mask, is_causal=False,
+                                              enable_gqa=k.shape[1] != H)
+    if k.shape[1] != H:  # grouped-query attention: each k/v head serves H / Hkv query heads
+        k, v = k.repeat_interleave(H // k.shape[1], dim=1), v.repeat_interleave(H // v.shape[1], dim=1)
+    with torch.autocast("cpu", enabled=False):
+        scores = (q.float() * hd ** -0.5) @ k.float().transpose(-1, -2)  # (B, H, Lq, L)
+        if key_mask is not None:
+            scores = scores.masked_fill(~key_mask, float("-inf"))
+        return (scores.softmax(-1) @ v.float()).to(q.dtype)
+
+
 class Block(nn.Module):
     """Pre-norm LLaDA block: x + attn(norm(x)); h + ff_out(silu(ff_proj(m)) * up_proj(m))."""
 
@@ -208,8 +235,7 @@ class Block(nn.Module):
             k, v = kc, vc
         elif kv is not None:
             kv.append((k, v))
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=key_mask, is_causal=False,
-                                           enable_gqa=self.kv_heads != self.n_heads)
+        y = attention(q, k, v, key_mask)  # (B, H, L, hd)
         h = x + self.attn_out(y.transpose(1, 2).reshape(B, L, -1))
         m = self.ff_norm(h)
         return h + self.ff_out(F.silu(self.ff_proj(m)) * self.up_proj(m))

@@ -7,7 +7,8 @@ import torch
 
 from model.checkpoint import INDEX_FILE, build_meta, from_pretrained, save_pretrained
 from model.tokens import MMADA_VOCAB
-from model.transformer import DiffusionLM, ModelConfig, RMSNorm, apply_rope, image_position_ids, rope_cos_sin
+from model.transformer import (EXPLICIT_ATTENTION_MAX_KEYS, DiffusionLM, ModelConfig, RMSNorm, apply_rope, attention,
+                               image_position_ids, rope_cos_sin)
 from tests.helpers import VOCAB, tiny_model
 
 
@@ -20,6 +21,26 @@ def test_logits_shape_and_bidirectional_attention():
     y[:, -1] = (y[:, -1] + 1) % VOCAB.vocab_size  # change only the LAST token
     delta = (m(y)[:, 0] - logits[:, 0]).abs().max()
     assert delta > 1e-4, "position 0 must see a later token: attention is not bidirectional"
+
+
+@pytest.mark.parametrize("kv_heads", [4, 2])
+def test_explicit_cpu_attention_matches_sdpa_with_pads_and_grouped_heads(kv_heads):
+    g = torch.Generator().manual_seed(0)
+    q = torch.randn(3, 4, 5, 8, generator=g)  # (B, H, Lq, hd): 5 queries against 11 keys, as forward_cols asks
+    k, v = torch.randn(2, 3, kv_heads, 11, 8, generator=g)
+    key_mask = torch.ones(3, 1, 1, 11, dtype=torch.bool)
+    key_mask[0, ..., :4] = False  # a left-padded row
+    ref = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=key_mask, enable_gqa=kv_heads != 4)
+    assert torch.allclose(attention(q, k, v, key_mask), ref, atol=1e-5)
+    assert torch.allclose(attention(q, k, v, None), torch.nn.functional.scaled_dot_product_attention(
+        q, k, v, enable_gqa=kv_heads != 4), atol=1e-5)
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # bf16 in, bf16 out; scores and softmax in fp32
+        out = attention(q.bfloat16(), k.bfloat16(), v.bfloat16(), key_mask)
+    assert out.dtype == torch.bfloat16 and (out.float() - ref).abs().max() < 0.03
+    # past the limit, or on a GPU, it is SDPA itself
+    long_k, long_v = torch.randn(2, 1, kv_heads, EXPLICIT_ATTENTION_MAX_KEYS + 1, 8, generator=g)
+    assert torch.equal(attention(q[:1], long_k, long_v, None), torch.nn.functional.scaled_dot_product_attention(
+        q[:1], long_k, long_v, enable_gqa=kv_heads != 4))
 
 
 def test_pad_contents_do_not_change_real_positions():

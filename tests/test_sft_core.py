@@ -16,7 +16,7 @@ from tasks.sft.image_codes import png_to_tensor
 from tasks.sft.sft_data import (SequenceConfig, TokenisedSet, batch_stream, build_prompt, dropout_flags, epoch_batches,
                                 epoch_order, load_or_tokenise, pick_traces, tokenise_rows)
 from tasks.sft.sft_loop import (SFTConfig, lr_at, make_optimizer, micro_batch_loss, resume_state, train, train_step,
-                                training_state)
+                                training_module, training_state)
 from tasks.common.tokenizer import build_tiny_tokenizer
 from tasks.toy import PRESETS
 from tasks.sft.toy_eval import (decode_outputs, evaluate, greedy_sampler, score, select_per_category, to_eval_results,
@@ -199,6 +199,26 @@ def test_bf16_autocast_step_runs_and_matches_fp32(toy):
         assert all(p.dtype == torch.float32 for p in model.parameters())
         losses[bf16] = m["loss"]
     assert losses[True] == pytest.approx(losses[False], rel=0.03)
+
+
+def test_compiled_training_takes_the_same_steps_as_eager(toy):
+    """SFTConfig.compile: the same three optimiser steps, within float rounding, and the plain module (what
+    checkpoints and evaluation use) holds the trained weights under its own names."""
+    vocab = toy["vocab"]
+    data = _tokenise(toy, toy["rows"])
+    runs = {}
+    for compiled in (False, True):
+        cfg = SFTConfig(lr=3e-3, warmup_steps=1, total_steps=3, batch_size=8, bf16=False, compile=compiled,
+                        eval_interval=0, log_interval=0)
+        model = _tiny_model(vocab)
+        history = train(model, batch_stream(data, vocab, SEQ, cfg.batch_size, seed=0), cfg, vocab.mask_id)
+        runs[compiled] = ([h["loss"] for h in history], model.state_dict())
+    assert runs[True][0] == pytest.approx(runs[False][0], rel=1e-4) and runs[True][0][0] > runs[True][0][-1]
+    assert runs[True][1].keys() == runs[False][1].keys()
+    assert all(torch.allclose(runs[True][1][k], v, atol=1e-4) for k, v in runs[False][1].items())
+    model = _tiny_model(vocab)
+    assert training_module(model, SFTConfig()) is model
+    assert isinstance(training_module(model, SFTConfig(compile=True)), torch._dynamo.eval_frame.OptimizedModule)
 
 
 class OracleModel(torch.nn.Module):

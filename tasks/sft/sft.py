@@ -23,7 +23,7 @@ from prefect import task
 from model.checkpoint import from_pretrained, read_config, save_pretrained
 from tasks.pipeline.progress import follow_steps, start_ray, write_step
 from tasks.sft.sft_data import SequenceConfig, TokenisedSet, batch_stream
-from tasks.sft.sft_loop import SFTConfig, make_optimizer, train_step
+from tasks.sft.sft_loop import SFTConfig, make_optimizer, train_step, training_module
 
 TRAIN_STATE = "train_state.pt"
 METRIC_KEYS = ("loss", "loss_text", "loss_image", "grad_norm", "tokens")
@@ -205,6 +205,7 @@ def train_loop_per_worker(cfg: dict) -> None:
     stream = batch_stream(data, vocab, seq, sft.batch_size, sft.seed, rank, world, sft.cond_dropout,
                           start_step=start * sft.grad_accum)
     gen = torch.Generator(device=device)
+    forward = training_module(model, sft)
     stop = min(sft.total_steps, start + cfg.get("max_steps_this_run", sft.total_steps))
     every, pending, t_run = cfg["checkpoint_every"], [], time.perf_counter()
     probe = batch_stream(data, vocab, seq, sft.batch_size, sft.seed, rank, world, sft.cond_dropout, start * sft.grad_accum)
@@ -215,7 +216,7 @@ def train_loop_per_worker(cfg: dict) -> None:
             os._exit(1)  # a worker dies abruptly (tests: FailureConfig must bring the run back)
         gen.manual_seed(step_seed(sft.seed, rank, step))
         t0 = time.perf_counter()
-        row = train_step(model, optimizer, [next(stream) for _ in range(sft.grad_accum)], sft, gen, step,
+        row = train_step(forward, optimizer, [next(stream) for _ in range(sft.grad_accum)], sft, gen, step,
                          vocab.mask_id)
         row.update(step=step + 1, step_s=time.perf_counter() - t0)
         pending.append(row)

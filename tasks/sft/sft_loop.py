@@ -28,7 +28,8 @@ OBJECTIVES = {"paper": PAPER, "parallel_m": PARALLEL_M, "parallel_a": PARALLEL_A
 
 @dataclass(frozen=True)
 class SFTConfig:
-    """Optimisation settings of one SFT run (defaults: the toy tiny recipe, see benchmarks/sft_recipe.py)."""
+    """Optimisation settings of one SFT run (defaults: the toy tiny recipe, see benchmarks/sft_recipe.py, which
+    turns compile on)."""
 
     lr: float = 3e-3
     """Peak learning rate of AdamW."""
@@ -56,6 +57,10 @@ class SFTConfig:
     """Multiplies the objective's image loss coefficient (the toy target is exact images)."""
     bf16: bool = True
     """Run the forward under torch.autocast(<device>, bfloat16); weights, grads and the loss stay fp32."""
+    compile: bool = False
+    """torch.compile the training forward and backward (evaluation and checkpoints use the plain module). The
+    first step compiles (about half a minute per process on a CPU core); on CPU it needs a C++ compiler, and
+    where compiling fails the step runs eagerly with a warning."""
     seed: int = 0
     """Seed of the model init, the data order, dropout and the masking generator."""
     eval_interval: int = 400
@@ -108,7 +113,7 @@ class ToyRecipe:
 
 TOY_TINY_RECIPE = ToyRecipe(
     model=dict(d_model=128, n_layers=4, n_heads=4, mlp_hidden_size=384, rope_theta=10000.0, max_sequence_length=256),
-    sft=SFTConfig(), seq=SequenceConfig(text_tokens=32, instruction_tokens=16), tokenizer_vocab=512,
+    sft=SFTConfig(compile=True), seq=SequenceConfig(text_tokens=32, instruction_tokens=16), tokenizer_vocab=512,
     train_samples=20000, categories=("recolour", "remove", "replace"), eval_categories=None, eval_per_category=32,
     sampler_steps=20, sampler_image_steps=10, time_budget_s=900.0)
 
@@ -136,6 +141,17 @@ def output_columns(regions: torch.Tensor) -> int:
     one column (<soi>) before the first IMAGE / TEXT slot. regions (B, L) -> int."""
     slots = ((regions == IMAGE) | (regions == TEXT)).any(0)  # (L,)
     return regions.shape[1] - int(slots.nonzero()[0]) + 1
+
+
+def training_module(model: torch.nn.Module, cfg: SFTConfig) -> torch.nn.Module:
+    """What train_step runs: `model` itself, or with cfg.compile a torch.compile wrapper around it that shares
+    its parameters (so the optimiser, state_dict and evaluation keep using `model`)."""
+    if not cfg.compile:
+        return model
+    import torch._dynamo
+
+    torch._dynamo.config.suppress_errors = True  # no compiler on this machine: eager, with dynamo's warning
+    return torch.compile(model)
 
 
 def micro_batch_loss(model: torch.nn.Module, batch: Batch, cfg: SFTConfig, mask_id: int,
@@ -228,10 +244,11 @@ def train(model: torch.nn.Module, batches: Iterator[Batch], cfg: SFTConfig, mask
     """
     generator = generator or torch.Generator().manual_seed(cfg.seed)
     optimizer = optimizer or make_optimizer(model, cfg)
+    forward = training_module(model, cfg)
     history, train_s = [], 0.0
     for step in range(start_step, cfg.total_steps):
         t0 = time.perf_counter()
-        row = train_step(model, optimizer, [next(batches) for _ in range(cfg.grad_accum)], cfg, generator,
+        row = train_step(forward, optimizer, [next(batches) for _ in range(cfg.grad_accum)], cfg, generator,
                          step, mask_id)
         dt = time.perf_counter() - t0
         train_s += dt
