@@ -41,7 +41,7 @@ def aggregate_stage(key: str, kw: dict) -> dict:
 def fit_reward_stage(key: str, out: str, preset: str, steps: int, seed: int) -> str:
     from tasks.pararl.fit_reward import fit_tiny_clip
 
-    fit_tiny_clip(out, preset=preset, seed=seed, steps=steps)
+    fit_tiny_clip(out, preset=preset, seed=seed, steps=steps, threads=None)  # alone on the machine: every core
     return out
 
 

@@ -205,7 +205,7 @@ def train_loop_per_worker(cfg: dict) -> None:
     stream = batch_stream(data, vocab, seq, sft.batch_size, sft.seed, rank, world, sft.cond_dropout,
                           start_step=start * sft.grad_accum)
     gen = torch.Generator(device=device)
-    forward = training_module(model, sft)
+    forward = model if _is_fsdp(model) else training_module(model, sft)  # FSDP2 runs eager: untested compiled
     stop = min(sft.total_steps, start + cfg.get("max_steps_this_run", sft.total_steps))
     every, pending, t_run = cfg["checkpoint_every"], [], time.perf_counter()
     probe = batch_stream(data, vocab, seq, sft.batch_size, sft.seed, rank, world, sft.cond_dropout, start * sft.grad_accum)

@@ -41,7 +41,7 @@ class SFTConfig:
     """AdamW betas."""
     warmup_steps: int = 50
     """Linear warm-up from lr / warmup_steps to lr over the first warmup_steps optimiser steps."""
-    total_steps: int = 3400
+    total_steps: int = 3000
     """Optimiser steps of the run; the cosine ends here."""
     batch_size: int = 64
     """Sequences per micro-batch (per worker under data parallelism)."""
@@ -60,7 +60,7 @@ class SFTConfig:
     compile: bool = False
     """torch.compile the training forward and backward (evaluation and checkpoints use the plain module). The
     first step compiles (about half a minute per process on a CPU core); on CPU it needs a C++ compiler, and
-    where compiling fails the step runs eagerly with a warning."""
+    where compiling fails the step runs eagerly with a warning. FSDP2 runs (--fsdp) stay eager."""
     seed: int = 0
     """Seed of the model init, the data order, dropout and the masking generator."""
     eval_interval: int = 400
