@@ -1,12 +1,10 @@
 """The pipeline's one configuration: a frozen pydantic model (Prefect shows it as a typed form and
 validates it), checked before any work starts and stored with the run's outputs.
 
-The defaults are the embedded default. Measured on 2 idle CPU cores from a fresh clone, `make run` took 25 min
-33 s: ~2.5 min of venv set-up, then aggregate 0.2, reward CLIP 1.4, traces 0.1, SFT 17.6, ParaRL 3.2,
-evaluation 0.6. With SFT cut to 2300 steps (image loss weight 1.5, image positions on) it took 16.8 min, but
-the reasoning text was right on 8% of held-out edits (33-40% at the recipe's 3400 steps) and exact images fell
-to 0.74: SFT keeps the recipe's steps and ParaRL runs 4 rounds; the reward CLIP trains 300 steps instead of
-700.
+The defaults are the embedded default. Measured on 2 idle CPU cores from a fresh clone, `make run` took 18 min
+56 s: ~2.3 min of venv set-up, then aggregate 0.3, reward CLIP 1.0, traces 0.0, SFT 11.1 (the toy recipe's
+3000 steps, compiled, explicit CPU attention), ParaRL 3.5 (4 rounds), evaluation 0.7. The reward CLIP trains
+300 steps instead of 700. With 3400 SFT steps the run took 21.7 min (25.5 before the attention change).
 """
 import os
 
@@ -35,7 +33,7 @@ class PipelineConfig(BaseModel):
     toy_samples: int | None = None
     """Toy tasks to generate; None = the recipe's toy_samples."""
     sft_steps: int | None = None
-    """SFT optimiser steps (the cosine ends here); None = the recipe's total_steps (3400 for toy-tiny)."""
+    """SFT optimiser steps (the cosine ends here); None = the recipe's total_steps (3000 for toy-tiny)."""
     num_workers: int = Field(2, ge=1)
     """Ray Train workers for SFT (one CPU each, or one GPU each with gpu)."""
     gpu: bool = False
