@@ -31,7 +31,11 @@ GRACE_S = 5.0
 POLL_S = 0.5
 """How often the watchdog checks that the run's process is still alive."""
 LATE_S = 8.0
-"""Seconds of extra SIGKILL sweeps after those two rounds, for children still being spawned (Ray's agents)."""
+"""After those two rounds, SIGKILL sweeps go on until none has found a process for this many seconds: children
+still being spawned (Ray's agents) are caught. A loaded machine once left two Ray agents alive past a fixed
+8 s of sweeps."""
+LATE_MAX_S = 90.0
+"""The sweeps stop after this many seconds whatever they find."""
 RAY_TMP_ROOM = 40
 """Longest tmp_dir Ray can use: it adds ~66 bytes (ray/session_<date>_<pid>/sockets/plasma_store) of 107."""
 
@@ -102,9 +106,11 @@ def reap(token: str, grace_s: float = GRACE_S) -> list[int]:
             time.sleep(0.1)
             alive = guarded_pids(token)
         found += [p for p in alive if p not in found]
-    deadline = time.monotonic() + LATE_S  # children some of them were still spawning (Ray's agents): sweep again
-    while time.monotonic() < deadline:
+    start = quiet_since = time.monotonic()  # children some of them were still spawning (Ray's agents): sweep again
+    while time.monotonic() - quiet_since < LATE_S and time.monotonic() - start < LATE_MAX_S:
         late = guarded_pids(token)
+        if late:
+            quiet_since = time.monotonic()
         for pid in late:
             try:
                 os.kill(pid, signal.SIGKILL)

@@ -116,6 +116,6 @@ def test_a_killed_run_leaves_no_ray_processes(tmp_path):
     started = _marked(mark)
     assert any("gcs_server" in cmd for _, cmd in started) and len(started) >= 3
     assert glob.glob(os.path.join(short_tmp, "ray", "session_*"))  # Ray's temporary files follow TMPDIR
-    left = _kill_and_check(proc, mark, wait_s=20.0)
+    left = _kill_and_check(proc, mark, wait_s=60.0)  # returns as soon as none is left
     assert left == [], f"outlived the run: {left}"
     shutil.rmtree(short_tmp, ignore_errors=True)
