@@ -8,6 +8,7 @@ import glob
 import json
 import os
 import random
+import re
 import signal
 import subprocess
 import time
@@ -354,6 +355,13 @@ def test_s3_server_hung_then_stopped_then_restarted_mid_write(agg_reference, tmp
             code, seconds = _ends_within(proc, 180)
             if fault == "hang":
                 os.kill(server.pid, signal.SIGCONT)
+                # the count the writer's error states is what the server holds: read it until it settles (a
+                # read right after SIGCONT once returned the manifest one commit old)
+                said = re.findall(r"while ingesting source 'toy' \(toy tiny\): (\d+) records committed",
+                                  log.read_text(errors="replace"))
+                settle = time.monotonic() + 15
+                while said and _s3_commits(server, root) * AGG_CHUNK != int(said[-1]) and time.monotonic() < settle:
+                    time.sleep(0.25)
                 committed_at_hang = _s3_commits(server, root) * AGG_CHUNK
             if code is None:
                 os.killpg(proc.pid, signal.SIGKILL)
