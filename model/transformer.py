@@ -186,8 +186,8 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_mask: torch
     On GPUs, and for long sequences anywhere, this is SDPA (flash / memory-efficient kernels). On CPU with
     at most EXPLICIT_ATTENTION_MAX_KEYS keys it is two fp32 matmuls and a softmax, with autocast off: the
     CPU flash kernel's backward dominates a step at toy lengths, and the explicit form made a toy-tiny SFT step
-    (L = 88, batch 32, one thread, bf16 autocast) 1.3x faster, with scores and softmax in fp32 where the
-    kernel keeps them in fp32 as well (benchmarks/sft_recipe.py --attention prints the side-by-side figure).
+    (L = 88, batch 32, one thread, bf16 autocast) 1.26x faster, with scores and softmax in fp32 as the kernel
+    keeps them (`benchmarks/sft_recipe.py --speed-only --batch 32` prints the side-by-side figure).
     """
     B, H, Lq, hd = q.shape
     if q.device.type != "cpu" or k.shape[2] > EXPLICIT_ATTENTION_MAX_KEYS:
