@@ -28,8 +28,8 @@ OBJECTIVES = {"paper": PAPER, "parallel_m": PARALLEL_M, "parallel_a": PARALLEL_A
 
 @dataclass(frozen=True)
 class SFTConfig:
-    """Optimisation settings of one SFT run (defaults: the toy tiny recipe, see benchmarks/sft_recipe.py, which
-    turns compile on)."""
+    """Optimisation settings of one SFT run (defaults: the toy tiny recipe of benchmarks/sft_recipe.py, except
+    compile, which TOY_TINY_RECIPE turns on)."""
 
     lr: float = 3e-3
     """Peak learning rate of AdamW."""
