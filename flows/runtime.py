@@ -9,7 +9,9 @@ atexit hook, so they keep running (Prefect's server alone holds ~200 MB and a po
 every child and grandchild inherits, and starts a tiny watchdog process (this file run as a script:
 standard library only, no Prefect, no torch). The watchdog waits for the run's process to end, by
 any means, then sends SIGTERM (and SIGKILL after `GRACE_S`) to every process whose environment
-carries the token. On a normal exit Prefect and Ray have already stopped their processes, and the
+carries the token or that it saw in the run's process tree (it records the tree every `POLL_S`: a
+process that rewrites its own environment block, as setproctitle does for Ray's agents, loses the token
+but not its place in the tree). On a normal exit Prefect and Ray have already stopped their processes, and the
 watchdog finds nothing to do. The marker is matched in /proc/<pid>/environ, the environment a
 process started with, so it works across sessions and process groups and after re-parenting.
 Linux only (/proc); elsewhere the guard is a no-op that says so.
@@ -90,43 +92,92 @@ def guarded_pids(token: str) -> list[int]:
     return pids
 
 
+def process_table() -> dict[int, tuple[int, int, str]]:
+    """pid -> (parent pid, start time in clock ticks, state letter) of every live process, from /proc/<pid>/stat."""
+    table = {}
+    for name in os.listdir("/proc"):
+        if not name.isdigit():
+            continue
+        try:
+            with open(f"/proc/{name}/stat", "rb") as f:
+                fields = f.read().rsplit(b")", 1)[1].split()  # the command name before ')' may hold spaces
+        except (OSError, IndexError):
+            continue
+        table[int(name)] = (int(fields[1]), int(fields[19]), fields[0].decode())  # fields 4, 22 and 3 of proc(5)
+    return table
 
-def reap(token: str, grace_s: float = GRACE_S) -> list[int]:
-    """SIGTERM every guarded process, SIGKILL those still alive after grace_s; returns the pids found."""
-    found = guarded_pids(token)
+
+def descendants(root: int, table: dict[int, tuple[int, int, str]]) -> dict[int, int]:
+    """pid -> start time of every live descendant of root in table."""
+    children: dict[int, list[int]] = {}
+    for pid, (ppid, _, _) in table.items():
+        children.setdefault(ppid, []).append(pid)
+    found, todo = {}, list(children.get(root, []))
+    while todo:
+        pid = todo.pop()
+        if pid not in found:
+            found[pid] = table[pid][1]
+            todo += children.get(pid, [])
+    return found
+
+
+def _targets(token: str, seen: dict[int, int]) -> list[int]:
+    """Live, non-zombie processes to stop: those carrying the token, those seen in the run's process tree (same
+    pid and start time, so a reused pid is spared), and all descendants of either."""
+    table = process_table()
+    roots = set(guarded_pids(token)) | {p for p, st in seen.items() if p in table and table[p][1] == st}
+    for pid in list(roots):
+        roots |= set(descendants(pid, table))
+    roots.discard(os.getpid())
+    return sorted(p for p in roots if p in table and table[p][2] != "Z")
+
+
+def reap(token: str, grace_s: float = GRACE_S, seen: dict[int, int] | None = None) -> list[int]:
+    """SIGTERM the run's leftover processes, SIGKILL those still alive after grace_s; returns the pids found.
+
+    A leftover carries the run's token in its starting environment, or is in `seen` (pid -> start time, the
+    watchdog's record of the run's process tree). The token alone is not enough: Ray's agents set their
+    process title with setproctitle, which overwrites the memory /proc/<pid>/environ is read from.
+    """
+    seen = seen or {}
+    found = _targets(token, seen)
     for sig, wait in ((signal.SIGTERM, grace_s), (signal.SIGKILL, 1.0)):
-        alive = guarded_pids(token)
-        for pid in alive:
-            try:
-                os.kill(pid, sig)
-            except OSError:
-                pass
+        alive = _targets(token, seen)
+        _signal(alive, sig)
         deadline = time.monotonic() + wait
         while alive and time.monotonic() < deadline:
             time.sleep(0.1)
-            alive = guarded_pids(token)
+            alive = _targets(token, seen)
         found += [p for p in alive if p not in found]
     start = quiet_since = time.monotonic()  # children some of them were still spawning (Ray's agents): sweep again
     while time.monotonic() - quiet_since < LATE_S and time.monotonic() - start < LATE_MAX_S:
-        late = guarded_pids(token)
+        late = _targets(token, seen)
         if late:
             quiet_since = time.monotonic()
-        for pid in late:
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except OSError:
-                pass
+        _signal(late, signal.SIGKILL)
         found += late
         time.sleep(0.5)
     return sorted(set(found))
 
 
+def _signal(pids: list[int], sig: int) -> None:
+    for pid in pids:
+        try:
+            os.kill(pid, sig)
+        except OSError:
+            pass
+
+
 def _watch(parent: int, token: str) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGHUP, signal.SIG_IGN)
+    seen: dict[int, int] = {}  # the run's process tree as last seen: pid -> start time
     while os.getppid() == parent:  # re-parented once the run's process is gone
+        table = process_table()
+        seen = {p: st for p, st in seen.items() if p in table and table[p][1] == st}
+        seen.update(descendants(parent, table))
         time.sleep(POLL_S)
-    reap(token)
+    reap(token, seen=seen)
 
 
 if __name__ == "__main__":

@@ -17,7 +17,7 @@ import uuid
 import pytest
 
 import tasks.aggregate.aggregate as agg
-from flows.runtime import GUARD_ENV
+from flows.runtime import GUARD_ENV, descendants, process_table
 
 pytestmark = pytest.mark.slow
 CURATE = dict(resolution=32, resize="squash", min_side=16, max_aspect=3.0, near_duplicate_bits=2)
@@ -89,6 +89,55 @@ def test_a_killed_traces_run_leaves_no_prefect_server(tmp_path):
     assert left == [], f"outlived the run: {left}"
 
 
+CLEAN_ENV_SCRIPT = """
+import subprocess, sys, time
+from flows.runtime import install_process_guard
+install_process_guard()
+# a child whose environment lacks the run's token, as a process that rewrote its environment block does
+child = subprocess.Popen(["sleep", "600"], env={})
+print("child", child.pid, flush=True)
+time.sleep(600)
+"""
+
+
+def _alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+def test_a_child_without_the_token_is_found_through_the_process_tree(tmp_path):
+    proc = _start(CLEAN_ENV_SCRIPT, [], uuid.uuid4().hex, tmp_path)
+    deadline = time.monotonic() + 60
+    while "child" not in (log := (tmp_path / "run.log").read_text()) and time.monotonic() < deadline:
+        assert proc.poll() is None, log
+        time.sleep(0.1)
+    child = int(log.split("child")[1].split()[0])
+    time.sleep(1.5)  # the watchdog records the tree every POLL_S
+    with open(f"/proc/{child}/environ", "rb") as f:
+        assert GUARD_ENV.encode() not in f.read()  # only the tree can find it
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    deadline = time.monotonic() + 30
+    while _alive(child) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    alive = _alive(child)
+    if alive:
+        os.kill(child, signal.SIGKILL)
+    assert not alive, "a child of the killed run without the token outlived it"
+
+
+def test_descendants_walks_the_tree_and_process_table_reads_this_process():
+    table = {1: (0, 10, "S"), 5: (1, 50, "S"), 6: (5, 60, "S"), 7: (6, 70, "Z"), 8: (1, 80, "S")}
+    assert descendants(5, table) == {6: 60, 7: 70}
+    assert descendants(8, table) == {}
+    me = process_table()[os.getpid()]
+    assert me[0] == os.getppid() and me[2] in "RS"
+    assert os.getpid() in descendants(os.getppid(), process_table())
+
+
 RAY_SCRIPT = """
 import sys, time
 from flows.runtime import install_process_guard
@@ -104,6 +153,20 @@ time.sleep(600)
 """
 
 
+def _ray_agents(root: int) -> list[int]:
+    """Ray's dashboard and runtime-env agents under root (their command line is their process title)."""
+    agents = []
+    for pid in descendants(root, process_table()):
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                cmd = f.read()
+        except OSError:
+            continue
+        if cmd.startswith(b"ray::") and b"Agent" in cmd:
+            agents.append(pid)
+    return agents
+
+
 def test_a_killed_run_leaves_no_ray_processes(tmp_path):
     mark = uuid.uuid4().hex
     short_tmp = tempfile.mkdtemp(prefix="pp-", dir="/tmp")  # a run's tmp folder, short enough for Ray's sockets
@@ -116,6 +179,18 @@ def test_a_killed_run_leaves_no_ray_processes(tmp_path):
     started = _marked(mark)
     assert any("gcs_server" in cmd for _, cmd in started) and len(started) >= 3
     assert glob.glob(os.path.join(short_tmp, "ray", "session_*"))  # Ray's temporary files follow TMPDIR
+    # Ray's agents exit by themselves once the raylet is gone, unless the machine is slow: frozen, they stand for
+    # agents that do not. setproctitle overwrote their environment block, so only the process tree finds them.
+    # (found through the tree: setproctitle may have wiped the test's marker from their environment too)
+    deadline = time.monotonic() + 60
+    while len(agents := _ray_agents(proc.pid)) < 2:
+        assert time.monotonic() < deadline, _marked(mark)
+        time.sleep(0.25)
+    for pid in agents:
+        os.kill(pid, signal.SIGSTOP)
     left = _kill_and_check(proc, mark, wait_s=60.0)  # returns as soon as none is left
-    assert left == [], f"outlived the run: {left}"
+    frozen = [pid for pid in agents if _alive(pid)]
+    for pid in frozen:
+        os.kill(pid, signal.SIGKILL)
+    assert left == [] and frozen == [], f"outlived the run: {left}, frozen agents {frozen}"
     shutil.rmtree(short_tmp, ignore_errors=True)
