@@ -20,6 +20,14 @@ exact 1.45-1.49x (same tokens, same OA 22.1); dual cache r4 + threshold 0.9 3.0-
 (the best within 1 point); dual r4 2.0-2.1x at -3.0; prefix r4 1.9x at -1.5; bf16 2.5x at -1.2;
 dual r8 + threshold 0.7 3.5x at -10. 93M random model, batch 2, 8 steps: exact 1.15x, prefix r4
 2.5x, dual r4/r8 2.1x, bf16 1.4x (one noisy run). 8x was not reached here; --gpu is unmeasured.
+
+Re-measured 2026-11-24 after model/transformer.attention went explicit on CPU (idle machine, same
+checkpoint, 48 items, batch 16, --threads 1): upstream 527 tokens/s; exact batched 1.00x (the
+explicit kernel sped up batch 1 most: this 1M-parameter model is compute-bound on one core even at
+batch 1 - 16 prompts took 1.95 s one at a time, 1.83 s as one batch - so only removing FLOPs helps);
+dual r4 2.11x at -3.0; dual r4 + text threshold 0.9 2.10x at -0.5; image threshold 0.9 alone 1.14x at
+-4.5; dual r4 + text & image threshold 0.9 2.53x at -0.8 (the best within 1 point); both at 0.7 2.82x
+at -7.0.
 """
 import argparse
 import copy
@@ -51,6 +59,11 @@ MODES = [
      False),
     ("approx: dual 8 + threshold 0.9", dict(cache="dual", cache_refresh=8, text_threshold=0.9), True, False, False),
     ("approx: dual 8 + threshold 0.7", dict(cache="dual", cache_refresh=8, text_threshold=0.7), True, False, False),
+    ("approx: image threshold 0.9", dict(image_threshold=0.9), True, False, False),
+    ("approx: dual 4 + text & image threshold 0.9", dict(cache="dual", cache_refresh=4, text_threshold=0.9,
+                                                          image_threshold=0.9), True, False, False),
+    ("approx: dual 4 + text & image threshold 0.7", dict(cache="dual", cache_refresh=4, text_threshold=0.7,
+                                                          image_threshold=0.7), True, False, False),
     ("approx: bf16 weights", {}, True, True, False),
 ]
 

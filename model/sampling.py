@@ -65,6 +65,11 @@ class SamplerConfig:
     """Fast-dLLM confidence-aware parallel text decoding: per step commit every masked slot of the
     row's current block whose confidence exceeds it (at least one, and enough to finish the text by
     step S). Steps left with nothing to do are skipped. None (default) keeps the fixed schedule."""
+    image_threshold: float | None = None
+    """Confidence-aware parallel image decoding (the text threshold carried to MaskGIT steps): at an image step
+    no sampled code whose probability exceeds it is re-masked, so the image can finish in fewer image steps
+    than planned; image steps with nothing left are skipped. The cosine schedule still sets the slowest pace.
+    None (default) keeps the fixed schedule. Approximate: benchmarks/sampler.py measures its OA change."""
 
     def __post_init__(self):
         if self.mode not in ("parallel", "sequential"):
@@ -80,6 +85,10 @@ class SamplerConfig:
         if self.text_threshold is not None and self.text_remasking != "low_confidence":
             raise ValueError(f"text_threshold={self.text_threshold} ranks by confidence; it needs "
                              f"text_remasking='low_confidence' (got {self.text_remasking!r})")
+        for name in ("text_threshold", "image_threshold"):
+            if getattr(self, name) is not None and not 0.0 <= getattr(self, name) <= 1.0:
+                raise ValueError(f"SamplerConfig.{name}={getattr(self, name)} is a probability; use a value in [0, 1]"
+                                 f" or None for the fixed schedule")
         if self.mode == "parallel" and self.image_steps > self.steps:
             raise ValueError(f"image_steps={self.image_steps} > steps={self.steps}: in parallel mode "
                              f"image steps sit on the text timeline; lower image_steps or raise steps")
@@ -112,14 +121,17 @@ def image_step_indices(steps: int, image_steps: int, start: int) -> list[int]:
     return sorted(set(grid.tolist()))
 
 
-def image_keep_count(n_image: int, ratio: float, unknown: int, last: bool) -> int:
-    """Image slots left masked after a step: floor(N cos(pi/2 r)) clamped to [1, unknown-1].
+def image_keep_count(n_image: int, ratio: float, unknown: int | torch.Tensor, last: bool) -> torch.Tensor:
+    """Image slots left masked after a step, per row: floor(N cos(pi/2 r)) clamped to [1, unknown-1].
 
-    The final image step keeps 0 (upstream keeps 1 and fills it with a random code).
+    unknown: masked slots, an int or (B,) per row (the result has its shape). The final image step keeps 0 (upstream keeps 1 and fills it
+    with a random code).
     """
-    if last or unknown <= 1:
-        return 0
-    return max(1, min(unknown - 1, math.floor(n_image * math.cos(math.pi / 2 * ratio))))
+    unknown = torch.as_tensor(unknown)
+    if last:
+        return torch.zeros_like(unknown)
+    keep = math.floor(n_image * math.cos(math.pi / 2 * ratio))
+    return torch.where(unknown <= 1, 0, (unknown - 1).clamp(max=keep).clamp(min=1))
 
 
 def add_gumbel_noise(logits: torch.Tensor, temperature: float, generator: torch.Generator | None) -> torch.Tensor:
@@ -183,12 +195,13 @@ def unmask_text_threshold(x: torch.Tensor, logits: torch.Tensor, block_length: i
     return torch.where(take, x0, x)
 
 
-def decode_image(codes: torch.Tensor, logits: torch.Tensor, keep: int, ratio: float, cfg: SamplerConfig,
-                 generator: torch.Generator | None) -> torch.Tensor:
+def decode_image(codes: torch.Tensor, logits: torch.Tensor, keep: int | torch.Tensor, ratio: float,
+                 cfg: SamplerConfig, generator: torch.Generator | None) -> torch.Tensor:
     """One MaskGIT step over image codes.
 
-    codes (B, N) with -1 at masked slots; logits (B, N, K) over the codebook. Samples every
-    masked slot, then re-masks the `keep` least confident of them. Returns new codes.
+    codes (B, N) with -1 at masked slots; logits (B, N, K) over the codebook; keep an int or (B,) per row.
+    Samples every masked slot, then re-masks the `keep` least confident of them; with
+    cfg.image_threshold, never one whose probability exceeds it. Returns new codes.
     """
     B, N, K = logits.shape
     known = codes >= 0
@@ -200,11 +213,18 @@ def decode_image(codes: torch.Tensor, logits: torch.Tensor, keep: int, ratio: fl
         sampled = logits.argmax(-1)
     sampled = torch.where(known, codes, sampled)
     conf = logp.gather(-1, sampled[..., None]).squeeze(-1)  # (B, N)
+    keep = torch.as_tensor(keep, device=codes.device).expand(B)  # (B,)
+    if cfg.image_threshold is not None:  # only the unsure may be re-masked
+        unsure = ~known & (conf.exp() <= cfg.image_threshold)  # (B, N)
+        keep = torch.minimum(keep, unsure.sum(-1))
+        conf = conf.masked_fill(~unsure, math.inf)
     conf = conf + cfg.image_noise * (1 - ratio) * _gumbel(conf.shape, generator, conf.device)
     conf = conf.masked_fill(known, math.inf)
-    if keep > 0:
-        remask = conf.topk(keep, dim=-1, largest=False).indices  # (B, keep)
-        sampled = sampled.scatter(1, remask, -1)
+    k = int(keep.max())
+    if k > 0:
+        remask = conf.topk(k, dim=-1, largest=False).indices  # (B, k) least confident first
+        remask = remask.masked_fill(torch.arange(k, device=codes.device)[None] >= keep[:, None], N)  # (B, k)
+        sampled = torch.cat([sampled, sampled[:, :1]], 1).scatter(1, remask, -1)[:, :N]  # column N: a sink
     return sampled
 
 
@@ -312,6 +332,7 @@ def generate(model, vocab: Vocab, shape: OutputShape, prompts: list[list[int]], 
         in_block = _text_block(text_step, shape.text_tokens, block_len, cfg.text_threshold is not None, dev)  # (T,)
         allowed = text_masked & in_block[None]  # (B, T)
         text_now = text_step is not None and text_step[1] > 0 and bool(allowed.any())
+        image_step = image_step and bool((codes < 0).any())  # an image finished early has nothing to do
         if not (text_now or image_step):  # nothing changes at this step: no pass, no random draws
             if step in record_steps:
                 result.snapshots[step] = y.clone()
@@ -343,8 +364,7 @@ def generate(model, vocab: Vocab, shape: OutputShape, prompts: list[list[int]], 
         if image_step:
             sl = slice(vocab.image_offset, vocab.image_offset + vocab.codebook_size)
             li = _guided(c[:, img_cols, sl], None if u is None else u[:, img_cols, sl], cfg.image_cfg)  # (B, N, K)
-            unknown = int((codes[0] < 0).sum())
-            keep = image_keep_count(shape.image_tokens, ratio, unknown, last_image)
+            keep = image_keep_count(shape.image_tokens, ratio, (codes < 0).sum(-1), last_image)  # (B,)
             codes = decode_image(codes, li, keep, ratio, cfg, generator)
             y[:, img_cols] = torch.where(codes >= 0, codes + vocab.image_offset, vocab.mask_id)
         if trace:

@@ -7,7 +7,7 @@ import torch
 
 from model.cache import StepForward
 from model.layout import TEXT, OutputShape, edit_prompt, generation_prompt, output_regions
-from model.sampling import SamplerConfig, generate, image_step_indices
+from model.sampling import SamplerConfig, generate, image_keep_count, image_step_indices
 from tests.helpers import VOCAB, MockModel, tiny_model
 from tests.sampler_reference import reference_generate
 
@@ -93,6 +93,45 @@ def test_threshold_finishes_text_by_step_s_per_row():
     assert ((out.snapshots[3][:, TXT] == VOCAB.mask_id).sum() == 0)
 
 
+IMG = torch.tensor(output_regions(SHAPE)) != TEXT  # image slots and the sentinels around them
+
+
+def test_image_threshold_one_is_the_fixed_schedule(model):
+    for base in ("greedy", "sampled+cfg", "sequential"):
+        cfg = SamplerConfig(**BASES[base])
+        ref = _run(reference_generate, cfg, model)
+        out = _run(generate, dataclasses.replace(cfg, image_threshold=1.0), model)
+        assert torch.equal(out.tokens, ref.tokens) and out.nfe == ref.nfe, base
+
+
+def test_image_threshold_zero_decodes_the_image_in_one_step(model):
+    cfg = SamplerConfig(steps=8, image_steps=4, text_block_length=8, mode="sequential", image_threshold=0.0)
+    out = _run(generate, cfg, model, record_steps=(8,))
+    assert out.nfe == 8 + 1  # 8 text steps, then one image step; the other 3 are skipped
+    assert not (out.snapshots[8] == VOCAB.mask_id).any()
+
+
+def test_image_threshold_rows_go_at_their_own_pace_never_slower_than_the_schedule():
+    # row r's image logits are sure (one code far ahead) on half the slots when r is odd, unsure elsewhere
+    def fn(ids):
+        logits = torch.zeros(*ids.shape, VOCAB.vocab_size)
+        odd = torch.arange(ids.shape[0]) % 2 == 1
+        logits[odd, -SHAPE.length::2, VOCAB.image_offset + 7] = 30.0
+        return logits
+    cfg = SamplerConfig(steps=8, image_steps=8, text_block_length=16, mode="sequential", image_threshold=0.9,
+                        image_temperature=0.0, image_noise=0.0)
+    out = _run(generate, cfg, MockModel(VOCAB.vocab_size, fn), record_steps=tuple(range(8, 16)))
+    n = SHAPE.image_tokens
+    for j, step in enumerate(range(8, 16)):
+        left = (out.snapshots[step][:, IMG] == VOCAB.mask_id).sum(-1)  # (4,) rows: prompt-major, 2 samples each
+        planned = image_keep_count(n, (j + 1) / 8, n if j == 0 else planned_prev, j == 7)
+        assert (left <= planned).all(), (step, left, planned)
+        if j == 0:
+            assert left[1] == min(planned, n // 2) and left[0] == planned  # odd rows: the sure half is kept
+        planned_prev = planned
+    assert not (out.tokens == VOCAB.mask_id).any()
+
+
 def test_approximate_caches_run_and_count_their_passes(model):
     for cache in ("prefix", "dual"):
         for R in (2, 3):
@@ -155,6 +194,8 @@ def test_options_are_checked():
         SamplerConfig(cache="kv")
     with pytest.raises(ValueError, match="cache_refresh"):
         SamplerConfig(cache_refresh=0)
+    with pytest.raises(ValueError, match=r"image_threshold=1.5 is a probability"):
+        SamplerConfig(image_threshold=1.5)
     with pytest.raises(ValueError, match="low_confidence"):
         SamplerConfig(text_threshold=0.9, text_remasking="random")
     with pytest.raises(ValueError, match="forward_cols"):
