@@ -124,8 +124,8 @@ def image_step_indices(steps: int, image_steps: int, start: int) -> list[int]:
 def image_keep_count(n_image: int, ratio: float, unknown: int | torch.Tensor, last: bool) -> torch.Tensor:
     """Image slots left masked after a step, per row: floor(N cos(pi/2 r)) clamped to [1, unknown-1].
 
-    unknown: masked slots, an int or (B,) per row (the result has its shape). The final image step keeps 0 (upstream keeps 1 and fills it
-    with a random code).
+    unknown: masked slots, an int or (B,) per row (the result has its shape). The final image step
+    keeps 0 (upstream keeps 1 and fills it with a random code).
     """
     unknown = torch.as_tensor(unknown)
     if last:

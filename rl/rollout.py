@@ -9,10 +9,10 @@ sampler at temperature > 0, recording (model.sampling.generate(trace=True)) the 
 each slot was decoded and its behaviour log-prob at that step, and decodes the partial
 text (masked tokens dropped) and partial image (masked codes grey) after each sampled step for
 the reward actors. The sampler dict may switch on the fast sampler's exact paths and its
-threshold decoding (`text_threshold`: it changes which slots commit, never the logits, so the
-learner's full-pass replay still gives ratio 1), but not an approximate KV cache: its stale logits
-make the recorded log-probs drift from the replayed ones (benchmarks/sampler_drift.py), so
-`cache` other than 'none' is refused unless `cache_refresh` is 1 (every pass a full one).
+threshold decoding (`text_threshold`, `image_threshold`: they change which slots commit, never
+the logits, so the learner's full-pass replay still gives ratio 1; tests/test_pararl checks
+both), but not an approximate KV cache: its stale logits make the recorded log-probs drift from
+the replayed ones (benchmarks/sampler_drift.py), so `cache` other than 'none' is refused unless `cache_refresh` is 1 (every pass a full one).
 Shapes: R = B prompts x G samples rows, M output length, K sampled steps.
 """
 import os
@@ -75,7 +75,7 @@ class RolloutWorker:
         if cfg.cache != "none" and cfg.cache_refresh > 1:
             raise ValueError(f"sampler cache={cfg.cache!r} with cache_refresh={cfg.cache_refresh}: rollout log-probs "
                              f"would drift from the learner's replay (benchmarks/sampler_drift.py); use cache='none' "
-                             f"(text_threshold is safe for RL)")
+                             f"(text_threshold and image_threshold are safe for RL)")
         res = generate(self.model, self.vocab, self.shape, prompts, cfg, num_samples=group_size,
                        generator=torch.Generator().manual_seed(seed), record_steps=tuple(steps), trace=True)
         snaps = torch.stack([res.snapshots[s].cpu() for s in steps], dim=1)  # (R, K, M)
