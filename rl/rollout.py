@@ -12,7 +12,8 @@ the reward actors. The sampler dict may switch on the fast sampler's exact paths
 threshold decoding (`text_threshold`, `image_threshold`: they change which slots commit, never
 the logits, so the learner's full-pass replay still gives ratio 1; tests/test_pararl checks
 both), but not an approximate KV cache: its stale logits make the recorded log-probs drift from
-the replayed ones (benchmarks/sampler_drift.py), so `cache` other than 'none' is refused unless `cache_refresh` is 1 (every pass a full one).
+the replayed ones (benchmarks/sampler_drift.py), so `cache` other than 'none' is refused unless
+`cache_refresh` is 1 (every pass a full one).
 Shapes: R = B prompts x G samples rows, M output length, K sampled steps.
 """
 import os
