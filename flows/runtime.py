@@ -10,9 +10,9 @@ every child and grandchild inherits, and starts a tiny watchdog process (this fi
 standard library only, no Prefect, no torch). The watchdog waits for the run's process to end, by
 any means, then sends SIGTERM (and SIGKILL after `GRACE_S`) to every process whose environment
 carries the token or that it saw in the run's process tree (it records the tree every `POLL_S`: a
-process that rewrites its own environment block, as setproctitle does for Ray's agents, loses the token
-but not its place in the tree). On a normal exit Prefect and Ray have already stopped their processes, and the
-watchdog finds nothing to do. The marker is matched in /proc/<pid>/environ, the environment a
+process that rewrites its own environment block, as setproctitle does for Ray's agents, loses the
+token but not its place in the tree). On a normal exit Prefect and Ray have already stopped their
+processes, and the watchdog finds nothing to do. The marker is matched in /proc/<pid>/environ, the environment a
 process started with, so it works across sessions and process groups and after re-parenting.
 Linux only (/proc); elsewhere the guard is a no-op that says so.
 
@@ -33,11 +33,7 @@ GRACE_S = 5.0
 POLL_S = 0.5
 """How often the watchdog checks that the run's process is still alive."""
 LATE_S = 8.0
-"""After those two rounds, SIGKILL sweeps go on until none has found a process for this many seconds: children
-still being spawned (Ray's agents) are caught. A loaded machine once left two Ray agents alive past a fixed
-8 s of sweeps."""
-LATE_MAX_S = 90.0
-"""The sweeps stop after this many seconds whatever they find."""
+"""Seconds of extra SIGKILL sweeps after those two rounds, for children still being spawned (Ray's agents)."""
 RAY_TMP_ROOM = 40
 """Longest tmp_dir Ray can use: it adds ~66 bytes (ray/session_<date>_<pid>/sockets/plasma_store) of 107."""
 
@@ -149,11 +145,9 @@ def reap(token: str, grace_s: float = GRACE_S, seen: dict[int, int] | None = Non
             time.sleep(0.1)
             alive = _targets(token, seen)
         found += [p for p in alive if p not in found]
-    start = quiet_since = time.monotonic()  # children some of them were still spawning (Ray's agents): sweep again
-    while time.monotonic() - quiet_since < LATE_S and time.monotonic() - start < LATE_MAX_S:
+    deadline = time.monotonic() + LATE_S  # children some of them were still spawning (Ray's agents): sweep again
+    while time.monotonic() < deadline:
         late = _targets(token, seen)
-        if late:
-            quiet_since = time.monotonic()
         _signal(late, signal.SIGKILL)
         found += late
         time.sleep(0.5)

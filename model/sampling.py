@@ -223,8 +223,8 @@ def decode_image(codes: torch.Tensor, logits: torch.Tensor, keep: int | torch.Te
     k = int(keep.max())
     if k > 0:
         remask = conf.topk(k, dim=-1, largest=False).indices  # (B, k) least confident first
-        remask = remask.masked_fill(torch.arange(k, device=codes.device)[None] >= keep[:, None], N)  # (B, k)
-        sampled = torch.cat([sampled, sampled[:, :1]], 1).scatter(1, remask, -1)[:, :N]  # column N: a sink
+        within = torch.arange(k, device=codes.device)[None] < keep[:, None]  # (B, k) each row's first keep
+        sampled = sampled.masked_fill(torch.zeros_like(known).scatter(1, remask, within), -1)
     return sampled
 
 

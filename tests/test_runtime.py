@@ -101,11 +101,7 @@ time.sleep(600)
 
 
 def _alive(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except OSError:
-        return False
+    return process_table().get(pid, (0, 0, "Z"))[2] != "Z"
 
 
 def test_a_child_without_the_token_is_found_through_the_process_tree(tmp_path):
@@ -180,8 +176,8 @@ def test_a_killed_run_leaves_no_ray_processes(tmp_path):
     assert any("gcs_server" in cmd for _, cmd in started) and len(started) >= 3
     assert glob.glob(os.path.join(short_tmp, "ray", "session_*"))  # Ray's temporary files follow TMPDIR
     # Ray's agents exit by themselves once the raylet is gone, unless the machine is slow: frozen, they stand for
-    # agents that do not. setproctitle overwrote their environment block, so only the process tree finds them.
-    # (found through the tree: setproctitle may have wiped the test's marker from their environment too)
+    # agents that do not. setproctitle overwrote their environment block (the run's token, sometimes this test's
+    # marker too), so only the process tree finds them, here and in the watchdog.
     deadline = time.monotonic() + 60
     while len(agents := _ray_agents(proc.pid)) < 2:
         assert time.monotonic() < deadline, _marked(mark)
