@@ -17,6 +17,7 @@ import sys
 import time
 from pathlib import Path
 
+from flows.runtime import descendants, process_table
 from tests.test_runtime import GUARDED_CLI, _marked
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -35,12 +36,24 @@ def start(argv: list[str], log: Path, mark: str, env: dict | None = None, code: 
                             stdout=open(log, "a"), stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
 
 
-def reap_marked(mark: str, wait_s: float = 15.0) -> list:
-    """Waits for every process started with the mark to end (the watchdog's work), then SIGKILLs the rest."""
-    deadline, left = time.monotonic() + wait_s, _marked(mark)
+def _left(mark: str, seen: dict[int, int]) -> list[tuple[int, str]]:
+    """Live processes with the mark, or seen in the killed run's tree (same pid and start time, not a zombie):
+    setproctitle (Ray's agents) can wipe the mark from /proc/<pid>/environ, so the mark alone misses some."""
+    table = process_table()
+    left = dict(_marked(mark))
+    left.update({p: "(seen in the run's process tree)" for p, st in seen.items()
+                 if p in table and table[p][1] == st and table[p][2] != "Z"})
+    return sorted(left.items())
+
+
+def reap_marked(mark: str, wait_s: float = 15.0, seen: dict[int, int] | None = None) -> list:
+    """Waits for every process started with the mark or in `seen` (pid -> start time) to end (the watchdog's
+    work), then SIGKILLs the rest."""
+    seen = seen or {}
+    deadline, left = time.monotonic() + wait_s, _left(mark, seen)
     while left and time.monotonic() < deadline:
         time.sleep(0.25)
-        left = _marked(mark)
+        left = _left(mark, seen)
     for pid, _ in left:
         try:
             os.kill(pid, signal.SIGKILL)
@@ -54,19 +67,21 @@ def kill_when(proc: subprocess.Popen, cond, mark: str, timeout: float = 600.0, p
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if cond():
+            seen = descendants(proc.pid, process_table())
             try:
                 os.killpg(proc.pid, signal.SIGKILL)
             except ProcessLookupError:
                 pass
             proc.wait()
-            reap_marked(mark)
+            reap_marked(mark, seen=seen)
             return True
         if proc.poll() is not None:
             return False
         time.sleep(poll)
+    seen = descendants(proc.pid, process_table())
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
-    reap_marked(mark)
+    reap_marked(mark, seen=seen)
     raise AssertionError(f"condition not met within {timeout}s")
 
 
