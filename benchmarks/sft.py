@@ -17,6 +17,11 @@ cores' contention without Ray, --concurrent-plain) 0.879. The 0.9x target is not
 gap is two processes sharing two cores, the other half Ray + DDP (gloo all-reduce, waiting on the slower rank).
 Ray Train's own cost, apart from a second worker: --workers 1, eager, 40 steps, 3 rounds (2026-11-24, idle):
 Ray 14.7-15.2k tokens/s, Ray / plain 0.974 (0.939..1.030), overhead +2.6%.
+no_sync accumulation, --grad-accum 4 (one all-reduce per 4 micro-batches, both arms), eager, 40 steps,
+3 rounds, idle (2026-11-25): Ray 12.3-12.7k per worker, Ray / plain 0.821 (0.804..0.853), Ray / concurrent
+plain 0.923 (0.881..0.993); the same with --no-dashboard 0.837 (0.805..0.854) and 0.933 (0.906..0.953), so
+the dashboard's share is within the noise. Two plain loops at once already run at 0.90 of one alone
+(12.8-14.0k vs 14.5-15.6k): on 2 cores the 0.9x target leaves Ray and DDP no room at all.
 """
 import argparse
 import json
@@ -39,7 +44,7 @@ def prepare(a) -> tuple[dict, dict, str, str]:
                          dict(resolution=32))
     recipe = PRESETS["toy-tiny"].to_dict()
     recipe["sft"] = {**recipe["sft"], "total_steps": a.steps, "warmup_steps": a.steps // 5,
-                     "batch_size": a.batch_size, "eval_interval": 0, "log_interval": 0, "compile": a.compile}
+                     "batch_size": a.batch_size, "grad_accum": a.grad_accum, "eval_interval": 0, "log_interval": 0, "compile": a.compile}
     paths = prepare_sft.fn(root, "d", out, recipe, image_tokenizer_dir=fit_image_tokenizer.fn(root, "d", work + "/vq"))
     return recipe, paths, root, out
 
@@ -83,6 +88,8 @@ def main() -> None:
     ap.add_argument("--warmup", type=int, default=5)
     ap.add_argument("--batch-size", type=int, default=32)
     ap.add_argument("--samples", type=int, default=2000)
+    ap.add_argument("--grad-accum", type=int, default=1,
+                    help="micro-batches per optimiser step in both arms (Ray: one all-reduce per step, no_sync before)")
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--ddp", type=json.loads, default=None,
                     help="JSON DistributedDataParallel kwargs of a second Ray arm next to tasks/sft/sft.DDP_KWARGS, "
@@ -91,8 +98,15 @@ def main() -> None:
     ap.add_argument("--concurrent-plain", action="store_true",
                     help="also --workers plain loops at once (1 thread each) after each Ray fit: Ray's own overhead "
                          "apart from the cores' contention")
+    ap.add_argument("--no-dashboard", action="store_true",
+                    help="start Ray without its dashboard (run_sft starts it): its share of 2 busy cores")
     a = ap.parse_args()
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    if a.no_dashboard:
+        import ray
+
+        ray.init(address="local", num_cpus=max(a.workers, os.cpu_count() or 1), include_dashboard=False,
+                 log_to_driver=False)
     recipe, paths, root, out = prepare(a)
     arms = {"Ray": None, **({f"Ray, DDP {a.ddp}": a.ddp} if a.ddp is not None else {})}
     ratios = {arm: [] for arm in arms}
@@ -123,7 +137,7 @@ def main() -> None:
                 line += f", / concurrent plain {ratios[f'{arm} / concurrent plain'][-1]:.3f}"
         plain = after
         print(line, flush=True)
-    print(f"model {params:.2f}M params, batch {a.batch_size}, {a.steps} steps, bf16={recipe['sft']['bf16']}, "
+    print(f"model {params:.2f}M params, batch {a.batch_size} x {a.grad_accum} micro-batches, {a.steps} steps, bf16={recipe['sft']['bf16']}, "
           f"{a.rounds} interleaved rounds")
     for arm, r in ratios.items():
         name = f"{arm} / plain" if arm in arms else arm
