@@ -18,7 +18,7 @@ gap is two processes sharing two cores, the other half Ray + DDP (gloo all-reduc
 Ray Train's own cost, apart from a second worker: --workers 1, eager, 40 steps, 3 rounds (2026-11-24, idle):
 Ray 14.7-15.2k tokens/s, Ray / plain 0.974 (0.939..1.030), overhead +2.6%.
 no_sync accumulation, --grad-accum 4 (one all-reduce per 4 micro-batches, both arms), eager, 40 steps,
-3 rounds, idle (2026-11-25): Ray 12.3-12.7k per worker, Ray / plain 0.821 (0.804..0.853), Ray / concurrent
+3 rounds, idle (2026-11-24, session 9): Ray 12.3-12.7k per worker, Ray / plain 0.821 (0.804..0.853), Ray / concurrent
 plain 0.923 (0.881..0.993); the same with --no-dashboard 0.837 (0.805..0.854) and 0.933 (0.906..0.953), so
 the dashboard's share is within the noise. Two plain loops at once already run at 0.90 of one alone
 (12.8-14.0k vs 14.5-15.6k): on 2 cores the 0.9x target leaves Ray and DDP no room at all.
