@@ -347,11 +347,16 @@ def test_s3_server_hung_then_stopped_then_restarted_mid_write(agg_reference, tmp
             deadline = time.monotonic() + 300
             while _s3_commits(server, root) < done and proc.poll() is None and time.monotonic() < deadline:
                 time.sleep(0.05)
+            # the writer is frozen while the fault is set up: a graceful server stop takes long enough for a fast
+            # writer to finish its last commits on it (it once exited 0 before the server was gone)
+            os.killpg(proc.pid, signal.SIGSTOP)
             assert proc.poll() is None, log.read_text()[-2000:]
+            assert _s3_commits(server, root) < TOY["n"] // AGG_CHUNK, "the writer finished before the fault"
             if fault == "hang":
                 os.kill(server.pid, signal.SIGSTOP)
             else:
                 stop_seaweedfs(server.pid)
+            os.killpg(proc.pid, signal.SIGCONT)
             code, seconds = _ends_within(proc, 180)
             if fault == "hang":
                 os.kill(server.pid, signal.SIGCONT)
