@@ -18,9 +18,9 @@ gap is two processes sharing two cores, the other half Ray + DDP (gloo all-reduc
 Ray Train's own cost, apart from a second worker: --workers 1, eager, 40 steps, 3 rounds (2026-11-24, idle):
 Ray 14.7-15.2k tokens/s, Ray / plain 0.974 (0.939..1.030), overhead +2.6%.
 no_sync accumulation, --grad-accum 4 (one all-reduce per 4 micro-batches, both arms), eager, 40 steps,
-3 rounds, idle (2026-11-24, session 9): Ray 12.3-12.7k per worker, Ray / plain 0.821 (0.804..0.853), Ray / concurrent
-plain 0.923 (0.881..0.993); the same with --no-dashboard 0.837 (0.805..0.854) and 0.933 (0.906..0.953), so
-the dashboard's share is within the noise. Two plain loops at once already run at 0.90 of one alone
+3 rounds, idle (2026-11-24, session 9): Ray 12.3-12.7k per worker, Ray / plain 0.821 (0.804..0.853),
+Ray / concurrent plain 0.923 (0.881..0.993); the same with --no-dashboard 0.837 (0.805..0.854) and 0.933
+(0.906..0.953), so the dashboard's share is within the noise. Two plain loops at once already run at 0.90 of one alone
 (12.8-14.0k vs 14.5-15.6k): on 2 cores the 0.9x target leaves Ray and DDP no room at all.
 """
 import argparse
@@ -44,7 +44,8 @@ def prepare(a) -> tuple[dict, dict, str, str]:
                          dict(resolution=32))
     recipe = PRESETS["toy-tiny"].to_dict()
     recipe["sft"] = {**recipe["sft"], "total_steps": a.steps, "warmup_steps": a.steps // 5,
-                     "batch_size": a.batch_size, "grad_accum": a.grad_accum, "eval_interval": 0, "log_interval": 0, "compile": a.compile}
+                     "batch_size": a.batch_size, "grad_accum": a.grad_accum, "eval_interval": 0, "log_interval": 0,
+                     "compile": a.compile}
     paths = prepare_sft.fn(root, "d", out, recipe, image_tokenizer_dir=fit_image_tokenizer.fn(root, "d", work + "/vq"))
     return recipe, paths, root, out
 
@@ -137,8 +138,8 @@ def main() -> None:
                 line += f", / concurrent plain {ratios[f'{arm} / concurrent plain'][-1]:.3f}"
         plain = after
         print(line, flush=True)
-    print(f"model {params:.2f}M params, batch {a.batch_size} x {a.grad_accum} micro-batches, {a.steps} steps, bf16={recipe['sft']['bf16']}, "
-          f"{a.rounds} interleaved rounds")
+    print(f"model {params:.2f}M params, batch {a.batch_size} x {a.grad_accum} micro-batches, {a.steps} steps, "
+          f"bf16={recipe['sft']['bf16']}, {a.rounds} interleaved rounds")
     for arm, r in ratios.items():
         name = f"{arm} / plain" if arm in arms else arm
         print(f"{name} (per worker): mean {statistics.mean(r):.3f} (min..max {min(r):.3f}..{max(r):.3f}; "

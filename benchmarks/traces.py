@@ -51,7 +51,11 @@ class _Shared:
     """The warm engine handed to the flow: generate() passes through, close() leaves it running."""
 
     def __init__(self, gen):
-        self.gen, self.dead = gen, None
+        self.gen = gen
+
+    @property
+    def dead(self):  # generate_traces stops on a dead engine: pass the shared one's state through
+        return self.gen.dead
 
     def generate(self, reqs):
         return self.gen.generate(reqs)

@@ -349,8 +349,8 @@ def test_s3_server_hung_then_stopped_then_restarted_mid_write(agg_reference, tmp
                 time.sleep(0.05)
             # the writer is frozen while the fault is set up: a graceful server stop takes long enough for a fast
             # writer to finish its last commits on it (it once exited 0 before the server was gone)
-            os.killpg(proc.pid, signal.SIGSTOP)
             assert proc.poll() is None, log.read_text()[-2000:]
+            os.killpg(proc.pid, signal.SIGSTOP)
             assert _s3_commits(server, root) < TOY["n"] // AGG_CHUNK, "the writer finished before the fault"
             if fault == "hang":
                 os.kill(server.pid, signal.SIGSTOP)
