@@ -12,6 +12,7 @@ from prefect.artifacts import create_progress_artifact, update_progress_artifact
 
 from tasks.aggregate.aggregate import ingest_source, summarise
 from tasks.aggregate.sources import SourceSpec, check_source
+from tasks.common.runs import recorded
 from tasks.pipeline.ui_artifacts import run_key
 
 TOY_DEFAULT = [{"type": "toy", "name": "toy-tiny", "preset": "tiny", "n": 2000, "seed": 0}]
@@ -45,21 +46,25 @@ def aggregate(sources: list[dict] | None = None, root: str = "data", dataset: st
                   near_duplicate_bits=near_duplicate_bits, max_pixels=max_pixels)
     progress = create_progress_artifact(0.0, key=run_key("aggregate", dataset, "progress"),
                                         description=f"aggregating {dataset}")
-    per_source = []
-    for i, spec in enumerate(sources):
-        span = (100.0 * i / len(sources), 100.0 * (i + 1) / len(sources))
-        state = ingest_source(spec, root, dataset, curate, progress, span, return_state=True)
-        per_source.append(_source_row(spec, state))
-    summary = summarise(root, dataset, per_source)
-    for s in per_source:
-        print(f"{s['source']}: read {s['read']}, accepted {s['accepted']}, already present {s['already_present']}, "
-              f"quarantined {s['quarantined']} ({s['reasons']}) - {s['status']}")
-    print(f"{dataset}: {summary['samples']} samples, {summary['quarantined']} quarantined "
-          f"{summary['quarantine_reasons']}")
-    failed = [s for s in per_source if s["status"] != "ok"]
-    if failed:
-        raise RuntimeError(f"{len(failed)} of {len(sources)} sources failed: "
-                           + "; ".join(f"{s['source']}: {s['status']}" for s in failed))
+    config = {"dataset": dataset, "sources": sources, **curate}
+    with recorded(root, dataset, "aggregate", config) as timings:
+        per_source = []
+        for i, spec in enumerate(sources):
+            span = (100.0 * i / len(sources), 100.0 * (i + 1) / len(sources))
+            state = ingest_source(spec, root, dataset, curate, progress, span, return_state=True)
+            per_source.append(_source_row(spec, state))
+        summary = summarise(root, dataset, per_source)
+        timings.update(samples=summary["samples"], quarantined=summary["quarantined"],
+                       accepted=sum(s["accepted"] for s in per_source))
+        for s in per_source:
+            print(f"{s['source']}: read {s['read']}, accepted {s['accepted']}, already present {s['already_present']}, "
+                  f"quarantined {s['quarantined']} ({s['reasons']}) - {s['status']}")
+        print(f"{dataset}: {summary['samples']} samples, {summary['quarantined']} quarantined "
+              f"{summary['quarantine_reasons']}")
+        failed = [s for s in per_source if s["status"] != "ok"]
+        if failed:
+            raise RuntimeError(f"{len(failed)} of {len(sources)} sources failed: "
+                               + "; ".join(f"{s['source']}: {s['status']}" for s in failed))
     new = sum(s["accepted"] for s in per_source)
     update_progress_artifact(progress, 100.0, description=f"{dataset}: {new} new samples, {summary['samples']} in all"
                              + ("" if new else " (nothing to do: every sample was already present)"))

@@ -9,10 +9,12 @@ layout with its published rows beside ours.
 import datetime as dt
 import json
 import os
+import time
 
 from prefect import flow, task
 from prefect.artifacts import create_markdown_artifact
 
+from tasks.common.runs import recorded
 from tasks.evaluate.judges import METRICS, EvalOutput
 
 TOY_BENCHMARK = "toy-parabench"
@@ -190,14 +192,20 @@ def evaluate(checkpoints: list[str], benchmark: str = TOY_BENCHMARK, root: str =
     report_dir = report_dir or os.path.join("runs", "eval", run_id)
     os.makedirs(report_dir, exist_ok=True)
     results, pngs = {}, []
-    for c in checkpoints:
-        run = run_id if len(checkpoints) == 1 else f"{run_id}-{label_of(c).replace('/', '-')}"
-        for mode in modes:
-            name = f"{label_of(c)} ({mode})"
-            grid = os.path.join(report_dir, f"samples-{label_of(c).replace('/', '-')}-{mode}.png")
-            results[name] = score_checkpoint(c, items, root, run, bench, mode, seed, sampler, batch_size, judge,
-                                             judge_args, grid, grid_items)
-            pngs.append(results[name]["grid"])
+    shown_args = {k: v for k, v in (judge_args or {}).items() if k != "api_key"}  # no credentials in tables
+    config = {"checkpoints": checkpoints, "benchmark": benchmark, "items": len(items), "modes": list(modes),
+              "judge": judge, "judge_args": shown_args, "seed": seed, "sampler": sampler, "batch_size": batch_size}
+    with recorded(root, run_id, "eval", config) as timings:
+        for c in checkpoints:
+            run = run_id if len(checkpoints) == 1 else f"{run_id}-{label_of(c).replace('/', '-')}"
+            for mode in modes:
+                name = f"{label_of(c)} ({mode})"
+                grid = os.path.join(report_dir, f"samples-{label_of(c).replace('/', '-')}-{mode}.png")
+                t0 = time.perf_counter()
+                results[name] = score_checkpoint(c, items, root, run, bench, mode, seed, sampler, batch_size, judge,
+                                                 judge_args, grid, grid_items)
+                timings[f"{name}_s"] = round(time.perf_counter() - t0, 3)
+                pngs.append(results[name]["grid"])
     from tasks.evaluate.eval_report import metric_chart
     from tasks.pipeline.ui_artifacts import embed_pngs
 

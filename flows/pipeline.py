@@ -27,7 +27,7 @@ from flows.traces import traces
 from model.sampling import SamplerConfig
 from tasks.common.generate import generate_examples_fn
 from tasks.pipeline.pipeline_config import PipelineConfig
-from tasks.pipeline.stage_cache import CACHED, code_version, fingerprint, run_stage, stage_key
+from tasks.pipeline.stage_cache import CACHED, fingerprint, run_stage, stage_key
 
 generate_examples = task(generate_examples_fn, name="generate-examples")
 
@@ -82,14 +82,11 @@ def record_config(c: PipelineConfig) -> str:
 @task(name="record-run")
 def record_run(c: PipelineConfig, root: str, start: dt.datetime, states: dict, seconds: dict) -> str:
     """The finished run's row in the `runs` table: config, code version, start/end, each stage's state and seconds."""
-    from storage.parquet import write_rows
+    from tasks.common.runs import record, stage_row
 
     run_id = f"pipeline-{c.dataset}-{start:%Y%m%dT%H%M%S}"
     timings = {k: {"state": states[k], "seconds": seconds.get(k)} for k in states}
-    write_rows(root, "runs", [{"run_id": run_id, "stage": "pipeline", "config_json": c.model_dump_json(),
-                               "code_version": code_version(), "start_time": start,
-                               "end_time": dt.datetime.now(dt.timezone.utc), "timings_json": json.dumps(timings)}],
-               run=run_id)
+    record(root, stage_row(run_id, "pipeline", c.model_dump(mode="json"), start, timings))
     return run_id
 
 

@@ -8,10 +8,12 @@ CLIP weights) everywhere -> a summary artifact.
 """
 import json
 import os
+import time
 
 from prefect import flow, task
 from prefect.artifacts import create_markdown_artifact
 
+from tasks.common.runs import recorded
 from tasks.sft.image_codes import fit_image_tokenizer
 from tasks.sft.recipe import PRESETS, Recipe, default_preset
 from tasks.sft.sft import evaluate_checkpoint, prepare_sft, run_sft
@@ -79,6 +81,16 @@ def sft(root: str = "data", dataset: str = "toy-tiny", out: str = "runs/sft", ru
     if total_steps:
         warmup = min(r["sft"]["warmup_steps"], total_steps // 5)  # short runs keep a proportionate warm-up
         r["sft"] = {**r["sft"], "total_steps": total_steps, "warmup_steps": warmup}
+    run = {"recipe": r, "dataset": dataset, "root": root, "out": out, "num_workers": num_workers, "use_gpu": use_gpu,
+           "fsdp": fsdp, "checkpoint_every": checkpoint_every, "eval_interval": eval_interval}
+    with recorded(root, run_id, "sft", run) as timings:  # the runs row, with r as resolved below
+        return _train(r, toy, root, dataset, out, run_id, num_workers, use_gpu, checkpoint_every, eval_interval,
+                      max_failures, fsdp, timings)
+
+
+def _train(r: dict, toy: bool, root: str, dataset: str, out: str, run_id: str, num_workers: int, use_gpu: bool,
+           checkpoint_every: int, eval_interval: int, max_failures: int, fsdp: bool, timings: dict) -> dict:
+    t0 = time.perf_counter()
     vq = image_tokenizer_for(r, root, dataset, out)
     paths = prepare_sft(root, dataset, out, r, r["init_from"], vq, eval_per_category=max(4, r["eval_per_category"] // 4))
     r["seq"] = paths["seq"]  # resolved: the layout and image grid of the base checkpoint and tokenizer
@@ -92,7 +104,9 @@ def sft(root: str = "data", dataset: str = "toy-tiny", out: str = "runs/sft", ru
     if "val_data" in paths:
         cfg["eval"] = {"val_data": paths["val_data"], "scenes": paths["scenes"], "preset": paths["preset"],
                        "interval": eval_interval, "sampler": r["sampler"]}
+    timings["prepare_s"], t0 = round(time.perf_counter() - t0, 3), time.perf_counter()
     fit = run_sft(cfg, num_workers, use_gpu, os.path.join(out, "ray"), max_failures)
+    timings["fit_s"], t0 = round(time.perf_counter() - t0, 3), time.perf_counter()
     heldout = evaluate_heldout(fit["checkpoint"], root, dataset, run_id, r)
     tables = None
     if toy:
@@ -101,6 +115,7 @@ def sft(root: str = "data", dataset: str = "toy-tiny", out: str = "runs/sft", ru
         for category, methods in sorted(tables["exact_image"].items()):
             print(f"  exact image {category:>12s}: " + "  ".join(f"{m}={v:.2f}" for m, v in methods.items()))
     print(f"  held-out: {heldout}")
+    timings["eval_s"] = round(time.perf_counter() - t0, 3)
     create_markdown_artifact(_summary(run_id, r, paths, fit, heldout, tables),
                              key="sft-" + "".join(c if c.isalnum() else "-" for c in run_id.lower())[:90])
     publish_markdown(stable_key("sft", run_id, "loss"), sft_loss_markdown, root, run_id, out,

@@ -13,6 +13,7 @@ from prefect import flow
 from prefect.artifacts import create_progress_artifact
 from prefect.runtime import flow_run
 
+from tasks.common.runs import recorded
 from tasks.traces.generators import GeneratorSpec
 from tasks.traces.traces import find_pending, generate_traces, generator_key
 
@@ -56,9 +57,13 @@ def traces(root: str = "data", dataset: str = "toy-tiny", generator: dict | None
         progress = None
         create_progress_artifact(100.0, key=progress_key("traces"),
                                  description=f"nothing to do: every sample of {dataset} has a trace of generator {key}")
-    stats = generate_traces(root, dataset, spec, pending, run_id or flow_run.get_name() or "manual",
-                            batch_size, filters, progress, commit_every_s)
-    print(f"{dataset}: generator {key} ({spec['kind']} {spec['model']}): {stats}")
-    check_failures(stats, max_failed_fraction)
+    run = run_id or flow_run.get_name() or "manual"
+    config = {"dataset": dataset, "generator": spec, "filters": filters,
+              "batch_size": batch_size, "pending": len(pending)}
+    with recorded(root, run, "traces", config) as timings:
+        stats = generate_traces(root, dataset, spec, pending, run, batch_size, filters, progress, commit_every_s)
+        timings.update(stats)  # rows ok / filtered / failed beside the seconds
+        print(f"{dataset}: generator {key} ({spec['kind']} {spec['model']}): {stats}")
+        check_failures(stats, max_failed_fraction)
     missing = len(find_pending(root, dataset, key)) if pending else 0  # dataset totals, not only this run's rows
     return {"pending": len(pending), **stats, "without_trace": missing}

@@ -220,15 +220,15 @@ EVAL_JUDGMENTS = _schema("eval_judgments", [
     _f("time", TIME),
 ])
 
-# One row per stage run: what ran, with which config and code, and how long each part took.
+# One row per stage invocation (tasks/common/runs.py): what ran, with which config and code, how long each part took.
 RUNS = _schema("runs", [
     _f("run_id", pa.string(), False),
-    _f("stage", pa.string(), False),           # "synthesize" | "sft" | "rl" | "eval" | ...
+    _f("stage", pa.string(), False),           # "aggregate" | "traces" | "sft" | "rl" | "eval" | "pipeline"
     _f("config_json", pa.string(), False),
     _f("code_version", pa.string()),           # git commit or package version
     _f("start_time", TIME, False),
     _f("end_time", TIME),
-    _f("timings_json", pa.string()),           # {"phase": seconds}
+    _f("timings_json", pa.string()),           # {"phase_s": seconds, "seconds": total, counts; "error" if it failed}
 ])
 
 TABLES = {
@@ -257,7 +257,7 @@ KEYS = {
     "eval_results": ("run_id", "checkpoint", "suite", "metric"),
     "eval_outputs": ("run_id", "benchmark", "item_id", "mode", "seed"),
     "eval_judgments": ("run_id", "benchmark", "item_id", "mode", "seed", "judge", "judge_version"),
-    "runs": ("run_id", "stage"),
+    "runs": ("run_id", "stage", "start_time"),  # a resumed run adds a row for the part it did
 }
 
 # Allowed values of enum-like string columns, checked on write.

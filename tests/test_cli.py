@@ -230,6 +230,11 @@ def test_run_pipeline_then_query_and_inspect(tmp_path):
                    "ORDER BY start_time").fetchall()
     assert [r[0] for r in rows] == [True, True]
     first, second = (json.loads(r[1]) for r in rows)
+    per_stage = dict(con.sql("SELECT stage, count(*) FROM runs WHERE end_time >= start_time AND timings_json "
+                             "NOT LIKE '%\"error\"%' GROUP BY stage").fetchall())
+    assert per_stage == {"aggregate": 1, "traces": 1, "sft": 1, "rl": 1, "eval": 1, "pipeline": 2}  # cached: no row
+    sft_row = json.loads(con.sql("SELECT timings_json FROM runs WHERE stage = 'sft'").fetchall()[0][0])
+    assert sft_row["fit_s"] > 0 and sft_row["seconds"] >= sft_row["fit_s"] + sft_row["prepare_s"]
     stages = ["aggregate", "fit-reward", "traces", "sft", "pararl", "evaluate"]
     assert list(first) == stages and {v["state"] for v in first.values()} == {"ran"}
     assert {v["state"] for v in second.values()} == {"cached"} and all(v["seconds"] >= 0 for v in second.values())

@@ -1,5 +1,6 @@
 """ParaRL end to end on CPU: replay ratio 1, credited tokens, rounds on Ray, killed actors, resume."""
 import dataclasses
+import json
 import os
 import shutil
 
@@ -195,6 +196,14 @@ def test_two_rounds_on_ray_then_killed_actors_and_resume_reproduce_them(sft_chec
     assert resumed["first_round"] == 1 and resumed["resumed_from"].endswith("round-00000")
     assert _metrics(root, "resume") == ref
     assert os.path.isdir(out / "checkpoints" / "resume" / "round-00001")
+    # the runs table: one row per call, each with the rounds it did and its seconds per role
+    runs = sorted((r for r in read_table(root, "runs").to_pylist() if r["run_id"] == "resume"),
+                  key=lambda r: r["start_time"])
+    done = [json.loads(r["timings_json"]) for r in runs]
+    assert [(t["first_round"], t["last_round"]) for t in done] == [(0, 0), (1, 1)]
+    assert all(t["rollout_s"] > 0 and t["learner_s"] > 0 and "error" not in t for t in done)
+    assert all(r["stage"] == "rl" and r["end_time"] > r["start_time"] for r in runs)
+    assert json.loads(runs[0]["config_json"])["reward_stats"] == json.loads(runs[1]["config_json"])["reward_stats"]
 
 
 def test_rl_config_and_flow_refuse_bad_input_before_any_work(tmp_path):
@@ -220,7 +229,7 @@ def test_pararl_flow_one_round_with_artifacts(sft_checkpoint, random_clip, ray_l
     out = pararl(checkpoint=ckpt, root=root, dataset="d", out=str(tmp_path / "rl"), run_id="flow-run",
                  config={**FAST, "rounds": 1}, sampler=SAMPLER, clip_folder=random_clip)
     assert out["rounds"] == 1 and out["checkpoint"].endswith("round-00000") and out["reward"]["kind"] == "clip"
-    runs = read_table(root, "runs", run="flow-run").to_pylist()
+    runs = [r for r in read_table(root, "runs").to_pylist() if r["run_id"] == "flow-run"]
     assert len(runs) == 1 and '"sampled_steps": 2' in runs[0]["config_json"]
 
     async def artifact_keys():

@@ -244,3 +244,28 @@ def test_local_fs_helpers(tmp_path, monkeypatch):
         fs.resolve("gs://b/x")
     with pytest.raises(ValueError, match="set both access_key and secret_key"):
         fs.S3Config(access_key="k")
+
+
+def test_runs_rows_one_per_invocation_with_the_error_of_a_failed_one(tmp_path, capsys):
+    from tasks.common.runs import recorded
+
+    root = str(tmp_path / "lake")
+    for _ in range(2):  # the same run twice (a resume): two rows, each in a partition of its own
+        with recorded(root, "r1", "sft", {"lr": 0.1}) as timings:
+            timings["fit_s"] = 1.5
+    with pytest.raises(ZeroDivisionError):
+        with recorded(root, "r1", "sft", {"lr": 0.1}):
+            1 / 0
+    rows = sorted(read_table(root, "runs").to_pylist(), key=lambda r: r["start_time"])
+    assert [r["run_id"] for r in rows] == ["r1"] * 3 and len({r["run"] for r in rows}) == 3
+    done = [json.loads(r["timings_json"]) for r in rows]
+    assert [t.get("fit_s") for t in done] == [1.5, 1.5, None] and all(t["seconds"] >= 0 for t in done)
+    assert done[2]["error"] == "ZeroDivisionError: division by zero" and json.loads(rows[2]["config_json"]) == {"lr": 0.1}
+    assert all(r["end_time"] >= r["start_time"] and len(r["code_version"]) == 12 for r in rows)
+    # storage that cannot take the row: the stage's own error still comes out, the other is printed
+    blocked = tmp_path / "file"
+    blocked.write_text("not a folder")
+    with pytest.raises(KeyError, match="boom"):
+        with recorded(str(blocked), "r2", "eval", {}):
+            raise KeyError("boom")
+    assert "could not record the failed eval run 'r2'" in capsys.readouterr().out

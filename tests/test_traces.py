@@ -211,6 +211,14 @@ def test_a_run_whose_rows_all_fail_ends_failed_with_the_count(lake, prefect_harn
     assert again.is_completed() and again.result()["pending"] == 0 and again.result()["without_trace"] == 0
     [card3] = _artifacts(again.state_details.flow_run_id)
     assert card3.data == 100.0 and card3.description.startswith("nothing to do")
+    # the runs table has each invocation: the failed one with its error, then what each did
+    runs = sorted(read_table(lake, "runs").to_pylist(), key=lambda r: r["start_time"])
+    assert [r["stage"] for r in runs] == ["traces"] * 3 and all(r["end_time"] >= r["start_time"] for r in runs)
+    timings = [json.loads(r["timings_json"]) for r in runs]
+    assert "40 of 40 traces failed" in timings[0]["error"] and timings[0]["failed"] == 40
+    assert timings[1]["ok"] == 40 and "error" not in timings[1] and timings[1]["seconds"] > 0
+    assert [json.loads(r["config_json"])["pending"] for r in runs] == [40, 40, 0]
+    assert json.loads(runs[0]["config_json"])["generator"]["kind"] == "http"
 
 
 def test_failures_over_the_threshold_fail_the_run_below_it_do_not(lake, tmp_path, prefect_harness):

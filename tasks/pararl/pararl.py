@@ -179,6 +179,7 @@ def run_rl(start: str, paths: dict, cfg: RLConfig, out: str, root: str, run_id: 
     """The ParaRL driver; re-running the same run_id in the same `out` resumes (see module docstring)."""
     from rl.loop import Roles
     from storage.parquet import write_rows
+    from tasks.common.runs import recorded
     from tasks.common.tokenizer import TextTokenizer
     from tasks.sft.sft import load_set
 
@@ -204,45 +205,51 @@ def run_rl(start: str, paths: dict, cfg: RLConfig, out: str, root: str, run_id: 
     sampler_d = {k: getattr(rollout_cfg, k) for k in SamplerConfig.__dataclass_fields__}
     masks = {"mask_id": vocab.mask_id, **_columns(shape)}
     history = []
+    config = run_config(cfg, sampler_d, reward_kwargs, start)  # + the reward stats once known
     try:
-        if state:
-            stats = RewardStats(**state["stats"])
-        else:
-            roles.publish(policy.state_dict(), version=-2)  # the starting policy scores the 1% sample
-            n = max(cfg.norm_min_prompts, round(cfg.norm_fraction * len(prompts)))
-            pick = torch.randperm(len(prompts), generator=_seeded(cfg.seed, 7))[:n].tolist()
-            stats = fit_stats(roles, [prompts[i] for i in pick], cfg, sampler_d, S)
-        write_rows(root, "runs", [run_row(run_id, start, cfg, sampler_d, reward_kwargs, stats)], run=run_id)
-        for round_ in range(first_round, cfg.rounds):
-            t0 = time.perf_counter()
-            pick = torch.randperm(len(prompts), generator=_seeded(cfg.seed, round_))[:cfg.prompts_per_round].tolist()
-            steps = sparse_steps(S, cfg.sampled_steps, _seeded(cfg.seed, round_, 1), cfg.first_step(S))
-            roles.publish(policy.state_dict(), version=round_)
-            got = roles.collect([prompts[i] for i in pick], cfg.group_size, sampler_d, steps, cfg.seed, round_)
-            reward, adv, zero = advantages(torch.from_numpy(got["raw"]), stats, cfg.group_size, cfg.reward_mode)
-            batch = Rollouts(prompts=[prompts[i] for i in pick for _ in range(cfg.group_size)],
-                             tokens=torch.from_numpy(got["tokens"]), step_map=torch.from_numpy(got["step_map"]),
-                             logp=torch.from_numpy(got["logp"]), steps=steps, adv=adv.float(), zero_var=zero)
-            t1 = time.perf_counter()
-            upd = update(policy, ref, optimizer, batch, cfg, vocab, shape, rollout_cfg)
-            learner_s = time.perf_counter() - t1
-            last = round_ == cfg.rounds - 1
-            t2 = time.perf_counter()
-            ev = heldout_eval(policy, paths, vocab, seq, start, base) if last or (round_ + 1) % cfg.eval_every == 0 else {}
-            eval_s = time.perf_counter() - t2 if ev else None
-            ids = [train.sample_id[i] for i in pick]
-            instr = [tok.decode(train.instruction[i]) for i in pick]
-            write_rows(root, "trajectories", trajectory_rows(run_id, round_, ids, instr, cfg.group_size, steps,
-                                                             {**got, **masks}, reward, adv, zero), run=run_id)
-            write_rows(root, "rewards", reward_rows(run_id, round_, ids, cfg.group_size, got, reward, adv), run=run_id)
-            row = metrics_row(run_id, round_, steps, got, reward, zero, upd, ev, learner_s, eval_s,
-                              time.perf_counter() - t0, cfg.lr)
-            write_rows(root, "rl_metrics", [row], run=run_id)
-            history.append(row)
-            if on_round:
-                on_round(row)
-            if last or (round_ + 1) % cfg.checkpoint_every == 0:
-                save_checkpoint(policy, vocab, optimizer, round_, stats, cfg, start, ckpt_dir, extras)
+        with recorded(root, run_id, "rl", config) as timings:
+            if state:
+                stats = RewardStats(**state["stats"])
+            else:
+                roles.publish(policy.state_dict(), version=-2)  # the starting policy scores the 1% sample
+                n = max(cfg.norm_min_prompts, round(cfg.norm_fraction * len(prompts)))
+                pick = torch.randperm(len(prompts), generator=_seeded(cfg.seed, 7))[:n].tolist()
+                stats = fit_stats(roles, [prompts[i] for i in pick], cfg, sampler_d, S)
+            config["reward_stats"], timings["first_round"] = stats.__dict__, first_round
+            for round_ in range(first_round, cfg.rounds):
+                t0 = time.perf_counter()
+                pick = torch.randperm(len(prompts), generator=_seeded(cfg.seed, round_))
+                pick = pick[:cfg.prompts_per_round].tolist()
+                steps = sparse_steps(S, cfg.sampled_steps, _seeded(cfg.seed, round_, 1), cfg.first_step(S))
+                roles.publish(policy.state_dict(), version=round_)
+                got = roles.collect([prompts[i] for i in pick], cfg.group_size, sampler_d, steps, cfg.seed, round_)
+                reward, adv, zero = advantages(torch.from_numpy(got["raw"]), stats, cfg.group_size, cfg.reward_mode)
+                batch = Rollouts(prompts=[prompts[i] for i in pick for _ in range(cfg.group_size)],
+                                 tokens=torch.from_numpy(got["tokens"]), step_map=torch.from_numpy(got["step_map"]),
+                                 logp=torch.from_numpy(got["logp"]), steps=steps, adv=adv.float(), zero_var=zero)
+                t1 = time.perf_counter()
+                upd = update(policy, ref, optimizer, batch, cfg, vocab, shape, rollout_cfg)
+                learner_s = time.perf_counter() - t1
+                last = round_ == cfg.rounds - 1
+                t2 = time.perf_counter()
+                evals = last or (round_ + 1) % cfg.eval_every == 0
+                ev = heldout_eval(policy, paths, vocab, seq, start, base) if evals else {}
+                eval_s = time.perf_counter() - t2 if ev else None
+                ids = [train.sample_id[i] for i in pick]
+                instr = [tok.decode(train.instruction[i]) for i in pick]
+                write_rows(root, "trajectories", trajectory_rows(run_id, round_, ids, instr, cfg.group_size, steps,
+                                                                 {**got, **masks}, reward, adv, zero), run=run_id)
+                write_rows(root, "rewards", reward_rows(run_id, round_, ids, cfg.group_size, got, reward, adv),
+                           run=run_id)
+                row = metrics_row(run_id, round_, steps, got, reward, zero, upd, ev, learner_s, eval_s,
+                                  time.perf_counter() - t0, cfg.lr)
+                write_rows(root, "rl_metrics", [row], run=run_id)
+                history.append(row)
+                add_timings(timings, row)
+                if on_round:
+                    on_round(row)
+                if last or (round_ + 1) % cfg.checkpoint_every == 0:
+                    save_checkpoint(policy, vocab, optimizer, round_, stats, cfg, start, ckpt_dir, extras)
     finally:
         roles.shutdown()
     final = latest_checkpoint(ckpt_dir)
@@ -250,21 +257,16 @@ def run_rl(start: str, paths: dict, cfg: RLConfig, out: str, root: str, run_id: 
             "first_round": first_round}
 
 
-def run_row(run_id: str, start: str, cfg: RLConfig, sampler: dict, reward_kwargs: dict | None,
-            stats: RewardStats) -> dict:
-    """The runs-table row: every choice of this run (the paper publishes only K), read back with DuckDB."""
-    import datetime as dt
-    import subprocess
+def run_config(cfg: RLConfig, sampler: dict, reward_kwargs: dict | None, start: str) -> dict:
+    """The runs-table config: every choice of this run (the paper publishes only K), read back with DuckDB."""
+    return {"rl": cfg.to_dict(), "sampler": sampler, "reward": reward_kwargs, "start_checkpoint": start}
 
-    try:
-        code = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
-                              cwd=os.path.dirname(os.path.abspath(__file__))).stdout.strip() or None
-    except OSError:
-        code = None
-    config = {"rl": cfg.to_dict(), "sampler": sampler, "reward": reward_kwargs, "reward_stats": stats.__dict__,
-              "start_checkpoint": start}
-    return {"run_id": run_id, "stage": "rl", "config_json": json.dumps(config), "code_version": code,
-            "start_time": dt.datetime.now(dt.timezone.utc)}
+
+def add_timings(timings: dict, row: dict) -> None:
+    """The runs row's timings: rounds done by this call and the seconds per role summed over them."""
+    timings["last_round"] = row["round"]
+    for k in ("rollout_s", "reward_s", "learner_s", "eval_s"):
+        timings[k] = round(timings.get(k, 0.0) + (row[k] or 0.0), 3)
 
 
 def _columns(shape: OutputShape) -> dict:
