@@ -64,7 +64,17 @@ MODES = [
                                                           image_threshold=0.9), True, False, False),
     ("approx: dual 4 + text & image threshold 0.7", dict(cache="dual", cache_refresh=4, text_threshold=0.7,
                                                           image_threshold=0.7), True, False, False),
+    ("approx: dual 4 + blocks of 24 + text & image threshold 0.9",
+     dict(cache="dual", cache_refresh=4, text_block_length=24, text_threshold=0.9, image_threshold=0.9), True, False,
+     False),
+    ("approx: dual 4 + blocks of 12 + text & image threshold 0.9",
+     dict(cache="dual", cache_refresh=4, text_block_length=12, text_threshold=0.9, image_threshold=0.9), True, False,
+     False),
     ("approx: bf16 weights", {}, True, True, False),
+    ("approx: bf16 + dual 4 + text & image threshold 0.9", dict(cache="dual", cache_refresh=4, text_threshold=0.9,
+                                                                image_threshold=0.9), True, True, False),
+    ("approx: bf16 + dual 6 + text & image threshold 0.9", dict(cache="dual", cache_refresh=6, text_threshold=0.9,
+                                                                image_threshold=0.9), True, True, False),
 ]
 
 

@@ -56,17 +56,27 @@ def _sampler_config(a):
     return SamplerConfig(**{k: x for k, x in v.items() if k in known}, mode=a.mode), text_tokens
 
 
+def _check_device(a) -> None:
+    from tasks.common.generate import inference_device
+
+    try:
+        inference_device(a.device, a.dtype)
+    except ValueError as e:
+        raise CLIError(str(e)) from None
+
+
 def cmd_generate(a) -> None:
     check_checkpoint(a.checkpoint)
     if a.image is not None and not os.path.isfile(a.image):
         raise CLIError(f"--image {a.image!r} does not exist; give a PNG or JPEG file, or drop --image to generate")
     from tasks.common.generate import generate_to_files
 
+    _check_device(a)
     sampler, text_tokens = _sampler_config(a)
     meta = generate_to_files(a.checkpoint, a.prompt, a.out, sampler, text_tokens=text_tokens,
                              image_path=a.image, seed=a.seed, device=a.device, resize=a.resize,
-                             image_tokenizer=a.image_tokenizer)
-    print(f"wrote {a.out}: text={meta['text']!r} nfe={meta['nfe']}")
+                             image_tokenizer=a.image_tokenizer, dtype=a.dtype)
+    print(f"wrote {a.out}: text={meta['text']!r} nfe={meta['nfe']} ({meta['device']}, {meta['dtype']})")
 
 
 def cmd_init_tiny(a) -> None:
@@ -256,12 +266,13 @@ def cmd_eval(a) -> None:
         check_fields("--sampler", sampler, SamplerConfig)
     judge_args, columns = load_object("--judge-args", a.judge_args), load_object("--columns", a.columns)
     _positive(a, "batch_size", "limit")
+    _check_device(a)
     from flows.evaluate import evaluate
 
     _quiet(a)
     out = evaluate(checkpoints=a.checkpoint, benchmark=a.benchmark, root=a.root, run_id=a.run_id, modes=a.modes,
                    judge=a.judge, seed=a.seed, sampler=sampler, batch_size=a.batch_size, limit=a.limit,
-                   judge_args=judge_args, report_dir=a.report_dir, columns=columns)
+                   judge_args=judge_args, report_dir=a.report_dir, columns=columns, device=a.device, dtype=a.dtype)
     if a.json:
         print(json.dumps({"items": out["items"], "results": out["results"], "reports": out["reports"]},
                          indent=2, default=str))

@@ -124,13 +124,20 @@ def _sampler_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=0, help="sampling seed (same seed, same files)")
 
 
+def _device_args(p) -> None:
+    p.add_argument("--device", default="auto", help="torch device: cpu, cuda, cuda:1; auto = cuda when torch sees "
+                   "one, else cpu")
+    p.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16"),
+                   help="weights while sampling; auto = bfloat16 on cuda (as upstream), float32 on cpu")
+
+
 def _generate_parsers(sub, cli) -> None:
     g = _sub(sub, "generate", "sample reasoning text + image from a checkpoint folder")
     g.add_argument("--checkpoint", required=True, help="folder with config.json, model.safetensors, tokenizer.json")
     g.add_argument("--prompt", required=True, help="instruction (editing, with --image) or prompt (generation)")
     g.add_argument("--image", default=None, help="input image (PNG/JPEG) to edit; needs an image tokenizer")
     g.add_argument("--out", required=True, help="output folder: text.txt, image.png (or image_codes.txt), meta.json")
-    g.add_argument("--device", default="cpu", help="torch device, e.g. cuda or cuda:1")
+    _device_args(g)
     g.add_argument("--image-tokenizer", default=None, help="image tokenizer folder when the checkpoint has no "
                    "image_tokenizer/ (e.g. showlab/magvitv2 for MMaDA-Parallel-M)")
     g.add_argument("--resize", choices=("squash", "center_crop"), default="squash",
@@ -274,6 +281,7 @@ def _rl_eval_parsers(sub, cli) -> None:
                     help="SamplerConfig fields [default: the toy recipe's, greedy]")
     ev.add_argument("--columns", default=None, metavar="JSON|FILE", help="column mapping of a local ParaBench folder")
     ev.add_argument("--seed", type=int, default=0, help="sampling seed")
+    _device_args(ev)
     ev.add_argument("--batch-size", type=int, default=16, help="items sampled per model call")
     ev.add_argument("--limit", type=int, default=None, help="first N items only (smoke runs) [default: all]")
     ev.add_argument("--report-dir", default=None, help="where the PNG sample grids and chart go [default: "

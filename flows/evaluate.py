@@ -43,7 +43,7 @@ def _bench_name(benchmark: str) -> str:
 
 @task(name="sample-outputs", persist_result=False)
 def sample_outputs(checkpoint: str, items: list, root: str, run_id: str, bench: str, mode: str, seed: int,
-                   sampler: dict, batch_size: int) -> list:
+                   sampler: dict, batch_size: int, device: str = "auto", dtype: str = "auto") -> list:
     """Outputs for every item in this mode; those already stored for (run, mode, seed) are reused."""
     import pyarrow.compute as pc
 
@@ -57,7 +57,7 @@ def sample_outputs(checkpoint: str, items: list, root: str, run_id: str, bench: 
     todo = [i for i in items if i.item_id not in have]
     if todo:
         cfg = SamplerConfig(**{**sampler, "mode": mode})
-        outs, nfe = sample_items(checkpoint, todo, cfg, seed=seed, batch_size=batch_size)
+        outs, nfe = sample_items(checkpoint, todo, cfg, seed=seed, batch_size=batch_size, device=device, dtype=dtype)
         now = dt.datetime.now(dt.timezone.utc)
         write_rows(root, "eval_outputs", [
             {"run_id": run_id, "benchmark": bench, "item_id": o.item_id, "mode": mode, "seed": seed,
@@ -158,12 +158,13 @@ def label_of(checkpoint: str) -> str:
 
 
 def score_checkpoint(checkpoint: str, items: list, root: str, run_id: str, bench: str, mode: str, seed: int,
-                     sampler: dict, batch_size: int, judge: str, judge_args: dict | None, grid: str, n: int) -> dict:
+                     sampler: dict, batch_size: int, judge: str, judge_args: dict | None, grid: str, n: int,
+                     device: str = "auto", dtype: str = "auto") -> dict:
     """Outputs -> judgments -> aggregates (written to eval_results) and a sample grid for one checkpoint and mode."""
     from storage.parquet import write_rows
     from tasks.evaluate.evaluate import aggregate
 
-    outputs = sample_outputs(checkpoint, items, root, run_id, bench, mode, seed, sampler, batch_size)
+    outputs = sample_outputs(checkpoint, items, root, run_id, bench, mode, seed, sampler, batch_size, device, dtype)
     judgments = judge_outputs(items, outputs, judge, root, run_id, bench, mode, seed, judge_args)
     agg = aggregate(items, outputs, judgments)
     write_rows(root, "eval_results", [
@@ -177,9 +178,14 @@ def score_checkpoint(checkpoint: str, items: list, root: str, run_id: str, bench
 def evaluate(checkpoints: list[str], benchmark: str = TOY_BENCHMARK, root: str = "data", run_id: str = "eval",
              modes: list[str] = ("parallel",), judge: str = "exact", seed: int = 0, sampler: dict | None = None,
              batch_size: int = 16, limit: int | None = None, judge_args: dict | None = None,
-             columns: dict | None = None, report_dir: str | None = None, grid_items: int = 12) -> dict:
+             columns: dict | None = None, report_dir: str | None = None, grid_items: int = 12,
+             device: str = "auto", dtype: str = "auto") -> dict:
     """Every checkpoint x decoding mode on one benchmark, side by side: the ablations are one call
-    (SFT vs ParaRL checkpoints, trajectory vs output-level runs, K, parallel vs sequential)."""
+    (SFT vs ParaRL checkpoints, trajectory vs output-level runs, K, parallel vs sequential).
+    device / dtype: "auto" samples on cuda in bf16 when torch sees a GPU, else on cpu in fp32."""
+    from tasks.common.generate import inference_device
+
+    device, weights = inference_device(device, dtype)  # a wrong value fails here, before any work
     checkpoints = [checkpoints] if isinstance(checkpoints, str) else list(checkpoints)
     for c in checkpoints:
         if not os.path.isfile(os.path.join(c, "config.json")):
@@ -194,7 +200,8 @@ def evaluate(checkpoints: list[str], benchmark: str = TOY_BENCHMARK, root: str =
     results, pngs = {}, []
     shown_args = {k: v for k, v in (judge_args or {}).items() if k != "api_key"}  # no credentials in tables
     config = {"checkpoints": checkpoints, "benchmark": benchmark, "items": len(items), "modes": list(modes),
-              "judge": judge, "judge_args": shown_args, "seed": seed, "sampler": sampler, "batch_size": batch_size}
+              "judge": judge, "judge_args": shown_args, "seed": seed, "sampler": sampler, "batch_size": batch_size,
+              "device": device, "dtype": str(weights).removeprefix("torch.")}
     with recorded(root, run_id, "eval", config) as timings:
         for c in checkpoints:
             run = run_id if len(checkpoints) == 1 else f"{run_id}-{label_of(c).replace('/', '-')}"
@@ -203,7 +210,7 @@ def evaluate(checkpoints: list[str], benchmark: str = TOY_BENCHMARK, root: str =
                 grid = os.path.join(report_dir, f"samples-{label_of(c).replace('/', '-')}-{mode}.png")
                 t0 = time.perf_counter()
                 results[name] = score_checkpoint(c, items, root, run, bench, mode, seed, sampler, batch_size, judge,
-                                                 judge_args, grid, grid_items)
+                                                 judge_args, grid, grid_items, device, dtype)
                 timings[f"{name}_s"] = round(time.perf_counter() - t0, 3)
                 pngs.append(results[name]["grid"])
     from tasks.evaluate.eval_report import metric_chart

@@ -119,7 +119,8 @@ def pipeline(config: PipelineConfig = PipelineConfig()) -> dict:
     tuned = run_stage(states, pararl_stage, out, key, {**rl, "run_id": f"rl-{c.dataset}-{key[-8:]}"},
                       seconds=seconds)
     ev = dict(checkpoints=[trained["checkpoint"], tuned["checkpoint"]], root=root, modes=list(c.eval_modes),
-              sampler=recipe.sampler, limit=c.eval_limit, report_dir=os.path.join(out, "eval"))
+              sampler=recipe.sampler, limit=c.eval_limit, report_dir=os.path.join(out, "eval"),
+              device="cuda" if c.gpu else "cpu")
     key = stage_key("evaluate", ev, fingerprint(trained["checkpoint"]), fingerprint(tuned["checkpoint"]))
     scores = run_stage(states, evaluate_stage, out, key, {**ev, "run_id": f"eval-{c.dataset}-{key[-8:]}"},
                        seconds=seconds)

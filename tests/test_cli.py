@@ -7,6 +7,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 from flows.cli import main
 from flows.cli_parser import parse
@@ -35,6 +36,24 @@ def test_generate_from_a_tiny_checkpoint(tmp_path, capsys):
     main(args)  # same seed, same files
     assert (out / "text.txt").read_text() == text
     assert "wrote" in capsys.readouterr().out
+    assert (meta["device"], meta["dtype"]) == (("cuda", "bfloat16") if torch.cuda.is_available() else ("cpu", "float32"))
+    main([*args, "--out", str(tmp_path / "bf16"), "--device", "cpu", "--dtype", "bfloat16"])  # bf16 weights sample too
+    meta = json.loads((tmp_path / "bf16" / "meta.json").read_text())
+    assert (meta["device"], meta["dtype"], meta["nfe"]) == ("cpu", "bfloat16", 16)
+    assert len((tmp_path / "bf16" / "image_codes.txt").read_text().splitlines()) == 4
+
+
+def test_inference_device_defaults_and_refusals():
+    from tasks.common.generate import inference_device
+
+    want = ("cuda", torch.bfloat16) if torch.cuda.is_available() else ("cpu", torch.float32)
+    assert inference_device() == want and inference_device("cpu", "bfloat16") == ("cpu", torch.bfloat16)
+    assert inference_device("cpu") == ("cpu", torch.float32)  # exact toy figures on cpu
+    with pytest.raises(ValueError, match=r"dtype='fp16'; use one of \['auto', 'float32', 'bfloat16'\]"):
+        inference_device("cpu", "fp16")
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="torch sees no CUDA device here; use device='cpu'"):
+            inference_device("cuda")
 
 
 def run_cli(capsys, *argv: str) -> tuple[int, str, str]:

@@ -5,6 +5,7 @@ import json
 import os
 
 import numpy as np
+import pytest
 import torch
 from PIL import Image
 
@@ -70,6 +71,14 @@ def test_evaluate_flow_on_toy_parabench(tmp_path, prefect_harness):
     assert len(read_table(root, "eval_outputs", run="ev")) == 80
     key = "ckpt/final (parallel)"
     assert again["results"][key]["table"] == out["results"][key]["table"]
+    runs = sorted((r for r in read_table(root, "runs").to_pylist() if r["run_id"] == "ev"), key=lambda r: r["start_time"])
+    config = json.loads(runs[0]["config_json"])
+    assert len(runs) == 2 and config["modes"] == ["parallel", "sequential"] and config["items"] == 40
+    assert (config["device"], config["dtype"]) == (("cuda", "bfloat16") if torch.cuda.is_available() else
+                                                   ("cpu", "float32"))
+    assert json.loads(runs[0]["timings_json"])["ckpt/final (sequential)_s"] > 0
+    with pytest.raises(ValueError, match="dtype='half'"):
+        evaluate(checkpoints=[ckpt], root=root, run_id="ev2", dtype="half")
 
 
 def test_aggregate_counts_model_failures_as_zero_and_leaves_judge_failures_out():

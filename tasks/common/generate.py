@@ -54,6 +54,23 @@ def make_tiny_checkpoint(folder: str, codebook_size: int = 16, grid: tuple[int, 
     return folder
 
 
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+
+
+def inference_device(device: str = "auto", dtype: str = "auto") -> tuple[str, torch.dtype]:
+    """(device, weight dtype) for sampling. "auto": cuda when one is visible, else cpu; bf16 on cuda
+    (the released 8B checkpoints are bf16 and upstream samples in bf16), fp32 on cpu (exact toy figures)."""
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError(f"device={device!r} but torch sees no CUDA device here; use device='cpu' (or 'auto')")
+    if dtype == "auto":
+        return device, torch.bfloat16 if device.startswith("cuda") else torch.float32
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype={dtype!r}; use one of {['auto', *DTYPES]}")
+    return device, DTYPES[dtype]
+
+
 def open_image_tokenizer(path: str, device: str = "cpu"):
     """The image tokenizer in a folder, by the files it holds: image_tokenizer.json (PatchVQ, the toy
     world's), config.json of class MAGVITv2 (showlab/magvitv2, the M variant's), or a diffusers VQModel
@@ -166,12 +183,13 @@ def pad_instruction_ids(ids: list[int], layout: dict, eos_id: int) -> list[int]:
 def generate_to_files(checkpoint: str, prompt: str, out_dir: str, sampler: SamplerConfig,
                       text_tokens: int | None = None, image_path: str | None = None, seed: int = 0,
                       device: str = "cpu", resize: str = "squash", image_tokenizer: str | None = None,
-                      image_name: str = "image.png") -> dict:
+                      image_name: str = "image.png", dtype: str = "auto") -> dict:
     """Samples one (image, reasoning text) for a prompt (and input image for editing) and writes
     text.txt, `image_name` (or image_codes.txt), and meta.json into out_dir. Returns the meta dict.
     image_tokenizer: a tokenizer folder for checkpoints that ship without image_tokenizer/ (released
-    MMaDA-Parallel-M pairs with showlab/magvitv2)."""
-    model, vocab = from_pretrained(checkpoint, device=device)
+    MMaDA-Parallel-M pairs with showlab/magvitv2). device / dtype: see inference_device."""
+    device, weights = inference_device(device, dtype)
+    model, vocab = from_pretrained(checkpoint, dtype=weights, device=device)
     tok = TextTokenizer.load(checkpoint)
     img_tok = open_image_tokenizer(image_tokenizer, device) if image_tokenizer else load_image_tokenizer(checkpoint, device)
     if img_tok is not None and img_tok.codebook_size != vocab.codebook_size:
@@ -212,7 +230,8 @@ def generate_to_files(checkpoint: str, prompt: str, out_dir: str, sampler: Sampl
         with open(os.path.join(out_dir, "image_codes.txt"), "w") as f:
             f.write("\n".join(" ".join(str(c) for c in row) for row in grid.tolist()) + "\n")
     meta = {"checkpoint": checkpoint, "prompt": prompt, "input_image": image_path, "seed": seed,
-            "nfe": out.nfe, "text": text, "sampler": sampler_meta(sampler), "grid": [h, w]}
+            "nfe": out.nfe, "text": text, "sampler": sampler_meta(sampler), "grid": [h, w], "device": device,
+            "dtype": str(weights).removeprefix("torch.")}
     with open(os.path.join(out_dir, "meta.json"), "w") as f:
         json.dump(meta, f, indent=2)
     return meta

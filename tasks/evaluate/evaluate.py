@@ -89,17 +89,20 @@ def _prompt(item: EvalItem, vocab, seq, tokenizer, image_tokenizer):
 
 @torch.no_grad()
 def sample_items(checkpoint: str, items: list[EvalItem], sampler, seed: int = 0, batch_size: int = 16,
-                 text_tokens: int | None = None, device: str = "cpu") -> tuple[list[EvalOutput], list[int]]:
-    """One output per item (in order) and its forward passes; failures are outputs with an error."""
+                 text_tokens: int | None = None, device: str = "cpu",
+                 dtype: str = "auto") -> tuple[list[EvalOutput], list[int]]:
+    """One output per item (in order) and its forward passes; failures are outputs with an error.
+    device / dtype: tasks.common.generate.inference_device ("auto": cuda + bf16 when there is one)."""
     from model.checkpoint import from_pretrained
     from model.sampling import generate
-    from tasks.common.generate import load_image_tokenizer
+    from tasks.common.generate import inference_device, load_image_tokenizer
     from tasks.common.tokenizer import TextTokenizer
     from tasks.pipeline.progress import bar
     from tasks.sft.sft_data import output_shape
     from tasks.sft.toy_eval import decode_outputs
 
-    model, vocab = from_pretrained(checkpoint, device=device)
+    device, weights = inference_device(device, dtype)
+    model, vocab = from_pretrained(checkpoint, dtype=weights, device=device)
     model.eval()
     tok, vq = TextTokenizer.load(checkpoint), load_image_tokenizer(checkpoint, device)
     if vq is None:
