@@ -28,6 +28,16 @@ batch 1 - 16 prompts took 1.95 s one at a time, 1.83 s as one batch - so only re
 dual r4 2.11x at -3.0; dual r4 + text threshold 0.9 2.10x at -0.5; image threshold 0.9 alone 1.14x at
 -4.5; dual r4 + text & image threshold 0.9 2.53x at -0.8 (the best within 1 point); both at 0.7 2.82x
 at -7.0.
+
+Re-measured 2026-11-24 on all 300 toy ParaBench items (48 items move OA by ~2 points per item, too
+coarse for a 1-point bound; `--items 300 --skip-speed --skip-drift --threads 1`, ~10 min): upstream
+20.5 OA, 483 tokens/s; exact batched 1.02x; dual r4 + text & image threshold 0.9 2.34x at -0.9;
+bf16 weights 1.49x at -0.2; semi-AR text blocks of 24 / 12 on top of that 2.51x / 2.59x at -7.3 /
+-10.5 (this model was trained without blocks, so they cost alignment). A second run of the best rows
+(other modes skipped): bf16 + dual r4 + text & image threshold 0.9 3.31x at -1.0, the best within
+1 point on CPU; the same at refresh 6 3.66x at -5.8. The floor: a dual cache with refresh r still
+runs a full pass every r steps, so on the toy's 20-step timeline r = 4 caps the cache at 4x before
+the other passes cost anything; 8x would need ~2.5 full-pass equivalents per sample.
 """
 import argparse
 import copy
