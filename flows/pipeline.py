@@ -125,7 +125,8 @@ def pipeline(config: PipelineConfig = PipelineConfig()) -> dict:
     scores = run_stage(states, evaluate_stage, out, key, {**ev, "run_id": f"eval-{c.dataset}-{key[-8:]}"},
                        seconds=seconds)
     shown = generate_examples(tuned["checkpoint"], root, c.dataset, os.path.join(out, "examples"),
-                              SamplerConfig(**recipe.sampler), n=c.examples, split="test", seed=c.seed)
+                              SamplerConfig(**recipe.sampler), n=c.examples, split="test", seed=c.seed,
+                              device="cuda" if c.gpu else "cpu")
     record_run(c, root, start, states, seconds)
     create_markdown_artifact(scores["markdown"], key="pipeline-" + c.dataset.lower().replace("_", "-")[:80])
     return {"out": out, "root": os.path.abspath(root), "samples": summary["samples"],

@@ -107,7 +107,7 @@ def _train(r: dict, toy: bool, root: str, dataset: str, out: str, run_id: str, n
     timings["prepare_s"], t0 = round(time.perf_counter() - t0, 3), time.perf_counter()
     fit = run_sft(cfg, num_workers, use_gpu, os.path.join(out, "ray"), max_failures)
     timings["fit_s"], t0 = round(time.perf_counter() - t0, 3), time.perf_counter()
-    heldout = evaluate_heldout(fit["checkpoint"], root, dataset, run_id, r)
+    heldout = evaluate_heldout(fit["checkpoint"], root, dataset, run_id, r, "cuda" if use_gpu else "cpu")
     tables = None
     if toy:
         tables = evaluate_checkpoint(fit["checkpoint"], root, dataset, run_id, "test", r["eval_per_category"],

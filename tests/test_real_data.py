@@ -94,6 +94,7 @@ def test_photos_through_magvit2_sft_and_generate(tmp_path, prefect_harness, caps
     assert summary["batch_size"] == summary["train_size"]
     held = summary["heldout"]  # 40 rows: the hash split leaves a few val / test rows
     assert held["split"] in ("test", "val") and held["samples"] >= 1 and held["masked_image"] > 0
+    assert (held["device"], held["dtype"]) == ("cpu", "float32")  # a CPU run (--gpu evaluates on cuda, bf16)
     # a barely trained model: image codes near the uniform log(64), text far from it but finite
     assert 0.5 * math.log(64) < held["loss_image"] < 2 * math.log(64) and 0 < held["loss_text"] < 20
     assert -1 <= held["clip_alignment"] <= 1 and held["clip_pairs"] == held["samples"]

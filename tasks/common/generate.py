@@ -286,7 +286,8 @@ def _example_text(instruction: str, model_text: str, reference: str | None) -> s
 
 
 def generate_examples_fn(checkpoint: str, root: str, dataset: str, out_dir: str, sampler: SamplerConfig,
-                         n: int = 4, split: str = "val", text_tokens: int | None = None, seed: int = 0) -> list[dict]:
+                         n: int = 4, split: str = "val", text_tokens: int | None = None, seed: int = 0,
+                         device: str = "cpu") -> list[dict]:
     """Generates for the first n editing samples of a split, one readable folder each (`EXAMPLE_FILES`), named
     `{index}-{category}-{instruction slug}`, e.g. 00-recolor-paint-the-blue-square-green/."""
     import pyarrow.compute as pc
@@ -306,7 +307,8 @@ def generate_examples_fn(checkpoint: str, root: str, dataset: str, out_dir: str,
             with open(os.path.join(folder, name), "wb") as f:
                 f.write(row[key])
         meta = generate_to_files(checkpoint, row["instruction"], folder, sampler, text_tokens=text_tokens,
-                                 image_path=os.path.join(folder, "input.png"), seed=seed, image_name="model_output.png")
+                                 image_path=os.path.join(folder, "input.png"), seed=seed, image_name="model_output.png",
+                                 device=device)
         reference = traces.get(row["sample_id"]) or row["reference_trace"]
         with open(os.path.join(folder, "text.txt"), "w") as f:
             f.write(_example_text(row["instruction"], meta["text"], reference))

@@ -90,19 +90,22 @@ def to_rows(metrics: dict, run_id: str, checkpoint: str, n: int) -> list[dict]:
 
 
 @task
-def evaluate_heldout(checkpoint: str, root: str, dataset: str, run_id: str, recipe: dict) -> dict:
+def evaluate_heldout(checkpoint: str, root: str, dataset: str, run_id: str, recipe: dict,
+                     device: str = "cpu") -> dict:
     """Held-out loss per modality on the test split (val if it has no test rows), plus CLIP alignment of
-    sampled outputs when recipe['eval_clip'] names CLIP weights; writes eval_results rows."""
+    sampled outputs when recipe['eval_clip'] names CLIP weights; writes eval_results rows. device:
+    where the model runs (a GPU run evaluates there, in bf16: an 8B model is hours on CPU)."""
     import os
 
     from model.checkpoint import from_pretrained
     from storage.parquet import write_rows
-    from tasks.common.generate import load_image_tokenizer
+    from tasks.common.generate import inference_device, load_image_tokenizer
     from tasks.common.tokenizer import TextTokenizer
     from tasks.sft.sft_data import load_or_tokenise, read_samples
     from tasks.sft.toy_eval import select_per_category
 
-    model, vocab = from_pretrained(checkpoint)
+    device, dtype = inference_device(device)
+    model, vocab = from_pretrained(checkpoint, dtype=dtype, device=device)
     tok, vq = TextTokenizer.load(checkpoint), load_image_tokenizer(checkpoint)
     seq = SequenceConfig(**recipe["seq"])
     select = {k: tuple(recipe[k]) if recipe.get(k) else None for k in ("categories", "kinds")}
@@ -118,7 +121,8 @@ def evaluate_heldout(checkpoint: str, root: str, dataset: str, run_id: str, reci
                                recipe.get("eval_per_category", 32))
     if len(data) == 0:
         return {"skipped": f"every {split} sample was dropped ({data.dropped})", "split": split}
-    metrics = {"split": split, "samples": len(data), "dropped": data.dropped, **heldout_loss(model, data, vocab, seq)}
+    metrics = {"split": split, "samples": len(data), "dropped": data.dropped, "device": device,
+               "dtype": str(dtype).removeprefix("torch."), **heldout_loss(model, data, vocab, seq)}
     if recipe.get("eval_clip"):
         images, texts = sample_outputs(model, data, vocab, seq, tok, vq, SamplerConfig(**recipe["sampler"]),
                                        n=len(data))
