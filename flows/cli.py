@@ -237,6 +237,7 @@ def cmd_rl(a) -> None:
     config = dict(a.rl_fields)  # --config keys that are RLConfig fields (flows/cli_parser.apply_config_file)
     config.update({field: getattr(a, flag) for flag, field in RL_FLAGS if getattr(a, flag) is not None})
     check_fields("--config", config, RLConfig)
+    _positive(a, "rollout_workers", "reward_workers", "learner_workers")
     sampler = load_object("--sampler", a.sampler)
     if sampler is not None:
         check_fields("--sampler", sampler, SamplerConfig)
@@ -249,7 +250,7 @@ def cmd_rl(a) -> None:
     out = pararl(checkpoint=a.checkpoint, root=a.root, dataset=a.dataset, out=a.out, run_id=a.run_id, config=config,
                  sampler=sampler, clip_folder=a.clip_folder, clip_model=a.clip_model,
                  clip_pretrained=a.clip_pretrained, rollout_workers=a.rollout_workers,
-                 reward_workers=a.reward_workers, use_gpu=a.gpu)
+                 reward_workers=a.reward_workers, use_gpu=a.gpu, learner_workers=a.learner_workers)
     _print_result(a, out)
 
 

@@ -252,7 +252,10 @@ def _rl_eval_parsers(sub, cli) -> None:
     rl.add_argument("--clip-pretrained", default=None, help="local weights file for --clip-model")
     rl.add_argument("--rollout-workers", type=int, default=1, help="Ray rollout actors")
     rl.add_argument("--reward-workers", type=int, default=1, help="Ray reward actors")
-    rl.add_argument("--gpu", action="store_true", help="one GPU per rollout actor, 0.25 GPU per reward actor")
+    rl.add_argument("--learner-workers", type=int, default=1, help="1: the learner runs in this process; N > 1: a "
+                    "data-parallel group of N Ray learner actors (gloo on CPU, NCCL with --gpu)")
+    rl.add_argument("--gpu", action="store_true", help="one GPU per rollout actor and per learner actor, 0.25 GPU "
+                    "per reward actor")
     _json_flag(rl)
     rl.set_defaults(fn=cli.cmd_rl)
 

@@ -150,56 +150,100 @@ class Rollouts:
 
 
 def update(policy, ref, optimizer, batch: Rollouts, cfg: RLConfig, vocab: Vocab, shape: OutputShape,
-           sampler: SamplerConfig) -> dict:
+           sampler: SamplerConfig, rank: int = 0, world: int = 1) -> dict:
     """cfg.inner_iters passes of cfg.minibatches optimiser steps each on one round's rollouts.
-    Returns loss statistics averaged over passes (grad norm and entropy: over optimiser steps)."""
+    Returns loss statistics averaged over passes (grad norm and entropy: over optimiser steps).
+
+    Data parallel (world > 1, a torch.distributed group is up; rl/learner_group.py): every rank
+    holds the same weights and replays every world-th pair of each mini-batch; the token weights are
+    global, so the summed gradients (one all-reduce per optimiser step) are the full mini-batch's
+    and every rank takes the same step. Statistics are reduced the same way.
+    """
     R, K = batch.adv.shape
     pairs = credit_pairs(batch.steps, batch.zero_var, cfg.credit)
     is_img = image_slots(shape, batch.tokens.device)
-    ref_logp = _reference_logprobs(ref, batch, pairs, cfg, vocab, shape, sampler) if cfg.beta > 0 else None
     stats = {"loss": 0.0, "pg_loss": 0.0, "kl": 0.0, "clip_frac": 0.0, "ratio_max": 0.0, "entropy": 0.0,
              "grad_norm": 0.0, "learner_tokens": 0, "pairs": len(pairs)}
     if not pairs:
         return stats
-    weights = _weights(batch, pairs, is_img, cfg)  # per credited token, in pair order
+    stats["kl_weight"] = 0.0
+    weights, offsets = _weights(batch, pairs, is_img, cfg)  # per credited token, in pair order; (P + 1,)
+    mine = {i for mini in _split(len(pairs), cfg.minibatches) for i in list(mini)[rank::world]}
+    ref_logp = _reference_logprobs(ref, batch, pairs, sorted(mine), cfg, vocab, shape, sampler) \
+        if cfg.beta > 0 else None
     policy.train()
+    params = [p for p in policy.parameters() if p.requires_grad]
     n_updates = cfg.inner_iters * min(cfg.minibatches, len(pairs))
     for _ in range(cfg.inner_iters):
-        n_tok = 0  # credited tokens before the current micro-batch, in pair order (indexes `weights`)
         for mini in _split(len(pairs), cfg.minibatches):
             optimizer.zero_grad(set_to_none=True)
-            ent_sum, mini_tok = 0.0, 0
-            for start in range(mini.start, mini.stop, cfg.micro_batch):
-                chunk = pairs[start:min(start + cfg.micro_batch, mini.stop)]
-                rows, steps, slots = (torch.tensor(c) for c in zip(*chunk))
+            ent_mini = torch.zeros(2, dtype=torch.float64)  # entropy sum, credited tokens
+            own = list(mini)[rank::world]
+            for start in range(0, len(own), cfg.micro_batch):
+                idx = own[start:start + cfg.micro_batch]
+                rows, steps, slots = (torch.tensor(c) for c in zip(*[pairs[i] for i in idx]))
                 logp, credited, logits = replay_logprobs(policy, [batch.prompts[r] for r in rows.tolist()],
                                                          batch.tokens[rows], batch.step_map[rows], steps, vocab,
                                                          shape, sampler, return_logits=True)
                 p_idx, m_idx = credited.nonzero(as_tuple=True)  # (N,), (N,)
-                weight = weights[n_tok:n_tok + len(p_idx)].to(logp.device) * (len(pairs) / len(mini))
-                ref_tok = None if ref_logp is None else ref_logp[start:start + len(chunk)][p_idx, m_idx]
+                weight = torch.cat([weights[offsets[i]:offsets[i + 1]] for i in idx]).to(logp.device)
+                weight = weight * (len(pairs) / len(mini))
+                ref_tok = None if ref_logp is None else torch.stack([ref_logp[i] for i in idx])[p_idx, m_idx]
                 out = policy_loss(logp[p_idx, m_idx], batch.logp[rows][p_idx, m_idx], batch.adv[rows, slots][p_idx],
                                   weight, cfg.clip_eps, cfg.beta, ref_tok)
                 out.loss.backward()
                 with torch.no_grad():
-                    ent_sum += float(_entropy(logits[p_idx, m_idx], is_img[m_idx], vocab, sampler).sum())
-                n_tok += len(p_idx)
-                mini_tok += len(p_idx)
-                for key in ("kl", "clip_frac"):
-                    stats[key] += getattr(out, key) * len(p_idx) / cfg.inner_iters
+                    ent_mini[0] += float(_entropy(logits[p_idx, m_idx], is_img[m_idx], vocab, sampler).sum())
+                ent_mini[1] += len(p_idx)
+                stats["learner_tokens"] += len(p_idx)
+                stats["clip_frac"] += out.clip_frac * len(p_idx) / cfg.inner_iters
+                stats["kl"] += out.kl * float(weight.sum()) / cfg.inner_iters  # kl: a weighted mean within the chunk
+                stats["kl_weight"] += float(weight.sum()) / cfg.inner_iters
                 # the mini-batch's share of the full-batch loss, averaged over passes
                 stats["pg_loss"] += out.pg_loss * len(mini) / len(pairs) / cfg.inner_iters
                 stats["loss"] += float(out.loss.detach()) * len(mini) / len(pairs) / cfg.inner_iters
                 stats["ratio_max"] = max(stats["ratio_max"], out.ratio_max)
-            norm = torch.nn.utils.clip_grad_norm_([p for p in policy.parameters() if p.grad is not None],
-                                                  cfg.clip_norm)
+            if world > 1:
+                _all_reduce_grads(params)
+                ent_mini = _all_reduce(ent_mini)
+            norm = torch.nn.utils.clip_grad_norm_([p for p in params if p.grad is not None], cfg.clip_norm)
             optimizer.step()
             stats["grad_norm"] += float(norm) / n_updates
-            stats["entropy"] += ent_sum / max(mini_tok, 1) / n_updates
-        stats["learner_tokens"] += n_tok
-    for key in ("kl", "clip_frac"):  # token-weighted means over micro-batches
-        stats[key] /= max(stats["learner_tokens"] / cfg.inner_iters, 1)
+            stats["entropy"] += float(ent_mini[0] / max(ent_mini[1], 1)) / n_updates
+    if world > 1:
+        summed = _all_reduce(torch.tensor([stats[k] for k in SUMMED], dtype=torch.float64))
+        stats.update({k: float(v) for k, v in zip(SUMMED, summed.tolist())})
+        stats["ratio_max"] = float(_all_reduce(torch.tensor([stats["ratio_max"]], dtype=torch.float64), "max"))
+    stats["learner_tokens"] = int(stats["learner_tokens"])
+    # means over every credited token of a pass, whatever the micro-batches: KL weighted as the loss weighs
+    # tokens, the clipped share per token
+    stats["kl"] /= max(stats.pop("kl_weight"), 1e-12)
+    stats["clip_frac"] /= max(stats["learner_tokens"] / cfg.inner_iters, 1)
     return stats
+
+
+SUMMED = ("loss", "pg_loss", "kl", "kl_weight", "clip_frac", "learner_tokens")  # reduced over ranks by summing
+
+
+def _all_reduce(x: torch.Tensor, op: str = "sum") -> torch.Tensor:
+    """x summed (or maxed) over the process group, on the group's device; returned on the CPU."""
+    import torch.distributed as dist
+
+    dev = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
+    y = x.to(dev)
+    dist.all_reduce(y, op=dist.ReduceOp.MAX if op == "max" else dist.ReduceOp.SUM)
+    return y.cpu()
+
+
+def _all_reduce_grads(params: list) -> None:
+    """Sums every gradient over the group in one flat buffer (a rank without pairs in a mini-batch adds zeros)."""
+    import torch.distributed as dist
+
+    grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+    flat = torch.cat([g.flatten() for g in grads])
+    dist.all_reduce(flat)
+    for p, g in zip(params, flat.split([g.numel() for g in grads])):
+        p.grad = g.view_as(p).clone()
 
 
 def _split(n: int, parts: int) -> list[range]:
@@ -208,13 +252,15 @@ def _split(n: int, parts: int) -> list[range]:
     return [range(a, b) for a, b in zip(bounds[:-1], bounds[1:])]
 
 
-def _weights(batch: Rollouts, pairs, is_img: torch.Tensor, cfg: RLConfig) -> torch.Tensor:
-    """token_weights over every credited token of every pair (a window spans micro-batches)."""
+def _weights(batch: Rollouts, pairs, is_img: torch.Tensor, cfg: RLConfig) -> tuple[torch.Tensor, list[int]]:
+    """token_weights over every credited token of every pair (a window spans micro-batches), and the
+    offsets of each pair's tokens in it (pair i: weights[offsets[i]:offsets[i + 1]])."""
     P = torch.tensor(pairs)  # (P, 3): rollout, step, k
     credited = batch.step_map[P[:, 0]].cpu() == P[:, 1, None]  # (P, M)
     p_idx, m_idx = credited.nonzero(as_tuple=True)
+    offsets = [0] + credited.sum(1).cumsum(0).tolist()
     return token_weights(P[p_idx, 0], P[p_idx, 2], is_img.cpu()[m_idx], len(batch.prompts),
-                         cfg.image_weight, cfg.text_weight)
+                         cfg.image_weight, cfg.text_weight), offsets
 
 
 def credit_pairs(steps: list[int], zero_var: torch.Tensor, credit: str) -> list[tuple[int, int, int]]:
@@ -230,16 +276,17 @@ def credit_pairs(steps: list[int], zero_var: torch.Tensor, credit: str) -> list[
 
 
 @torch.no_grad()
-def _reference_logprobs(ref, batch: Rollouts, pairs, cfg: RLConfig, vocab, shape, sampler) -> torch.Tensor:
-    """Reference-policy log-probs (P, M) of every replayed pair, in pair order."""
-    out = []
-    for start in range(0, len(pairs), cfg.micro_batch):
-        chunk = pairs[start:start + cfg.micro_batch]
-        rows, steps, _ = (torch.tensor(c) for c in zip(*chunk))
+def _reference_logprobs(ref, batch: Rollouts, pairs, mine: list[int], cfg: RLConfig, vocab, shape,
+                        sampler) -> dict[int, torch.Tensor]:
+    """Reference-policy log-probs (M,) of the pairs this rank replays, by pair index."""
+    out = {}
+    for start in range(0, len(mine), cfg.micro_batch):
+        idx = mine[start:start + cfg.micro_batch]
+        rows, steps, _ = (torch.tensor(c) for c in zip(*[pairs[i] for i in idx]))
         logp, _ = replay_logprobs(ref, [batch.prompts[r] for r in rows.tolist()], batch.tokens[rows],
                                   batch.step_map[rows], steps, vocab, shape, sampler)
-        out.append(logp)
-    return torch.cat(out)
+        out.update(zip(idx, logp))
+    return out
 
 
 def _entropy(logits: torch.Tensor, is_img: torch.Tensor, vocab: Vocab, sampler: SamplerConfig) -> torch.Tensor:

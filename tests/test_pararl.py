@@ -135,13 +135,14 @@ def test_minibatches_take_that_many_steps_and_keep_the_full_batch_loss(sft_check
     assert out[1]["pg_loss"] != 0.0 and out[3]["clip_frac"] == 0.0
 
 
-def _run(sft_checkpoint, clip, run_id, out_name, crash=None, **overrides):
+def _run(sft_checkpoint, clip, run_id, out_name, crash=None, learners=1, **overrides):
     root, ckpt, work = sft_checkpoint
     out = str(work / out_name)
     paths = prepare_rl(ckpt, root, "d", out, eval_per_category=4)
     cfg = RLConfig(**{**FAST, **overrides})
     return run_rl(ckpt, paths, cfg, out, root, run_id, sampler=SAMPLER,
-                  reward_kwargs={"kind": "clip", "clip_folder": clip}, crash_markers=crash), root
+                  reward_kwargs={"kind": "clip", "clip_folder": clip}, crash_markers=crash,
+                  learner_workers=learners), root
 
 
 STABLE = ("round", "reward_mean", "reward_std", "zero_var_frac", "loss", "pg_loss", "kl", "clip_frac", "entropy",
@@ -188,6 +189,20 @@ def test_two_rounds_on_ray_then_killed_actors_and_resume_reproduce_them(sft_chec
     assert all(os.path.exists(p) for p in crash.values())
     assert _metrics(root, "crashed") == ref
     assert len(read_table(root, "trajectories", run="crashed")) == len(traj)
+
+    # two data-parallel learner actors (gloo): the same update as the single learner, up to float summation order
+    group, _ = _run(sft_checkpoint, random_clip, "group", "rl-group", learners=2, rounds=1)
+    [g0] = _metrics(root, "group")
+    assert g0["rollouts"] == ref[0]["rollouts"] and g0["learner_tokens"] == ref[0]["learner_tokens"]
+    for key in ("reward_mean", "loss", "pg_loss", "kl", "clip_frac", "entropy"):
+        assert g0[key] == pytest.approx(ref[0][key], rel=1e-4, abs=1e-6), key
+    single = from_pretrained(str(sft_checkpoint[2] / "rl-plain" / "checkpoints" / "plain" / "round-00000"))[0]
+    grouped, start = from_pretrained(group["checkpoint"])[0], from_pretrained(sft_checkpoint[1])[0]
+    moved = max((a - b).abs().max().item() for a, b in zip(single.parameters(), start.parameters()))
+    apart = max((a - b).abs().max().item() for a, b in zip(single.parameters(), grouped.parameters()))
+    assert moved > 1e-4 and apart < 1e-3 * moved, (moved, apart)
+    [row] = [r for r in read_table(root, "runs").to_pylist() if r["run_id"] == "group"]
+    assert json.loads(row["config_json"])["learner_workers"] == 2
 
     # resume: the same run id after its round-0 checkpoint redoes only round 1, identically
     out = sft_checkpoint[2] / "rl-resume"

@@ -175,8 +175,9 @@ def fit_stats(roles, prompts: list[list[int]], cfg: RLConfig, sampler: dict, S: 
 
 def run_rl(start: str, paths: dict, cfg: RLConfig, out: str, root: str, run_id: str, sampler: dict | None = None,
            reward_kwargs: dict | None = None, rollout_workers: int = 1, reward_workers: int = 1,
-           use_gpu: bool = False, crash_markers: dict | None = None, on_round=None) -> dict:
-    """The ParaRL driver; re-running the same run_id in the same `out` resumes (see module docstring)."""
+           use_gpu: bool = False, crash_markers: dict | None = None, on_round=None, learner_workers: int = 1) -> dict:
+    """The ParaRL driver; re-running the same run_id in the same `out` resumes (see module docstring).
+    learner_workers > 1: a data-parallel learner group on Ray (rl/learner_group.py) takes the updates."""
     from rl.loop import Roles
     from storage.parquet import write_rows
     from tasks.common.runs import recorded
@@ -190,7 +191,7 @@ def run_rl(start: str, paths: dict, cfg: RLConfig, out: str, root: str, run_id: 
     ckpt_dir = os.path.join(out, "checkpoints", run_id)
     resume = latest_checkpoint(ckpt_dir)
     policy, vocab = from_pretrained(resume or start)
-    ref = from_pretrained(start)[0].eval().requires_grad_(False) if cfg.beta > 0 else None
+    ref = from_pretrained(start)[0].eval().requires_grad_(False) if cfg.beta > 0 and learner_workers == 1 else None
     optimizer = torch.optim.AdamW(policy.parameters(), lr=cfg.lr, weight_decay=0.0)
     state = torch.load(os.path.join(resume, LEARNER_STATE), weights_only=True) if resume else None
     if state:
@@ -198,6 +199,9 @@ def run_rl(start: str, paths: dict, cfg: RLConfig, out: str, root: str, run_id: 
     first_round = state["round"] + 1 if state else 0
     train, tok = load_set(paths["train"]), TextTokenizer.load(start)
     prompts = [build_prompt(vocab, seq, train.input_codes[i], train.instruction[i]) for i in range(len(train))]
+    if learner_workers < 1:
+        raise ValueError(f"learner_workers={learner_workers}; use 1 (the learner in this process) or more")
+    group = learner_workers > 1
     start_ray(None if use_gpu else max(2, rollout_workers + reward_workers), include_dashboard=False,
               log_to_driver=False)
     roles = Roles(start, shape,
@@ -206,7 +210,14 @@ def run_rl(start: str, paths: dict, cfg: RLConfig, out: str, root: str, run_id: 
     masks = {"mask_id": vocab.mask_id, **_columns(shape)}
     history = []
     config = run_config(cfg, sampler_d, reward_kwargs, start)  # + the reward stats once known
+    config["learner_workers"] = learner_workers
+    learners = None
     try:
+        if group:
+            from rl.learner_group import LearnerGroup
+
+            learners = LearnerGroup(learner_workers, resume or start, start, cfg, state["optimizer"] if state else None,
+                                    shape, rollout_cfg, use_gpu)
         with recorded(root, run_id, "rl", config) as timings:
             if state:
                 stats = RewardStats(**state["stats"])
@@ -228,7 +239,11 @@ def run_rl(start: str, paths: dict, cfg: RLConfig, out: str, root: str, run_id: 
                                  tokens=torch.from_numpy(got["tokens"]), step_map=torch.from_numpy(got["step_map"]),
                                  logp=torch.from_numpy(got["logp"]), steps=steps, adv=adv.float(), zero_var=zero)
                 t1 = time.perf_counter()
-                upd = update(policy, ref, optimizer, batch, cfg, vocab, shape, rollout_cfg)
+                if learners:
+                    upd = learners.update(batch)
+                    policy.load_state_dict(learners.weights())
+                else:
+                    upd = update(policy, ref, optimizer, batch, cfg, vocab, shape, rollout_cfg)
                 learner_s = time.perf_counter() - t1
                 last = round_ == cfg.rounds - 1
                 t2 = time.perf_counter()
@@ -249,9 +264,13 @@ def run_rl(start: str, paths: dict, cfg: RLConfig, out: str, root: str, run_id: 
                 if on_round:
                     on_round(row)
                 if last or (round_ + 1) % cfg.checkpoint_every == 0:
+                    if learners:
+                        optimizer.load_state_dict(learners.optimizer_state())
                     save_checkpoint(policy, vocab, optimizer, round_, stats, cfg, start, ckpt_dir, extras)
     finally:
         roles.shutdown()
+        if learners:
+            learners.shutdown()
     final = latest_checkpoint(ckpt_dir)
     return {"checkpoint": final, "history": history, "stats": stats.__dict__, "resumed_from": resume,
             "first_round": first_round}
