@@ -238,6 +238,8 @@ def cmd_rl(a) -> None:
     config.update({field: getattr(a, flag) for flag, field in RL_FLAGS if getattr(a, flag) is not None})
     check_fields("--config", config, RLConfig)
     _positive(a, "rollout_workers", "reward_workers", "learner_workers")
+    if a.fsdp and a.learner_workers < 2:
+        raise CLIError(f"--fsdp shards a learner group; add --learner-workers 2 (or more), not {a.learner_workers}")
     sampler = load_object("--sampler", a.sampler)
     if sampler is not None:
         check_fields("--sampler", sampler, SamplerConfig)
@@ -250,7 +252,8 @@ def cmd_rl(a) -> None:
     out = pararl(checkpoint=a.checkpoint, root=a.root, dataset=a.dataset, out=a.out, run_id=a.run_id, config=config,
                  sampler=sampler, clip_folder=a.clip_folder, clip_model=a.clip_model,
                  clip_pretrained=a.clip_pretrained, rollout_workers=a.rollout_workers,
-                 reward_workers=a.reward_workers, use_gpu=a.gpu, learner_workers=a.learner_workers)
+                 reward_workers=a.reward_workers, use_gpu=a.gpu, learner_workers=a.learner_workers,
+                 fsdp=a.fsdp)
     _print_result(a, out)
 
 

@@ -254,6 +254,8 @@ def _rl_eval_parsers(sub, cli) -> None:
     rl.add_argument("--reward-workers", type=int, default=1, help="Ray reward actors")
     rl.add_argument("--learner-workers", type=int, default=1, help="1: the learner runs in this process; N > 1: a "
                     "data-parallel group of N Ray learner actors (gloo on CPU, NCCL with --gpu)")
+    rl.add_argument("--fsdp", action="store_true", help="shard the learner group's policy with FSDP2 (needs "
+                    "--learner-workers 2 or more; what an 8B policy with its optimiser state needs)")
     rl.add_argument("--gpu", action="store_true", help="one GPU per rollout actor and per learner actor, 0.25 GPU "
                     "per reward actor")
     _json_flag(rl)

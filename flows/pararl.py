@@ -42,7 +42,7 @@ def fit_reward(out: str, preset: str, seed: int = 0) -> str:
 @task(name="run-rl")
 def train(checkpoint: str, paths: dict, cfg: dict, out: str, root: str, run_id: str, sampler: dict | None,
           reward_kwargs: dict, rollout_workers: int, reward_workers: int, use_gpu: bool,
-          learner_workers: int = 1) -> dict:
+          learner_workers: int = 1, fsdp: bool = False) -> dict:
     rl = RLConfig(**cfg)
     progress = create_progress_artifact(0.0, key=run_key("rl", run_id, "progress"), description=f"ParaRL {run_id}")
     chart = stable_key("rl", run_id, "chart")
@@ -63,7 +63,7 @@ def train(checkpoint: str, paths: dict, cfg: dict, out: str, root: str, run_id: 
 
     try:
         result = run_rl(checkpoint, paths, rl, out, root, run_id, sampler, reward_kwargs, rollout_workers,
-                        reward_workers, use_gpu, on_round=on_round, learner_workers=learner_workers)
+                        reward_workers, use_gpu, on_round=on_round, learner_workers=learner_workers, fsdp=fsdp)
     finally:
         bar.close()
     if not result["history"]:  # resumed with every round done
@@ -81,11 +81,14 @@ def pararl(checkpoint: str, root: str = "data", dataset: str = "toy-tiny", out: 
            run_id: str = "rl-toy-tiny", config: dict | None = None, sampler: dict | None = None,
            clip_folder: str | None = None, clip_model: str | None = None, clip_pretrained: str | None = None,
            categories: list[str] | None = None, rollout_workers: int = 1, reward_workers: int = 1,
-           use_gpu: bool = False, learner_workers: int = 1) -> dict:
+           use_gpu: bool = False, learner_workers: int = 1, fsdp: bool = False) -> dict:
+    """learner_workers > 1: a data-parallel learner group of Ray actors; fsdp: FSDP2-sharded (8B policies)."""
     cfg = RLConfig(**(config or {}))  # bad values fail here, before any work
     if min(rollout_workers, reward_workers, learner_workers) < 1:
         raise ValueError(f"rollout_workers={rollout_workers}, reward_workers={reward_workers}, learner_workers="
                          f"{learner_workers}: each needs at least 1")
+    if fsdp and learner_workers < 2:
+        raise ValueError(f"fsdp shards a learner group, but learner_workers={learner_workers}; pass 2 or more")
     if not os.path.isfile(os.path.join(checkpoint, "config.json")):
         raise ValueError(f"checkpoint={checkpoint!r} is not a checkpoint folder (no config.json); pass the folder "
                          f"an SFT run wrote, e.g. runs/default/sft/checkpoints/sft-toy-tiny/final")
@@ -105,7 +108,7 @@ def pararl(checkpoint: str, root: str = "data", dataset: str = "toy-tiny", out: 
         raise ValueError(f"dataset {dataset!r} is not the toy world, so no tiny CLIP can be fitted for it; pass "
                          f"clip_model (an open_clip architecture, e.g. ViT-L-14) and clip_pretrained (a local file)")
     result = train(checkpoint, paths, asdict(cfg), out, root, run_id, sampler, reward_kwargs, rollout_workers,
-                   reward_workers, use_gpu, learner_workers)
+                   reward_workers, use_gpu, learner_workers, fsdp)
     create_markdown_artifact(f"# ParaRL {run_id}\n\nstarted from `{checkpoint}`; final checkpoint "
                              f"`{result['checkpoint']}`\n\nreward: `{json.dumps(reward_kwargs)}`; reward stats "
                              f"`{json.dumps(result['stats'])}`\n\nconfig: `{json.dumps(asdict(cfg))}`",

@@ -150,14 +150,18 @@ class Rollouts:
 
 
 def update(policy, ref, optimizer, batch: Rollouts, cfg: RLConfig, vocab: Vocab, shape: OutputShape,
-           sampler: SamplerConfig, rank: int = 0, world: int = 1) -> dict:
+           sampler: SamplerConfig, rank: int = 0, world: int = 1, sharded: bool = False) -> dict:
     """cfg.inner_iters passes of cfg.minibatches optimiser steps each on one round's rollouts.
     Returns loss statistics averaged over passes (grad norm and entropy: over optimiser steps).
 
     Data parallel (world > 1, a torch.distributed group is up; rl/learner_group.py): every rank
     holds the same weights and replays every world-th pair of each mini-batch; the token weights are
     global, so the summed gradients (one all-reduce per optimiser step) are the full mini-batch's
-    and every rank takes the same step. Statistics are reduced the same way.
+    and every rank takes the same step. Statistics are reduced the same way. sharded: the policy is
+    FSDP2-sharded, whose backward averages the gradients over ranks (so the loss is scaled by world
+    to make that the sum; gloo has no pre-multiplied reduce-scatter to set a divide factor); every
+    rank then runs the same number of micro-batches (a rank short of pairs replays one at weight 0),
+    since each forward and backward is a collective.
     """
     R, K = batch.adv.shape
     pairs = credit_pairs(batch.steps, batch.zero_var, cfg.credit)
@@ -179,8 +183,11 @@ def update(policy, ref, optimizer, batch: Rollouts, cfg: RLConfig, vocab: Vocab,
             optimizer.zero_grad(set_to_none=True)
             ent_mini = torch.zeros(2, dtype=torch.float64)  # entropy sum, credited tokens
             own = list(mini)[rank::world]
-            for start in range(0, len(own), cfg.micro_batch):
+            for start in range(0, -(-len(mini) // world), cfg.micro_batch):  # rank 0's count on every rank
                 idx = own[start:start + cfg.micro_batch]
+                if not idx:  # nothing left here: keep step with the other ranks' collectives, add nothing
+                    _idle_pass(policy, batch, pairs[mini.start], vocab, shape, sampler)
+                    continue
                 rows, steps, slots = (torch.tensor(c) for c in zip(*[pairs[i] for i in idx]))
                 logp, credited, logits = replay_logprobs(policy, [batch.prompts[r] for r in rows.tolist()],
                                                          batch.tokens[rows], batch.step_map[rows], steps, vocab,
@@ -191,7 +198,7 @@ def update(policy, ref, optimizer, batch: Rollouts, cfg: RLConfig, vocab: Vocab,
                 ref_tok = None if ref_logp is None else torch.stack([ref_logp[i] for i in idx])[p_idx, m_idx]
                 out = policy_loss(logp[p_idx, m_idx], batch.logp[rows][p_idx, m_idx], batch.adv[rows, slots][p_idx],
                                   weight, cfg.clip_eps, cfg.beta, ref_tok)
-                out.loss.backward()
+                (out.loss * world if sharded else out.loss).backward()
                 with torch.no_grad():
                     ent_mini[0] += float(_entropy(logits[p_idx, m_idx], is_img[m_idx], vocab, sampler).sum())
                 ent_mini[1] += len(p_idx)
@@ -204,9 +211,11 @@ def update(policy, ref, optimizer, batch: Rollouts, cfg: RLConfig, vocab: Vocab,
                 stats["loss"] += float(out.loss.detach()) * len(mini) / len(pairs) / cfg.inner_iters
                 stats["ratio_max"] = max(stats["ratio_max"], out.ratio_max)
             if world > 1:
-                _all_reduce_grads(params)
+                if not sharded:
+                    _all_reduce_grads(params)
                 ent_mini = _all_reduce(ent_mini)
             norm = torch.nn.utils.clip_grad_norm_([p for p in params if p.grad is not None], cfg.clip_norm)
+            norm = norm.full_tensor() if hasattr(norm, "full_tensor") else norm  # a DTensor when sharded
             optimizer.step()
             stats["grad_norm"] += float(norm) / n_updates
             stats["entropy"] += float(ent_mini[0] / max(ent_mini[1], 1)) / n_updates
@@ -233,6 +242,14 @@ def _all_reduce(x: torch.Tensor, op: str = "sum") -> torch.Tensor:
     y = x.to(dev)
     dist.all_reduce(y, op=dist.ReduceOp.MAX if op == "max" else dist.ReduceOp.SUM)
     return y.cpu()
+
+
+def _idle_pass(policy, batch: Rollouts, pair: tuple, vocab, shape, sampler) -> None:
+    """One replay forward and a zero backward: the collectives of a sharded policy, no gradient."""
+    r, step, _ = pair
+    _, _, logits = replay_logprobs(policy, [batch.prompts[r]], batch.tokens[[r]], batch.step_map[[r]],
+                                   torch.tensor([step]), vocab, shape, sampler, return_logits=True)
+    (logits.float().sum() * 0.0).backward()  # raw logits are finite (masked log-probs may be -inf)
 
 
 def _all_reduce_grads(params: list) -> None:

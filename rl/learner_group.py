@@ -8,8 +8,10 @@ whole batch (tests/test_pararl checks the weights against the single learner's).
 round's rollouts in the object store once; every rank reads that object. After the update the
 driver reads rank 0's weights (to publish to the rollout actors, evaluate and checkpoint) and, on
 checkpoint rounds, its optimiser state.
-Each rank holds a full replica (plain data parallelism); an 8B policy needs FSDP2 sharding across
-the group instead, which this does not do yet. A lost learner actor fails the round (the group
+Plain data parallelism keeps a full replica per rank (gradients all-reduced in one flat buffer);
+`fsdp=True` shards the policy with FSDP2 (fully_shard per block, fp32 compute so the replay matches
+the rollouts' log-probs; the reduce-scatter's mean times world is the sum), which an 8B policy with its AdamW
+state needs. Both are tested on CPU with gloo. A lost learner actor fails the round (the group
 cannot re-form mid-collective); re-running the run id resumes from the last checkpoint.
 """
 import os
@@ -21,20 +23,20 @@ from rl.learner import RLConfig, Rollouts, update
 
 
 class LearnerWorker:
-    """One rank: policy, reference policy and optimiser on `device`."""
+    """One rank: policy, reference policy and optimiser on `device` (the optimiser is built on joining)."""
 
     def __init__(self, rank: int, world: int, policy_folder: str, start: str, cfg: dict, optimizer_state: dict | None,
-                 shape, sampler, device: str = "cpu", threads: int = 1):
+                 shape, sampler, device: str = "cpu", fsdp: bool = False, threads: int = 1):
         torch.set_num_threads(threads)
-        self.rank, self.world, self.cfg = rank, world, RLConfig(**cfg)
-        self.shape, self.sampler = shape, sampler
+        self.rank, self.world, self.cfg, self.fsdp = rank, world, RLConfig(**cfg), fsdp
+        self.shape, self.sampler, self.optimizer_state_in = shape, sampler, optimizer_state
         self.device = torch.device("cuda", 0) if device == "cuda" else torch.device("cpu")  # Ray sets the visible GPU
         self.policy, self.vocab = from_pretrained(policy_folder, device=self.device)
-        self.ref = from_pretrained(start, device=self.device)[0].eval().requires_grad_(False) \
+        # the frozen reference only feeds the KL term: bf16 on GPUs halves its memory
+        ref_dtype = torch.bfloat16 if self.device.type == "cuda" else torch.float32
+        self.ref = from_pretrained(start, dtype=ref_dtype, device=self.device)[0].eval().requires_grad_(False) \
             if self.cfg.beta > 0 else None
-        self.optimizer = torch.optim.AdamW(self.policy.parameters(), lr=self.cfg.lr, weight_decay=0.0)
-        if optimizer_state:
-            self.optimizer.load_state_dict(optimizer_state)
+        self.optimizer = None
 
     def rendezvous(self) -> tuple[str, int]:
         """Rank 0's address and a free port for the group's TCP store."""
@@ -48,22 +50,44 @@ class LearnerWorker:
         return ray.util.get_node_ip_address(), port
 
     def join(self, host: str, port: int) -> int:
+        """Joins the process group, shards the policy (fsdp), builds the optimiser and loads its state."""
         import torch.distributed as dist
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
 
         backend = "nccl" if self.device.type == "cuda" else "gloo"
         dist.init_process_group(backend, init_method=f"tcp://{host}:{port}", rank=self.rank, world_size=self.world)
+        if self.fsdp:
+            from torch.distributed.device_mesh import init_device_mesh
+            from torch.distributed.fsdp import fully_shard
+
+            mesh = init_device_mesh(self.device.type, (self.world,))
+            blocks = list(self.policy.model.transformer.blocks)
+            for module in blocks + [self.policy]:  # fp32 compute: the replay must match the rollout's log-probs
+                fully_shard(module, mesh=mesh)  # gradients averaged over ranks: update() scales its loss by world
+        self.optimizer = torch.optim.AdamW(self.policy.parameters(), lr=self.cfg.lr, weight_decay=0.0)
+        if self.optimizer_state_in:
+            set_optimizer_state_dict(self.policy, self.optimizer, optim_state_dict=self.optimizer_state_in,
+                                     options=StateDictOptions(full_state_dict=True))
+            self.optimizer_state_in = None
         return os.getpid()
 
     def update(self, batch: Rollouts) -> dict:
         batch = _to(batch, self.device)
         return update(self.policy, self.ref, self.optimizer, batch, self.cfg, self.vocab, self.shape, self.sampler,
-                      rank=self.rank, world=self.world)
+                      rank=self.rank, world=self.world, sharded=self.fsdp)
 
     def weights(self) -> dict:
-        return {k: v.detach().cpu() for k, v in self.policy.state_dict().items()}
+        """The full state dict on the CPU (a collective when sharded: every rank calls it; rank 0's is whole)."""
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+        return get_model_state_dict(self.policy, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
 
     def optimizer_state(self) -> dict:
-        return _cpu(self.optimizer.state_dict())
+        """The full optimiser state keyed by parameter name (a collective as weights)."""
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+
+        return get_optimizer_state_dict(self.policy, self.optimizer,
+                                        options=StateDictOptions(full_state_dict=True, cpu_offload=True))
 
     def leave(self) -> None:
         import torch.distributed as dist
@@ -78,28 +102,22 @@ def _to(batch: Rollouts, device: torch.device) -> Rollouts:
                     zero_var=batch.zero_var.to(device))
 
 
-def _cpu(x):
-    if isinstance(x, torch.Tensor):
-        return x.detach().cpu()
-    if isinstance(x, dict):
-        return {k: _cpu(v) for k, v in x.items()}
-    if isinstance(x, (list, tuple)):
-        return type(x)(_cpu(v) for v in x)
-    return x
-
-
 class LearnerGroup:
-    """The driver's handle on N LearnerWorker actors (one GPU each with use_gpu)."""
+    """The driver's handle on N LearnerWorker actors (one GPU each with use_gpu).
+
+    Optimiser states cross the boundary keyed by parameter name (torch.distributed.checkpoint's full
+    state dict), so the driver's plain AdamW - the one checkpoints save - converts to and from them.
+    """
 
     def __init__(self, workers: int, policy_folder: str, start: str, cfg: RLConfig, optimizer_state: dict | None,
-                 shape, sampler, use_gpu: bool = False):
+                 shape, sampler, use_gpu: bool = False, fsdp: bool = False):
         import ray
 
         # on CPU the learners work between rollouts, never beside them: they reserve no CPU of their own
         cls = ray.remote(num_cpus=1 if use_gpu else 0, num_gpus=1 if use_gpu else 0, max_restarts=0)(LearnerWorker)
-        state_ref = ray.put(_cpu(optimizer_state)) if optimizer_state else None
+        state_ref = ray.put(optimizer_state) if optimizer_state else None
         self.actors = [cls.remote(r, workers, policy_folder, start, cfg.to_dict(), state_ref, shape, sampler,
-                                  device="cuda" if use_gpu else "cpu") for r in range(workers)]
+                                  device="cuda" if use_gpu else "cpu", fsdp=fsdp) for r in range(workers)]
         host, port = ray.get(self.actors[0].rendezvous.remote())
         ray.get([a.join.remote(host, port) for a in self.actors])
 
@@ -113,12 +131,12 @@ class LearnerGroup:
     def weights(self) -> dict:
         import ray
 
-        return ray.get(self.actors[0].weights.remote())
+        return ray.get([a.weights.remote() for a in self.actors])[0]
 
     def optimizer_state(self) -> dict:
         import ray
 
-        return ray.get(self.actors[0].optimizer_state.remote())
+        return ray.get([a.optimizer_state.remote() for a in self.actors])[0]
 
     def shutdown(self) -> None:
         import ray
@@ -129,3 +147,19 @@ class LearnerGroup:
             pass
         for a in self.actors:
             ray.kill(a)
+
+
+def by_name(policy, optimizer) -> dict | None:
+    """The driver's optimiser state keyed by parameter name (what the learner actors load); None if empty."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+
+    if not optimizer.state:
+        return None
+    return get_optimizer_state_dict(policy, optimizer, options=StateDictOptions(full_state_dict=True))
+
+
+def load_by_name(policy, optimizer, state: dict) -> None:
+    """The learner actors' named optimiser state into the driver's optimiser (then saved by checkpoints)."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
+    set_optimizer_state_dict(policy, optimizer, optim_state_dict=state, options=StateDictOptions(full_state_dict=True))

@@ -115,6 +115,15 @@ def test_bad_json_option_is_named_in_one_line_and_debug_shows_the_traceback(lake
         main(argv)
 
 
+def test_rl_learner_group_flags_are_checked_before_any_work(lake, tmp_path, capsys):
+    main(["init-tiny", "--out", str(tmp_path / "ckpt")])
+    rl = ["rl", "--checkpoint", str(tmp_path / "ckpt"), "--root", lake, "--dataset", "a"]
+    code, _, err = run_cli(capsys, *rl, "--fsdp")
+    assert code == 2 and "--fsdp shards a learner group; add --learner-workers 2 (or more), not 1" in err
+    code, _, err = run_cli(capsys, *rl, "--learner-workers", "0")
+    assert code == 2 and "--learner-workers 0 must be at least 1" in err
+
+
 def test_errors_as_the_console_script_prints_them():
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     cmd = [sys.executable, "-m", "flows.cli", "query", "--root", "does-not-exist", "SELECT 1"]

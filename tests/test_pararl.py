@@ -135,14 +135,14 @@ def test_minibatches_take_that_many_steps_and_keep_the_full_batch_loss(sft_check
     assert out[1]["pg_loss"] != 0.0 and out[3]["clip_frac"] == 0.0
 
 
-def _run(sft_checkpoint, clip, run_id, out_name, crash=None, learners=1, **overrides):
+def _run(sft_checkpoint, clip, run_id, out_name, crash=None, learners=1, fsdp=False, **overrides):
     root, ckpt, work = sft_checkpoint
     out = str(work / out_name)
     paths = prepare_rl(ckpt, root, "d", out, eval_per_category=4)
     cfg = RLConfig(**{**FAST, **overrides})
     return run_rl(ckpt, paths, cfg, out, root, run_id, sampler=SAMPLER,
                   reward_kwargs={"kind": "clip", "clip_folder": clip}, crash_markers=crash,
-                  learner_workers=learners), root
+                  learner_workers=learners, fsdp=fsdp), root
 
 
 STABLE = ("round", "reward_mean", "reward_std", "zero_var_frac", "loss", "pg_loss", "kl", "clip_frac", "entropy",
@@ -203,6 +203,16 @@ def test_two_rounds_on_ray_then_killed_actors_and_resume_reproduce_them(sft_chec
     assert moved > 1e-4 and apart < 1e-3 * moved, (moved, apart)
     [row] = [r for r in read_table(root, "runs").to_pylist() if r["run_id"] == "group"]
     assert json.loads(row["config_json"])["learner_workers"] == 2
+    # the same group FSDP2-sharded, stopped after round 0 and resumed: the optimiser state goes out to the shards
+    # and back into the checkpoint by parameter name, so round 1 is the single learner's round 1 too
+    _run(sft_checkpoint, random_clip, "fsdp", "rl-fsdp", learners=2, fsdp=True, rounds=1)
+    _run(sft_checkpoint, random_clip, "fsdp", "rl-fsdp", learners=2, fsdp=True)
+    sharded = _metrics(root, "fsdp")
+    assert [r["round"] for r in sharded] == [0, 1]
+    for got, want in zip(sharded, ref):
+        assert got["rollouts"] == want["rollouts"] and got["learner_tokens"] == want["learner_tokens"]
+        for key in ("reward_mean", "loss", "pg_loss", "kl", "entropy"):
+            assert got[key] == pytest.approx(want[key], rel=1e-3, abs=1e-5), (got["round"], key)
 
     # resume: the same run id after its round-0 checkpoint redoes only round 1, identically
     out = sft_checkpoint[2] / "rl-resume"

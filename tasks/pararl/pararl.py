@@ -175,9 +175,11 @@ def fit_stats(roles, prompts: list[list[int]], cfg: RLConfig, sampler: dict, S: 
 
 def run_rl(start: str, paths: dict, cfg: RLConfig, out: str, root: str, run_id: str, sampler: dict | None = None,
            reward_kwargs: dict | None = None, rollout_workers: int = 1, reward_workers: int = 1,
-           use_gpu: bool = False, crash_markers: dict | None = None, on_round=None, learner_workers: int = 1) -> dict:
+           use_gpu: bool = False, crash_markers: dict | None = None, on_round=None, learner_workers: int = 1,
+           fsdp: bool = False) -> dict:
     """The ParaRL driver; re-running the same run_id in the same `out` resumes (see module docstring).
-    learner_workers > 1: a data-parallel learner group on Ray (rl/learner_group.py) takes the updates."""
+    learner_workers > 1: a data-parallel learner group on Ray (rl/learner_group.py) takes the updates,
+    FSDP2-sharded with fsdp."""
     from rl.loop import Roles
     from storage.parquet import write_rows
     from tasks.common.runs import recorded
@@ -201,6 +203,8 @@ def run_rl(start: str, paths: dict, cfg: RLConfig, out: str, root: str, run_id: 
     prompts = [build_prompt(vocab, seq, train.input_codes[i], train.instruction[i]) for i in range(len(train))]
     if learner_workers < 1:
         raise ValueError(f"learner_workers={learner_workers}; use 1 (the learner in this process) or more")
+    if fsdp and learner_workers < 2:
+        raise ValueError(f"fsdp shards the learner group, but learner_workers={learner_workers}; pass 2 or more")
     group = learner_workers > 1
     start_ray(None if use_gpu else max(2, rollout_workers + reward_workers), include_dashboard=False,
               log_to_driver=False)
@@ -210,14 +214,14 @@ def run_rl(start: str, paths: dict, cfg: RLConfig, out: str, root: str, run_id: 
     masks = {"mask_id": vocab.mask_id, **_columns(shape)}
     history = []
     config = run_config(cfg, sampler_d, reward_kwargs, start)  # + the reward stats once known
-    config["learner_workers"] = learner_workers
+    config["learner_workers"], config["fsdp"] = learner_workers, fsdp
     learners = None
     try:
         if group:
-            from rl.learner_group import LearnerGroup
+            from rl.learner_group import LearnerGroup, by_name, load_by_name
 
-            learners = LearnerGroup(learner_workers, resume or start, start, cfg, state["optimizer"] if state else None,
-                                    shape, rollout_cfg, use_gpu)
+            learners = LearnerGroup(learner_workers, resume or start, start, cfg, by_name(policy, optimizer), shape,
+                                    rollout_cfg, use_gpu, fsdp)
         with recorded(root, run_id, "rl", config) as timings:
             if state:
                 stats = RewardStats(**state["stats"])
@@ -265,7 +269,7 @@ def run_rl(start: str, paths: dict, cfg: RLConfig, out: str, root: str, run_id: 
                     on_round(row)
                 if last or (round_ + 1) % cfg.checkpoint_every == 0:
                     if learners:
-                        optimizer.load_state_dict(learners.optimizer_state())
+                        load_by_name(policy, optimizer, learners.optimizer_state())
                     save_checkpoint(policy, vocab, optimizer, round_, stats, cfg, start, ckpt_dir, extras)
     finally:
         roles.shutdown()
