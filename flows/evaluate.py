@@ -53,7 +53,12 @@ def sample_outputs(checkpoint: str, items: list, root: str, run_id: str, bench: 
 
     tbl = read_table(root, "eval_outputs", run=run_id, filter=(pc.field("mode") == mode) &
                      (pc.field("seed") == seed) & (pc.field("benchmark") == bench))
-    have = {r["item_id"]: EvalOutput(r["item_id"], r["text"] or "", r["image"], r["error"]) for r in tbl.to_pylist()}
+    stored = tbl.to_pylist()
+    others = {r["checkpoint"] for r in stored if os.path.realpath(r["checkpoint"]) != os.path.realpath(checkpoint)}
+    if others:  # reusing them would score that checkpoint's outputs as this one's
+        raise ValueError(f"eval run {run_id!r} already holds {mode} outputs of checkpoint {sorted(others)[0]!r}; "
+                         f"pass a new run_id (--run-id) to evaluate {checkpoint!r}")
+    have = {r["item_id"]: EvalOutput(r["item_id"], r["text"] or "", r["image"], r["error"]) for r in stored}
     todo = [i for i in items if i.item_id not in have]
     if todo:
         cfg = SamplerConfig(**{**sampler, "mode": mode})
@@ -150,6 +155,23 @@ DEFAULT_SAMPLER = {"steps": 20, "image_steps": 10, "text_block_length": 1 << 30,
                    "image_temperature": 0.0, "image_noise": 0.0}  # the toy recipe's timeline, greedy
 
 
+def same_settings(root: str, run_id: str, config: dict) -> None:
+    """A run id's stored outputs are reused by (item, mode, seed): refuse to mix in other sampling settings."""
+    import pyarrow.compute as pc
+
+    from storage.parquet import read_table
+
+    rows = read_table(root, "runs", filter=(pc.field("run_id") == run_id) & (pc.field("stage") == "eval")).to_pylist()
+    if not rows:
+        return
+    last = json.loads(max(rows, key=lambda r: r["start_time"])["config_json"])
+    now = json.loads(json.dumps({k: config[k] for k in ("sampler", "dtype")}))
+    was = {"sampler": last.get("sampler"), "dtype": last.get("dtype", "float32")}
+    if was != now:
+        raise ValueError(f"eval run {run_id!r} was sampled with {was}; these settings are {now}. Its stored outputs "
+                         f"would be reused, so pass a new run_id (--run-id) to compare settings")
+
+
 def label_of(checkpoint: str) -> str:
     """A short name: the folder, with its parent when the folder name is generic (final, round-NNNNN)."""
     parts = os.path.normpath(checkpoint).split(os.sep)
@@ -202,6 +224,7 @@ def evaluate(checkpoints: list[str], benchmark: str = TOY_BENCHMARK, root: str =
     config = {"checkpoints": checkpoints, "benchmark": benchmark, "items": len(items), "modes": list(modes),
               "judge": judge, "judge_args": shown_args, "seed": seed, "sampler": sampler, "batch_size": batch_size,
               "device": device, "dtype": str(weights).removeprefix("torch.")}
+    same_settings(root, run_id, config)
     with recorded(root, run_id, "eval", config) as timings:
         for c in checkpoints:
             run = run_id if len(checkpoints) == 1 else f"{run_id}-{label_of(c).replace('/', '-')}"

@@ -3,6 +3,7 @@ outputs kept and reused, exact judgments, failures counted (never skipped), aggr
 import io
 import json
 import os
+import shutil
 
 import numpy as np
 import pytest
@@ -79,6 +80,17 @@ def test_evaluate_flow_on_toy_parabench(tmp_path, prefect_harness):
     assert json.loads(runs[0]["timings_json"])["ckpt/final (sequential)_s"] > 0
     with pytest.raises(ValueError, match="dtype='half'"):
         evaluate(checkpoints=[ckpt], root=root, run_id="ev2", dtype="half")
+    # other sampling settings under the same run id would reuse outputs sampled otherwise: refused, naming both
+    other = "float32" if torch.cuda.is_available() else "bfloat16"
+    with pytest.raises(ValueError, match=rf"eval run 'ev' was sampled with .*; these settings are .*'{other}'.* "
+                                         r"pass a new run_id"):
+        evaluate(checkpoints=[ckpt], root=root, run_id="ev", sampler=sampler, limit=40, dtype=other)
+    with pytest.raises(ValueError, match="pass a new run_id"):
+        evaluate(checkpoints=[ckpt], root=root, run_id="ev", sampler={**sampler, "steps": 12}, limit=40)
+    # another checkpoint under the same run id would be scored with this one's stored outputs: refused
+    shutil.copytree(ckpt, tmp_path / "ckpt2" / "final")
+    with pytest.raises(ValueError, match=r"eval run 'ev' already holds parallel outputs of checkpoint .*ckpt/final"):
+        evaluate(checkpoints=[str(tmp_path / "ckpt2" / "final")], root=root, run_id="ev", sampler=sampler, limit=40)
 
 
 def test_aggregate_counts_model_failures_as_zero_and_leaves_judge_failures_out():
