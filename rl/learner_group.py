@@ -77,17 +77,20 @@ class LearnerWorker:
                       rank=self.rank, world=self.world, sharded=self.fsdp)
 
     def weights(self) -> dict:
-        """The full state dict on the CPU (a collective when sharded: every rank calls it; rank 0's is whole)."""
+        """Rank 0: the full state dict on the CPU; other ranks {} (they take part in the gather when sharded,
+        and send nothing back to the driver)."""
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
-        return get_model_state_dict(self.policy, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        sd = get_model_state_dict(self.policy, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        return sd if self.rank == 0 else {}
 
     def optimizer_state(self) -> dict:
-        """The full optimiser state keyed by parameter name (a collective as weights)."""
+        """Rank 0: the full optimiser state keyed by parameter name; other ranks {} (as weights)."""
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
 
-        return get_optimizer_state_dict(self.policy, self.optimizer,
-                                        options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        state = get_optimizer_state_dict(self.policy, self.optimizer,
+                                         options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        return state if self.rank == 0 else {}
 
     def leave(self) -> None:
         import torch.distributed as dist
@@ -129,11 +132,13 @@ class LearnerGroup:
         return ray.get([a.update.remote(ref) for a in self.actors])[0]
 
     def weights(self) -> dict:
+        """Rank 0's full weights (every rank is called: a sharded gather is a collective)."""
         import ray
 
         return ray.get([a.weights.remote() for a in self.actors])[0]
 
     def optimizer_state(self) -> dict:
+        """Rank 0's named optimiser state (every rank is called, as weights)."""
         import ray
 
         return ray.get([a.optimizer_state.remote() for a in self.actors])[0]
