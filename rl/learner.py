@@ -172,8 +172,10 @@ def update(policy, ref, optimizer, batch: Rollouts, cfg: RLConfig, vocab: Vocab,
         return stats
     stats["kl_weight"] = 0.0
     weights, offsets = _weights(batch, pairs, is_img, cfg)  # per credited token, in pair order; (P + 1,)
-    mine = {i for mini in _split(len(pairs), cfg.minibatches) for i in list(mini)[rank::world]}
-    ref_logp = _reference_logprobs(ref, batch, pairs, sorted(mine), cfg, vocab, shape, sampler) \
+    shares = [sorted(i for mini in _split(len(pairs), cfg.minibatches) for i in list(mini)[r::world])
+              for r in range(world)]  # every rank's pairs: a sharded reference runs the longest share's passes
+    chunks = max(-(-len(s) // cfg.micro_batch) for s in shares) if sharded else None
+    ref_logp = _reference_logprobs(ref, batch, pairs, shares[rank], cfg, vocab, shape, sampler, chunks) \
         if cfg.beta > 0 else None
     policy.train()
     params = [p for p in policy.parameters() if p.requires_grad]
@@ -294,12 +296,14 @@ def credit_pairs(steps: list[int], zero_var: torch.Tensor, credit: str) -> list[
 
 @torch.no_grad()
 def _reference_logprobs(ref, batch: Rollouts, pairs, mine: list[int], cfg: RLConfig, vocab, shape,
-                        sampler) -> dict[int, torch.Tensor]:
-    """Reference-policy log-probs (M,) of the pairs this rank replays, by pair index."""
+                        sampler, chunks: int | None = None) -> dict[int, torch.Tensor]:
+    """Reference-policy log-probs (M,) of the pairs this rank replays, by pair index.
+    chunks: forward passes to run (FSDP2-sharded reference: each is a collective, so every rank runs
+    as many; a rank out of pairs replays pair 0 and drops it); None = as many as `mine` needs."""
     out = {}
-    for start in range(0, len(mine), cfg.micro_batch):
-        idx = mine[start:start + cfg.micro_batch]
-        rows, steps, _ = (torch.tensor(c) for c in zip(*[pairs[i] for i in idx]))
+    for c in range(-(-len(mine) // cfg.micro_batch) if chunks is None else chunks):
+        idx = mine[c * cfg.micro_batch:(c + 1) * cfg.micro_batch]
+        rows, steps, _ = (torch.tensor(col) for col in zip(*[pairs[i] for i in (idx or [0])]))
         logp, _ = replay_logprobs(ref, [batch.prompts[r] for r in rows.tolist()], batch.tokens[rows],
                                   batch.step_map[rows], steps, vocab, shape, sampler)
         out.update(zip(idx, logp))

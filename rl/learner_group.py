@@ -10,8 +10,8 @@ driver reads rank 0's weights (to publish to the rollout actors, evaluate and ch
 checkpoint rounds, its optimiser state.
 Plain data parallelism keeps a full replica per rank (gradients all-reduced in one flat buffer);
 `fsdp=True` shards the policy with FSDP2 (fully_shard per block, fp32 compute so the replay matches
-the rollouts' log-probs; the reduce-scatter's mean times world is the sum), which an 8B policy with its AdamW
-state needs. Both are tested on CPU with gloo. A lost learner actor fails the round (the group
+the rollouts' log-probs; the reduce-scatter's mean times world is the sum; the frozen reference is
+sharded too), which an 8B policy with its AdamW state needs. Both are tested on CPU with gloo. A lost learner actor fails the round (the group
 cannot re-form mid-collective); re-running the run id resumes from the last checkpoint.
 """
 import os
@@ -61,9 +61,14 @@ class LearnerWorker:
             from torch.distributed.fsdp import fully_shard
 
             mesh = init_device_mesh(self.device.type, (self.world,))
-            blocks = list(self.policy.model.transformer.blocks)
-            for module in blocks + [self.policy]:  # fp32 compute: the replay must match the rollout's log-probs
-                fully_shard(module, mesh=mesh)  # gradients averaged over ranks: update() scales its loss by world
+            # fp32 compute: the replay must match the rollout's log-probs; gradients are averaged over ranks
+            # (update() scales its loss by world). The frozen reference is sharded the same way: at 8B its bf16
+            # copy is 16 GB a rank unsharded, which with the sharded policy, gradients and AdamW state
+            # (16 bytes a parameter / world) would not fit an 80 GB GPU at world 2.
+            for model in [self.policy] + ([self.ref] if self.ref is not None else []):
+                for module in list(model.model.transformer.blocks) + [model]:
+                    fully_shard(module, mesh=mesh)
+            self.policy.gradient_checkpointing = True  # as SFT's FSDP2 runs: block inputs kept, the rest recomputed
         self.optimizer = torch.optim.AdamW(self.policy.parameters(), lr=self.cfg.lr, weight_decay=0.0)
         if self.optimizer_state_in:
             set_optimizer_state_dict(self.policy, self.optimizer, optim_state_dict=self.optimizer_state_in,
