@@ -1,7 +1,7 @@
 """Ray Train overhead for SFT: tokens/s per worker under Ray (2 gloo DDP workers, 1 CPU each) vs a
 plain single-process loop with 1 thread, on the same model, data and batch size, in one run.
 
-    python benchmarks/sft.py [--rounds 3] [--steps 40] [--batch-size 32] [--samples 2000] [--compile]
+    python benchmarks/sft.py [--rounds 3] [--steps 40] [--batch-size 32] [--samples 2000] [--compile] [--one-worker]
 
 The arms are interleaved (plain, Ray, plain, Ray, ..., plain) so that load from other processes on
 a shared machine falls on both: a round's ratio divides by the mean of the plain loops run just
@@ -22,6 +22,9 @@ no_sync accumulation, --grad-accum 4 (one all-reduce per 4 micro-batches, both a
 Ray / concurrent plain 0.923 (0.881..0.993); the same with --no-dashboard 0.837 (0.805..0.854) and 0.933
 (0.906..0.953), so the dashboard's share is within the noise. Two plain loops at once already run at 0.90 of one alone
 (12.8-14.0k vs 14.5-15.6k): on 2 cores the 0.9x target leaves Ray and DDP no room at all.
+One worker with both cores instead (--one-worker: 1 worker x 2 threads at batch 64 against 2 workers x
+1 thread at 32 each, --compile, 80 steps, 2 rounds, 2026-11-25, idle): 0.988x (0.963..1.013) the two
+workers' tokens/s in all, so `make run` keeps 2 workers (its start-up, compile included, was 6-18 s shorter).
 """
 import argparse
 import json
@@ -68,16 +71,18 @@ def plain_tokens_per_s(recipe: dict, paths: dict, warmup: int) -> tuple[float, f
 
 
 def ray_tokens_per_s(recipe: dict, paths: dict, root: str, out: str, run_id: str, warmup: int,
-                     workers: int, ddp: dict | None) -> tuple[float, float]:
-    """Median tokens/s per worker of a Ray Train fit (train_metrics rows); also the fit's seconds."""
+                     workers: int, ddp: dict | None, cpus_per_worker: int = 1) -> tuple[float, float]:
+    """Median tokens/s per worker of a Ray Train fit (train_metrics rows); also the fit's seconds.
+    cpus_per_worker > 1: each worker computes with that many threads on a batch that many times larger."""
     from storage.parquet import read_table
     from tasks.sft.sft import run_sft
 
-    cfg = {"base": paths["base"], "train_data": paths["train_data"], "seq": recipe["seq"], "sft": recipe["sft"],
+    sft = {**recipe["sft"], "batch_size": recipe["sft"]["batch_size"] * cpus_per_worker}
+    cfg = {"base": paths["base"], "train_data": paths["train_data"], "seq": recipe["seq"], "sft": sft,
            "root": root, "run_id": run_id, "out": out, "checkpoint_every": recipe["sft"]["total_steps"]}
     if ddp is not None:
         cfg["ddp"] = ddp
-    fit = run_sft.fn(cfg, num_workers=workers, storage_path=os.path.join(out, "ray"))
+    fit = run_sft.fn(cfg, num_workers=workers, storage_path=os.path.join(out, "ray"), cpus_per_worker=cpus_per_worker)
     rows = read_table(root, "train_metrics", run=run_id).to_pylist()
     return statistics.median(r["tokens_per_s"] for r in rows if r["step"] > warmup) / workers, fit["fit_s"]
 
@@ -101,8 +106,13 @@ def main() -> None:
                          "apart from the cores' contention")
     ap.add_argument("--no-dashboard", action="store_true",
                     help="start Ray without its dashboard (run_sft starts it): its share of 2 busy cores")
+    ap.add_argument("--one-worker", action="store_true",
+                    help="instead: Ray --workers workers x 1 CPU (batch B each) against 1 worker x --workers CPUs "
+                         "(batch --workers x B, the same global batch), total tokens/s side by side")
     a = ap.parse_args()
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    if a.one_worker:
+        return one_worker(a)
     if a.no_dashboard:
         import ray
 
@@ -144,6 +154,22 @@ def main() -> None:
         name = f"{arm} / plain" if arm in arms else arm
         print(f"{name} (per worker): mean {statistics.mean(r):.3f} (min..max {min(r):.3f}..{max(r):.3f}; "
               f"overhead {100 * (1 - statistics.mean(r)):+.1f}%)")
+
+
+def one_worker(a) -> None:
+    """N data-parallel workers of one thread each vs one worker of N threads, interleaved rounds."""
+    recipe, paths, root, out = prepare(a)
+    ratios = []
+    for i in range(a.rounds):
+        many, fit_many = ray_tokens_per_s(recipe, paths, root, out, f"many-{i}", a.warmup, a.workers, None)
+        one, fit_one = ray_tokens_per_s(recipe, paths, root, out, f"one-{i}", a.warmup, 1, None, a.workers)
+        ratios.append(one / (many * a.workers))
+        print(f"round {i + 1}: {a.workers} workers x 1 CPU {many * a.workers:6.0f} tokens/s in all (fit {fit_many:.0f} s)"
+              f" | 1 worker x {a.workers} CPUs {one:6.0f} tokens/s (fit {fit_one:.0f} s) | ratio {ratios[-1]:.3f}",
+              flush=True)
+    print(f"1 worker x {a.workers} CPUs / {a.workers} workers x 1 CPU, global batch {a.workers * a.batch_size}, "
+          f"{a.steps} steps, compile={a.compile}: mean {statistics.mean(ratios):.3f} "
+          f"(min..max {min(ratios):.3f}..{max(ratios):.3f})")
 
 
 if __name__ == "__main__":

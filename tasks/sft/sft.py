@@ -191,6 +191,8 @@ def train_loop_per_worker(cfg: dict) -> None:
 
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    if cfg.get("threads"):
+        torch.set_num_threads(cfg["threads"])
     sft, seq = SFTConfig(**cfg["sft"]), SequenceConfig(**cfg["seq"])
     torch.manual_seed(sft.seed)
     model, vocab = from_pretrained(cfg["base"])
@@ -264,17 +266,18 @@ def _progress_file(cfg: dict) -> str:
 
 @task
 def run_sft(cfg: dict, num_workers: int = 2, use_gpu: bool = False, storage_path: str = "runs/ray",
-            max_failures: int = 2) -> dict:
-    """Builds the TorchTrainer and fits; re-running with the same cfg['run_id'] resumes."""
+            max_failures: int = 2, cpus_per_worker: int = 1) -> dict:
+    """Builds the TorchTrainer and fits; re-running with the same cfg['run_id'] resumes.
+    cpus_per_worker (CPU runs): cores a worker reserves and the torch threads it computes with."""
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
-    start_ray(None if use_gpu else max(num_workers, os.cpu_count() or 1), include_dashboard=True)
+    start_ray(None if use_gpu else max(num_workers * cpus_per_worker, os.cpu_count() or 1), include_dashboard=True)
     storage = os.path.abspath(storage_path) if "://" not in storage_path else storage_path
     trainer = TorchTrainer(
-        train_loop_per_worker, train_loop_config=cfg,
+        train_loop_per_worker, train_loop_config={**cfg, "threads": 0 if use_gpu else cpus_per_worker},
         scaling_config=ScalingConfig(num_workers=num_workers, use_gpu=use_gpu,
-                                     resources_per_worker=None if use_gpu else {"CPU": 1}),
+                                     resources_per_worker=None if use_gpu else {"CPU": cpus_per_worker}),
         run_config=RunConfig(name=cfg["run_id"], storage_path=storage,
                              failure_config=FailureConfig(max_failures=max_failures),
                              checkpoint_config=CheckpointConfig(num_to_keep=2)))
