@@ -13,7 +13,9 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from rl.learner import RLConfig
 from tasks.sft.recipe import PRESETS, Recipe, load_recipe
 
-PIPELINE_RL = dict(rounds=4, eval_every=4, checkpoint_every=4)
+# 4 rounds of 8 prompts x 8 samples, one pass over each round's rollouts (benchmarks/pararl.py's setting):
+# the learner was 2/3 of the stage's 3.6 min at 16 prompts and 2 passes
+PIPELINE_RL = dict(rounds=4, prompts_per_round=8, inner_iters=1, eval_every=4, checkpoint_every=4)
 MODES = ("parallel", "sequential")
 
 
