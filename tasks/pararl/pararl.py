@@ -222,6 +222,7 @@ def run_rl(start: str, paths: dict, cfg: RLConfig, out: str, root: str, run_id: 
 
             learners = LearnerGroup(learner_workers, resume or start, start, cfg, by_name(policy, optimizer), shape,
                                     rollout_cfg, use_gpu, fsdp)
+            optimizer.state.clear()  # the ranks hold it now (64 GB at 8B); refilled by name only to checkpoint
         with recorded(root, run_id, "rl", config) as timings:
             if state:
                 stats = RewardStats(**state["stats"])
@@ -271,6 +272,8 @@ def run_rl(start: str, paths: dict, cfg: RLConfig, out: str, root: str, run_id: 
                     if learners:
                         load_by_name(policy, optimizer, learners.optimizer_state())
                     save_checkpoint(policy, vocab, optimizer, round_, stats, cfg, start, ckpt_dir, extras)
+                    if learners:
+                        optimizer.state.clear()
     finally:
         roles.shutdown()
         if learners:

@@ -3,8 +3,9 @@ validates it), checked before any work starts and stored with the run's outputs.
 
 The defaults are the embedded default. Measured on 2 idle CPU cores from a fresh clone, `make run` took 18 min
 56 s: ~2.3 min of venv set-up, then aggregate 0.3, reward CLIP 1.0, traces 0.0, SFT 11.1 (the toy recipe's
-3000 steps, compiled, explicit CPU attention), ParaRL 3.5 (4 rounds), evaluation 0.7. The reward CLIP trains
-300 steps instead of 700. With 3400 SFT steps the run took 21.7 min (25.5 before the attention change).
+3000 steps, compiled, explicit CPU attention), ParaRL 3.5 (4 rounds of 16 prompts, 2 passes; now 8 prompts and
+1 pass: 1.9), evaluation 0.7. The reward CLIP trains 300 steps instead of 700. With 3400 SFT steps the run took
+21.7 min (25.5 before the attention change). The machine's speed varies: the same SFT took 11.1-14.3 min.
 """
 import os
 
