@@ -72,7 +72,15 @@ def train(checkpoint: str, paths: dict, cfg: dict, out: str, root: str, run_id: 
     publish_markdown(stable_key("rl", run_id, "trajectories"), trajectory_markdown, root, run_id, out, checkpoint,
                      description=f"ParaRL {run_id}: denoising strips")
     return {k: v for k, v in result.items() if k != "history"} | {"rounds": len(result["history"]),
-                                                                 "last": result["history"][-1:] or None}
+                                                                 "last": last_round(result["history"])}
+
+
+def last_round(history: list[dict]) -> dict | None:
+    """The last round's metrics row as the summary shows it: reward by step parsed, no run id or timestamp."""
+    if not history:
+        return None
+    row = {k: v for k, v in history[-1].items() if k not in ("run_id", "time", "reward_by_step_json")}
+    return row | {"reward_by_step": json.loads(history[-1]["reward_by_step_json"])}
 
 
 

@@ -254,6 +254,10 @@ def test_pararl_flow_one_round_with_artifacts(sft_checkpoint, random_clip, ray_l
     out = pararl(checkpoint=ckpt, root=root, dataset="d", out=str(tmp_path / "rl"), run_id="flow-run",
                  config={**FAST, "rounds": 1}, sampler=SAMPLER, clip_folder=random_clip)
     assert out["rounds"] == 1 and out["checkpoint"].endswith("round-00000") and out["reward"]["kind"] == "clip"
+    # the summary's last round: one metrics row, its reward by step parsed (printed nested, not as a raw dict)
+    by_step = out["last"]["reward_by_step"]
+    assert out["last"]["round"] == 0 and len(by_step) == 2 and "7" in by_step, out["last"]  # K = 2, the last step
+    assert "time" not in out["last"] and "reward_by_step_json" not in out["last"]
     runs = [r for r in read_table(root, "runs").to_pylist() if r["run_id"] == "flow-run"]
     assert len(runs) == 1 and '"sampled_steps": 2' in runs[0]["config_json"]
 
