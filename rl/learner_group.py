@@ -5,9 +5,10 @@ optimiser state, joins a process group (gloo on CPU, NCCL on GPUs; rank 0's node
 port are the rendezvous) and runs rl/learner.update on its share of each mini-batch: the gradient
 all-reduce makes every rank take the identical step, so the group behaves as one learner over the
 whole batch (tests/test_pararl checks the weights against the single learner's). The driver puts a
-round's rollouts in the object store once; every rank reads that object. After the update the
-driver reads rank 0's weights (to publish to the rollout actors, evaluate and checkpoint) and, on
-checkpoint rounds, its optimiser state.
+round's rollouts in the object store once; every rank reads that object. After the update rank 0
+puts its full weights in the object store and the rollout actors read that object (the driver
+passes the reference on); the driver fetches it only to evaluate or checkpoint, and on checkpoint
+rounds also the optimiser state.
 Plain data parallelism keeps a full replica per rank (gradients all-reduced in one flat buffer);
 `fsdp=True` shards the policy with FSDP2 (fully_shard per block, fp32 compute so the replay matches
 the rollouts' log-probs; the reduce-scatter's mean times world is the sum; the frozen reference is
@@ -89,6 +90,14 @@ class LearnerWorker:
         sd = get_model_state_dict(self.policy, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
         return sd if self.rank == 0 else {}
 
+    def put_weights(self) -> list:
+        """Rank 0: [a reference to its full CPU state dict, put in the object store from here] (the rollout
+        actors read it without the driver holding a copy); other ranks [None] after joining the gather."""
+        import ray
+
+        sd = self.weights()
+        return [ray.put(sd) if self.rank == 0 else None]
+
     def optimizer_state(self) -> dict:
         """Rank 0: the full optimiser state keyed by parameter name; other ranks {} (as weights)."""
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
@@ -136,11 +145,11 @@ class LearnerGroup:
         ref = ray.put(batch)
         return ray.get([a.update.remote(ref) for a in self.actors])[0]
 
-    def weights(self) -> dict:
-        """Rank 0's full weights (every rank is called: a sharded gather is a collective)."""
+    def weights_ref(self):
+        """An object-store reference to rank 0's full weights, put there by rank 0 (one copy, no driver hop)."""
         import ray
 
-        return ray.get([a.weights.remote() for a in self.actors])[0]
+        return ray.get([a.put_weights.remote() for a in self.actors])[0][0]
 
     def optimizer_state(self) -> dict:
         """Rank 0's named optimiser state (every rank is called, as weights)."""

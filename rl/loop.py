@@ -7,7 +7,8 @@ the redone work is identical and nothing is lost or duplicated. `collect` fans a
 out to the rollout actors and, as each rollout chunk finishes (`ray.wait`), sends its partial
 (image, text) pairs to the reward actors, so scoring overlaps the remaining sampling.
 Weights go out once per update: `ray.put(state_dict)` puts one copy in the object store and
-every actor reads that same object (no per-actor copies). On a multi-node GPU cluster this put
+every actor reads that same object (no per-actor copies); a learner group's rank 0 puts its
+weights there itself (`use`), so they do not pass through the driver. On a multi-node GPU cluster this put
 would become a broadcast over a NCCL group from learner rank 0 to the rollout actors
 (ray.util.collective or torch.distributed, as verl's checkpoint engine and OpenRLHF do), with
 the version number kept as the staleness check.
@@ -55,6 +56,10 @@ class Roles:
 
         self.weights_ref = ray.put({k: v.detach().cpu() for k, v in state_dict.items()})
         self.version = version
+
+    def use(self, weights_ref, version: int) -> None:
+        """Weights already in the object store (a learner group's rank 0 put them there) for every rollout actor."""
+        self.weights_ref, self.version = weights_ref, version
 
     def shutdown(self) -> None:
         import ray

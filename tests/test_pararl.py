@@ -190,13 +190,17 @@ def test_two_rounds_on_ray_then_killed_actors_and_resume_reproduce_them(sft_chec
     assert _metrics(root, "crashed") == ref
     assert len(read_table(root, "trajectories", run="crashed")) == len(traj)
 
-    # two data-parallel learner actors (gloo): the same update as the single learner, up to float summation order
-    group, _ = _run(sft_checkpoint, random_clip, "group", "rl-group", learners=2, rounds=1)
-    [g0] = _metrics(root, "group")
-    assert g0["rollouts"] == ref[0]["rollouts"] and g0["learner_tokens"] == ref[0]["learner_tokens"]
-    for key in ("reward_mean", "loss", "pg_loss", "kl", "clip_frac", "entropy"):
-        assert g0[key] == pytest.approx(ref[0][key], rel=1e-4, abs=1e-6), key
-    single = from_pretrained(str(sft_checkpoint[2] / "rl-plain" / "checkpoints" / "plain" / "round-00000"))[0]
+    # two data-parallel learner actors (gloo): the same updates as the single learner, up to float summation
+    # order; round 0 neither evaluates nor checkpoints, so round 1 samples with the weights rank 0 put in the
+    # object store without the driver ever loading them
+    group, _ = _run(sft_checkpoint, random_clip, "group", "rl-group", learners=2, eval_every=2, checkpoint_every=2)
+    grouped_rows = _metrics(root, "group")
+    assert len(grouped_rows) == 2 and grouped_rows[0]["heldout_agreement"] is None and grouped_rows[1]["heldout_agreement"] is not None
+    for g, want in zip(grouped_rows, ref):
+        assert g["rollouts"] == want["rollouts"] and g["learner_tokens"] == want["learner_tokens"]
+        for key in ("reward_mean", "loss", "pg_loss", "kl", "clip_frac", "entropy"):
+            assert g[key] == pytest.approx(want[key], rel=1e-4, abs=1e-6), (g["round"], key)
+    single = from_pretrained(str(sft_checkpoint[2] / "rl-plain" / "checkpoints" / "plain" / "round-00001"))[0]
     grouped, start = from_pretrained(group["checkpoint"])[0], from_pretrained(sft_checkpoint[1])[0]
     moved = max((a - b).abs().max().item() for a, b in zip(single.parameters(), start.parameters()))
     apart = max((a - b).abs().max().item() for a, b in zip(single.parameters(), grouped.parameters()))

@@ -215,7 +215,7 @@ def run_rl(start: str, paths: dict, cfg: RLConfig, out: str, root: str, run_id: 
     history = []
     config = run_config(cfg, sampler_d, reward_kwargs, start)  # + the reward stats once known
     config["learner_workers"], config["fsdp"] = learner_workers, fsdp
-    learners = None
+    learners, published = None, None
     try:
         if group:
             from rl.learner_group import LearnerGroup, by_name, load_by_name
@@ -237,7 +237,10 @@ def run_rl(start: str, paths: dict, cfg: RLConfig, out: str, root: str, run_id: 
                 pick = torch.randperm(len(prompts), generator=_seeded(cfg.seed, round_))
                 pick = pick[:cfg.prompts_per_round].tolist()
                 steps = sparse_steps(S, cfg.sampled_steps, _seeded(cfg.seed, round_, 1), cfg.first_step(S))
-                roles.publish(policy.state_dict(), version=round_)
+                if published is None:
+                    roles.publish(policy.state_dict(), version=round_)
+                else:  # the group's weights, put in the object store by its rank 0
+                    roles.use(published, version=round_)
                 got = roles.collect([prompts[i] for i in pick], cfg.group_size, sampler_d, steps, cfg.seed, round_)
                 reward, adv, zero = advantages(torch.from_numpy(got["raw"]), stats, cfg.group_size, cfg.reward_mode)
                 batch = Rollouts(prompts=[prompts[i] for i in pick for _ in range(cfg.group_size)],
@@ -246,13 +249,18 @@ def run_rl(start: str, paths: dict, cfg: RLConfig, out: str, root: str, run_id: 
                 t1 = time.perf_counter()
                 if learners:
                     upd = learners.update(batch)
-                    policy.load_state_dict(learners.weights())
+                    published = learners.weights_ref()
                 else:
                     upd = update(policy, ref, optimizer, batch, cfg, vocab, shape, rollout_cfg)
                 learner_s = time.perf_counter() - t1
                 last = round_ == cfg.rounds - 1
                 t2 = time.perf_counter()
                 evals = last or (round_ + 1) % cfg.eval_every == 0
+                saves = last or (round_ + 1) % cfg.checkpoint_every == 0
+                if learners and (saves or (evals and "val" in paths)):  # the driver's copy, only when it is read
+                    import ray
+
+                    policy.load_state_dict(ray.get(published))
                 ev = heldout_eval(policy, paths, vocab, seq, start, base) if evals else {}
                 eval_s = time.perf_counter() - t2 if ev else None
                 ids = [train.sample_id[i] for i in pick]
@@ -268,7 +276,7 @@ def run_rl(start: str, paths: dict, cfg: RLConfig, out: str, root: str, run_id: 
                 add_timings(timings, row)
                 if on_round:
                     on_round(row)
-                if last or (round_ + 1) % cfg.checkpoint_every == 0:
+                if saves:
                     if learners:
                         load_by_name(policy, optimizer, learners.optimizer_state())
                     save_checkpoint(policy, vocab, optimizer, round_, stats, cfg, start, ckpt_dir, extras)
