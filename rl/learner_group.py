@@ -12,8 +12,9 @@ rounds also the optimiser state.
 Plain data parallelism keeps a full replica per rank (gradients all-reduced in one flat buffer);
 `fsdp=True` shards the policy with FSDP2 (fully_shard per block, fp32 compute so the replay matches
 the rollouts' log-probs; the reduce-scatter's mean times world is the sum; the frozen reference is
-sharded too), which an 8B policy with its AdamW state needs. Both are tested on CPU with gloo. A lost learner actor fails the round (the group
-cannot re-form mid-collective); re-running the run id resumes from the last checkpoint.
+sharded too), which an 8B policy with its AdamW state needs. Both are tested on CPU with gloo. A lost
+learner actor fails the round (the group cannot re-form mid-collective); re-running the run id
+resumes from the last checkpoint.
 """
 import os
 

@@ -8,8 +8,8 @@ out to the rollout actors and, as each rollout chunk finishes (`ray.wait`), send
 (image, text) pairs to the reward actors, so scoring overlaps the remaining sampling.
 Weights go out once per update: `ray.put(state_dict)` puts one copy in the object store and
 every actor reads that same object (no per-actor copies); a learner group's rank 0 puts its
-weights there itself (`use`), so they do not pass through the driver. On a multi-node GPU cluster this put
-would become a broadcast over a NCCL group from learner rank 0 to the rollout actors
+weights there itself (`use`), so they do not pass through the driver. On a multi-node GPU cluster
+this put would become a broadcast over a NCCL group from learner rank 0 to the rollout actors
 (ray.util.collective or torch.distributed, as verl's checkpoint engine and OpenRLHF do), with
 the version number kept as the staleness check.
 """
