@@ -61,12 +61,12 @@ def test_uneven_shares_plain_and_fsdp_match_the_single_learner(sft_checkpoint, t
     batch = Rollouts(prompts=prompts, tokens=res.tokens, step_map=res.step_map, logp=res.logp, steps=list(steps),
                      adv=adv, zero_var=zero)
     cfg = RLConfig(**CFG)
-    policy = from_pretrained(ckpt)[0]
+    policy, vocab = from_pretrained(ckpt)
+    start = {k: v.clone() for k, v in policy.state_dict().items()}
     ref = from_pretrained(ckpt)[0].eval().requires_grad_(False)
     want = update(policy, ref, torch.optim.AdamW(policy.parameters(), lr=cfg.lr, weight_decay=0.0), batch, cfg,
-                  from_pretrained(ckpt)[1], shape, sampler)
+                  vocab, shape, sampler)
     assert want["pairs"] == 17 and want["kl"] > 0
-    start = from_pretrained(ckpt)[0].state_dict()
     moved = max((v - start[k]).abs().max().item() for k, v in policy.state_dict().items())
     for fsdp in (False, True):
         stats, weights = _group(ckpt, batch, shape, sampler, fsdp, tmp_path)

@@ -218,6 +218,8 @@ def run_rl(start: str, paths: dict, cfg: RLConfig, out: str, root: str, run_id: 
     learners, published = None, None
     try:
         if group:
+            import ray
+
             from rl.learner_group import LearnerGroup, by_name, load_by_name
 
             learners = LearnerGroup(learner_workers, resume or start, start, cfg, by_name(policy, optimizer), shape,
@@ -258,8 +260,6 @@ def run_rl(start: str, paths: dict, cfg: RLConfig, out: str, root: str, run_id: 
                 evals = last or (round_ + 1) % cfg.eval_every == 0
                 saves = last or (round_ + 1) % cfg.checkpoint_every == 0
                 if learners and (saves or (evals and "val" in paths)):  # the driver's copy, only when it is read
-                    import ray
-
                     policy.load_state_dict(ray.get(published))
                 ev = heldout_eval(policy, paths, vocab, seq, start, base) if evals else {}
                 eval_s = time.perf_counter() - t2 if ev else None
