@@ -122,11 +122,12 @@ def main() -> int:
         with browser.chromium((1400, 2400)) as call:
             for name, (url, texts, n_img) in pages.items():
                 browser.goto(call, url)
-                if "/runs/" in url:
-                    browser.wait_for_text(call, ["Artifacts"], a.wait * 4)
-                    browser.click_text(call, "Artifacts")
                 try:
-                    browser.wait_for_text(call, texts, a.wait * 4)
+                    if "/runs/" in url:
+                        browser.wait_for_text(call, ["Artifacts"], a.wait * 4)
+                        browser.click_until(call, "Artifacts", texts, a.wait * 4)
+                    else:
+                        browser.wait_for_text(call, texts, a.wait * 4)
                 except TimeoutError as e:
                     problems += 1
                     print(f"PROBLEM {name}: {str(e).splitlines()[0]}")

@@ -5,7 +5,7 @@
 The page is a single-page app that fills itself in after loading: the script waits `--wait` seconds (or
 until `--expect` text shows), optionally clicks the element whose whole text is `--click` (a tab such as
 Artifacts or Logs), waits again and saves a PNG. The small functions below (`chromium`, `goto`,
-`page_text`, `wait_for_text`, `click_text`, `page_images`, `capture`) are what tools/ui_check.py and
+`page_text`, `wait_for_text`, `click_text`, `click_until`, `page_images`, `capture`) are what tools/ui_check.py and
 tests/test_prefect_server.py use to look at a page the way a person does: its visible text, whether its
 images loaded, a screenshot. Needs only the standard library and `websockets` (a Prefect dependency).
 """
@@ -162,6 +162,22 @@ def click_text(call, text: str) -> int:
     return n
 
 
+def click_until(call, text: str, needles: list[str], timeout_s: float = 60.0, retry_s: float = 5.0) -> str:
+    """Clicks `text` (a tab) until the page shows every needle; returns the page's squashed text. The app
+    re-lays its tabs out while it loads (the flow run's page adds Task Runs / Artifacts once the run's state
+    arrives), so a click made just before that can land on the wrong tab or between tabs: if the needles are
+    not there `retry_s` after a click, it clicks again. Raises TimeoutError as wait_for_text does."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        if not click_text(call, text) and time.monotonic() > deadline:
+            raise TimeoutError(f"after {timeout_s:.0f} s nothing on the page reads {text!r}")
+        try:
+            return wait_for_text(call, needles, min(retry_s, max(deadline - time.monotonic(), 0.5)))
+        except TimeoutError:
+            if time.monotonic() > deadline:
+                raise
+
+
 def page_images(call) -> list[dict]:
     """Every <img> on the page: src (first 40 characters), alt, complete, naturalWidth/Height (the decoded
     image; 0 when it failed to load) and x, y, width, height (its box in the viewport, CSS px)."""
@@ -203,10 +219,11 @@ def screenshot(url: str, out: str, click: str | None = None, wait_s: float = 8.0
             time.sleep(wait_s)
         hits = 0
         if click:
-            hits = click_text(call, click)
             if expect:
-                wait_for_text(call, expect, wait_s * 4)
+                click_until(call, click, expect, wait_s * 4)
+                hits = 1
             else:
+                hits = click_text(call, click)
                 time.sleep(wait_s / 2)
         capture(call, out)
         return hits
