@@ -170,7 +170,7 @@ def spread(xs: list[float]) -> str:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--checkpoint", default="runs/default/sft/checkpoints/sft-toy-tiny/final")
+    p.add_argument("--checkpoint", default="runs/default/sft/final", help="SFT checkpoint (default: make run's)")
     p.add_argument("--root", default="runs/default/data")
     p.add_argument("--dataset", default="toy-tiny")
     p.add_argument("--out", default="runs/bench-pararl")

@@ -8,7 +8,7 @@ import sys
 from flows.cli_support import CLIError, default_root, load_object
 
 EXAMPLES = {
-    "generate": ["parapipe generate --checkpoint runs/default/sft/checkpoints/sft-toy-tiny/final \\\n"
+    "generate": ["parapipe generate --checkpoint runs/default/sft/final \\\n"
                  "    --prompt 'paint the blue square green' --image input.png --out out/",
                  "parapipe init-tiny --out tiny && parapipe generate --checkpoint tiny --prompt 'a red circle' "
                  "--out out/"],
@@ -26,11 +26,11 @@ EXAMPLES = {
     "sft": ["parapipe sft --dataset toy-tiny --steps 200",
             "parapipe sft --recipe small --dataset magicbrush --gpu --workers 8 --sft.lr 3e-4",
             "parapipe sft --config sft.yaml     # sft.yaml: {dataset: magicbrush, workers: 8, gpu: true}"],
-    "rl": ["parapipe rl --checkpoint runs/default/sft/checkpoints/sft-toy-tiny/final --rounds 4",
+    "rl": ["parapipe rl --checkpoint runs/default/sft/final --rounds 4",
            "parapipe rl --checkpoint CKPT --config rl.yaml   # RLConfig fields and/or rl options"],
-    "eval": ["parapipe eval --checkpoint runs/default/sft/checkpoints/sft-toy-tiny/final --limit 30",
-             "parapipe eval --checkpoint SFT_CKPT RL_CKPT --modes parallel sequential"],
-    "ablate": ["parapipe ablate decoding --checkpoint runs/default/sft/checkpoints/SFT_RUN/final",
+    "eval": ["parapipe eval --checkpoint runs/default/sft/final --limit 30",
+             "parapipe eval --checkpoint runs/default/sft/final runs/default/rl/final --modes parallel sequential"],
+    "ablate": ["parapipe ablate decoding --checkpoint runs/default/sft/final",
                "parapipe ablate reward-level --checkpoint SFT_CKPT --clip-folder runs/default/reward --config "
                "'{\"rounds\": 8}'",
                "parapipe ablate sampled-steps --checkpoint SFT_CKPT --ks 1 3 5 --limit 100"],

@@ -99,9 +99,10 @@ def pararl(checkpoint: str, root: str = "data", dataset: str = "toy-tiny", out: 
         raise ValueError(f"fsdp shards a learner group, but learner_workers={learner_workers}; pass 2 or more")
     if not os.path.isfile(os.path.join(checkpoint, "config.json")):
         raise ValueError(f"checkpoint={checkpoint!r} is not a checkpoint folder (no config.json); pass the folder "
-                         f"an SFT run wrote, e.g. runs/default/sft/checkpoints/sft-toy-tiny/final")
+                         f"an SFT run wrote, e.g. runs/default/sft/final (make run's)")
     root = root if "://" in root else os.path.abspath(root)
-    checkpoint, out = os.path.abspath(checkpoint), os.path.abspath(out)
+    # a link such as runs/default/sft/final is recorded as the checkpoint it points at
+    checkpoint, out = os.path.realpath(checkpoint), os.path.abspath(out)
     paths = prepare(checkpoint, root, dataset, out, tuple(categories) if categories else None)
     if cfg.reward == "exact" and "preset" not in paths:
         raise ValueError(f"reward='exact' scores toy-world facts, but {dataset!r} is not a toy dataset; use reward='clip'")

@@ -127,12 +127,34 @@ def pipeline(config: PipelineConfig = PipelineConfig()) -> dict:
     shown = generate_examples(tuned["checkpoint"], root, c.dataset, os.path.join(out, "examples"),
                               SamplerConfig(**recipe.sampler), n=c.examples, split="test", seed=c.seed,
                               device="cuda" if c.gpu else "cpu")
+    links = {"sft": link_final(os.path.join(out, "sft", "final"), trained["checkpoint"]),
+             "rl": link_final(os.path.join(out, "rl", "final"), tuned["checkpoint"])}
     record_run(c, root, start, states, seconds)
     create_markdown_artifact(scores["markdown"], key="pipeline-" + c.dataset.lower().replace("_", "-")[:80])
     return {"out": out, "root": os.path.abspath(root), "samples": summary["samples"],
             "quarantined": summary["quarantined"], "traces": trace_stats, "sft": trained, "rl": tuned,
-            "eval": scores, "examples": shown, "reward": reward, "stages": states, "seconds": seconds,
+            "eval": scores, "examples": shown, "reward": reward, "links": links, "stages": states, "seconds": seconds,
             "flow_run_id": str(flow_run.id), "config": os.path.join(out, "config.json")}
+
+
+def link_final(link: str, target: str) -> str:
+    """Points `link` (e.g. runs/default/sft/final) at a stage's final checkpoint with a relative symlink,
+    replaced atomically: one path to pass to `parapipe rl / eval / generate` and to prefect.yaml, whatever run
+    id the stage key gave the checkpoint. Returns the link, or the target where `link` is a real folder."""
+    if os.path.exists(link) and not os.path.islink(link):
+        print(f"warning: {link} exists and is not a link; use the checkpoint's own path {target}")
+        return target
+    tmp = f"{link}.tmp-{os.getpid()}"
+    if os.path.lexists(tmp):
+        os.remove(tmp)
+    os.symlink(os.path.relpath(target, os.path.dirname(link)), tmp)
+    os.replace(tmp, link)
+    return link
+
+
+def _checkpoint_line(r: dict, stage: str, rel) -> str:
+    link, target = r.get("links", {}).get(stage, r[stage]["checkpoint"]), r[stage]["checkpoint"]
+    return rel(link) if link == target else f"{rel(link)} (-> {rel(target)})"
 
 
 METRIC_ABBREV = {"text_quality": "TQ", "text_alignment": "TA", "image_consistency": "IC", "image_alignment": "IA",
@@ -167,8 +189,8 @@ def summary_text(r: dict) -> str:
     if text is not None:
         lines.append(f"SFT held-out check: reasoning text right {100 * text:.0f}% of the time")
     lines += ["", "outputs:", f"  lake (Parquet)     {rel(r['root'])}",
-              f"  SFT checkpoint     {rel(r['sft']['checkpoint'])}",
-              f"  ParaRL checkpoint  {rel(r['rl']['checkpoint'])}",
+              f"  SFT checkpoint     {_checkpoint_line(r, 'sft', rel)}",
+              f"  ParaRL checkpoint  {_checkpoint_line(r, 'rl', rel)}",
               f"  reports (PNG)      {rel(os.path.dirname(r['eval']['reports'][-1]))}/",
               f"  examples           {rel(os.path.join(r['out'], 'examples'))}/", "",
               "inspect with DuckDB:",

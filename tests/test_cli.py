@@ -230,6 +230,14 @@ def test_run_pipeline_then_query_and_inspect(tmp_path):
     assert "stages: aggregate cached, fit-reward cached, traces cached, sft cached, pararl cached, " \
            "evaluate cached" in again.stdout
     tmp_path = tmp_path / "rel"
+    # one stable path per stage's final checkpoint, printed in the summary, whatever run id the stage key chose
+    for stage, label, made_by in (("sft", "SFT checkpoint", "sft-"), ("rl", "ParaRL checkpoint", "round-")):
+        link = tmp_path / stage / "final"
+        assert link.is_symlink() and made_by in os.readlink(link) and not os.path.isabs(os.readlink(link))
+        assert (link / "config.json").is_file()
+        target = os.path.relpath(os.path.realpath(link), tmp_path.parent)
+        shown = next(ln for ln in again.stdout.splitlines() if ln.startswith(f"  {label}"))
+        assert shown.split(None, 2)[2] == f"rel/{stage}/final (-> {target})", shown
     config = json.loads((tmp_path / "config.json").read_text())
     assert config["eval_limit"] == 12 and config["rl"]["rounds"] == 1 and config["sft_steps"] == 4
     examples = sorted((tmp_path / "examples").iterdir())

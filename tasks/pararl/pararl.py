@@ -186,26 +186,19 @@ def run_rl(start: str, paths: dict, cfg: RLConfig, out: str, root: str, run_id: 
     from tasks.common.tokenizer import TextTokenizer
     from tasks.sft.sft import load_set
 
-    seq, shape, extras = checkpoint_layout(start)
-    base = SamplerConfig(**{**DEFAULT_SAMPLER, **(sampler or {}), "text_block_length": seq.text_tokens})
-    rollout_cfg = cfg.rollout_sampler(base)
-    S = rollout_cfg.steps
-    ckpt_dir = os.path.join(out, "checkpoints", run_id)
-    resume = latest_checkpoint(ckpt_dir)
-    policy, vocab = from_pretrained(resume or start)
-    ref = from_pretrained(start)[0].eval().requires_grad_(False) if cfg.beta > 0 and learner_workers == 1 else None
-    optimizer = torch.optim.AdamW(policy.parameters(), lr=cfg.lr, weight_decay=0.0)
-    state = torch.load(os.path.join(resume, LEARNER_STATE), weights_only=True) if resume else None
-    if state:
-        optimizer.load_state_dict(state["optimizer"])
-    first_round = state["round"] + 1 if state else 0
-    train, tok = load_set(paths["train"]), TextTokenizer.load(start)
-    prompts = [build_prompt(vocab, seq, train.input_codes[i], train.instruction[i]) for i in range(len(train))]
     if learner_workers < 1:
         raise ValueError(f"learner_workers={learner_workers}; use 1 (the learner in this process) or more")
     if fsdp and learner_workers < 2:
         raise ValueError(f"fsdp shards the learner group, but learner_workers={learner_workers}; pass 2 or more")
-    group = learner_workers > 1
+    seq, shape, extras = checkpoint_layout(start)
+    base = SamplerConfig(**{**DEFAULT_SAMPLER, **(sampler or {}), "text_block_length": seq.text_tokens})
+    rollout_cfg = cfg.rollout_sampler(base)
+    ckpt_dir = os.path.join(out, "checkpoints", run_id)
+    resume = latest_checkpoint(ckpt_dir)
+    policy, vocab, ref, optimizer, state = _learner_state(start, resume, cfg, learner_workers)
+    first_round = state["round"] + 1 if state else 0
+    train, tok = load_set(paths["train"]), TextTokenizer.load(start)
+    prompts = [build_prompt(vocab, seq, train.input_codes[i], train.instruction[i]) for i in range(len(train))]
     start_ray(None if use_gpu else max(2, rollout_workers + reward_workers), include_dashboard=False,
               log_to_driver=False)
     roles = Roles(start, shape,
@@ -217,7 +210,7 @@ def run_rl(start: str, paths: dict, cfg: RLConfig, out: str, root: str, run_id: 
     config["learner_workers"], config["fsdp"] = learner_workers, fsdp
     learners, published = None, None
     try:
-        if group:
+        if learner_workers > 1:
             import ray
 
             from rl.learner_group import LearnerGroup, by_name, load_by_name
@@ -226,28 +219,21 @@ def run_rl(start: str, paths: dict, cfg: RLConfig, out: str, root: str, run_id: 
                                     rollout_cfg, use_gpu, fsdp)
             optimizer.state.clear()  # the ranks hold it now (64 GB at 8B); refilled by name only to checkpoint
         with recorded(root, run_id, "rl", config) as timings:
-            if state:
-                stats = RewardStats(**state["stats"])
-            else:
-                roles.publish(policy.state_dict(), version=-2)  # the starting policy scores the 1% sample
-                n = max(cfg.norm_min_prompts, round(cfg.norm_fraction * len(prompts)))
-                pick = torch.randperm(len(prompts), generator=_seeded(cfg.seed, 7))[:n].tolist()
-                stats = fit_stats(roles, [prompts[i] for i in pick], cfg, sampler_d, S)
+            stats = RewardStats(**state["stats"]) if state else _fresh_stats(roles, policy, prompts, cfg, sampler_d,
+                                                                              rollout_cfg.steps)
             config["reward_stats"], timings["first_round"] = stats.__dict__, first_round
             for round_ in range(first_round, cfg.rounds):
                 t0 = time.perf_counter()
                 pick = torch.randperm(len(prompts), generator=_seeded(cfg.seed, round_))
                 pick = pick[:cfg.prompts_per_round].tolist()
-                steps = sparse_steps(S, cfg.sampled_steps, _seeded(cfg.seed, round_, 1), cfg.first_step(S))
+                steps = sparse_steps(rollout_cfg.steps, cfg.sampled_steps, _seeded(cfg.seed, round_, 1),
+                                     cfg.first_step(rollout_cfg.steps))
                 if published is None:
                     roles.publish(policy.state_dict(), version=round_)
                 else:  # the group's weights, put in the object store by its rank 0
                     roles.use(published, version=round_)
-                got = roles.collect([prompts[i] for i in pick], cfg.group_size, sampler_d, steps, cfg.seed, round_)
-                reward, adv, zero = advantages(torch.from_numpy(got["raw"]), stats, cfg.group_size, cfg.reward_mode)
-                batch = Rollouts(prompts=[prompts[i] for i in pick for _ in range(cfg.group_size)],
-                                 tokens=torch.from_numpy(got["tokens"]), step_map=torch.from_numpy(got["step_map"]),
-                                 logp=torch.from_numpy(got["logp"]), steps=steps, adv=adv.float(), zero_var=zero)
+                got, reward, adv, batch = _rollouts(roles, [prompts[i] for i in pick], cfg, sampler_d, steps, round_,
+                                                    stats)
                 t1 = time.perf_counter()
                 if learners:
                     upd = learners.update(batch)
@@ -263,14 +249,11 @@ def run_rl(start: str, paths: dict, cfg: RLConfig, out: str, root: str, run_id: 
                     policy.load_state_dict(ray.get(published))
                 ev = heldout_eval(policy, paths, vocab, seq, start, base) if evals else {}
                 eval_s = time.perf_counter() - t2 if ev else None
-                ids = [train.sample_id[i] for i in pick]
-                instr = [tok.decode(train.instruction[i]) for i in pick]
-                write_rows(root, "trajectories", trajectory_rows(run_id, round_, ids, instr, cfg.group_size, steps,
-                                                                 {**got, **masks}, reward, adv, zero), run=run_id)
-                write_rows(root, "rewards", reward_rows(run_id, round_, ids, cfg.group_size, got, reward, adv),
-                           run=run_id)
-                row = metrics_row(run_id, round_, steps, got, reward, zero, upd, ev, learner_s, eval_s,
-                                  time.perf_counter() - t0, cfg.lr)
+                _write_round_rows(root, run_id, round_, [train.sample_id[i] for i in pick],
+                                  [tok.decode(train.instruction[i]) for i in pick], cfg.group_size, steps,
+                                  {**got, **masks}, reward, adv, batch.zero_var)
+                row = metrics_row(run_id, round_, steps, got, reward, batch.zero_var, upd, ev, learner_s,
+                                  eval_s, time.perf_counter() - t0, cfg.lr)
                 write_rows(root, "rl_metrics", [row], run=run_id)
                 history.append(row)
                 add_timings(timings, row)
@@ -289,6 +272,48 @@ def run_rl(start: str, paths: dict, cfg: RLConfig, out: str, root: str, run_id: 
     final = latest_checkpoint(ckpt_dir)
     return {"checkpoint": final, "history": history, "stats": stats.__dict__, "resumed_from": resume,
             "first_round": first_round}
+
+
+def _learner_state(start: str, resume: str | None, cfg: RLConfig, learner_workers: int):
+    """The policy (the latest checkpoint of this run, else the start), its vocabulary, the frozen reference
+    (held here only when this process is the learner and beta > 0), AdamW and the resumed learner state."""
+    policy, vocab = from_pretrained(resume or start)
+    ref = from_pretrained(start)[0].eval().requires_grad_(False) if cfg.beta > 0 and learner_workers == 1 else None
+    optimizer = torch.optim.AdamW(policy.parameters(), lr=cfg.lr, weight_decay=0.0)
+    state = torch.load(os.path.join(resume, LEARNER_STATE), weights_only=True) if resume else None
+    if state:
+        optimizer.load_state_dict(state["optimizer"])
+    return policy, vocab, ref, optimizer, state
+
+
+def _fresh_stats(roles, policy, prompts: list[list[int]], cfg: RLConfig, sampler: dict, S: int) -> RewardStats:
+    """Reward mean / std of the starting policy on a random norm_fraction of the prompts (paper: 1%)."""
+    roles.publish(policy.state_dict(), version=-2)
+    n = max(cfg.norm_min_prompts, round(cfg.norm_fraction * len(prompts)))
+    pick = torch.randperm(len(prompts), generator=_seeded(cfg.seed, 7))[:n].tolist()
+    return fit_stats(roles, [prompts[i] for i in pick], cfg, sampler, S)
+
+
+def _rollouts(roles, prompts: list[list[int]], cfg: RLConfig, sampler: dict, steps: list[int], round_: int,
+              stats: RewardStats) -> tuple[dict, torch.Tensor, torch.Tensor, Rollouts]:
+    """One round's G samples per prompt: what the actors returned, the normalised rewards (R, K), the group
+    advantages (R, K; float64, as stored) and the learner's batch."""
+    got = roles.collect(prompts, cfg.group_size, sampler, steps, cfg.seed, round_)
+    reward, adv, zero = advantages(torch.from_numpy(got["raw"]), stats, cfg.group_size, cfg.reward_mode)
+    batch = Rollouts(prompts=[p for p in prompts for _ in range(cfg.group_size)],
+                     tokens=torch.from_numpy(got["tokens"]), step_map=torch.from_numpy(got["step_map"]),
+                     logp=torch.from_numpy(got["logp"]), steps=steps, adv=adv.float(), zero_var=zero)
+    return got, reward, adv, batch
+
+
+def _write_round_rows(root: str, run_id: str, round_: int, ids: list[str], instr: list[str], G: int,
+                      steps: list[int], got: dict, reward, adv, zero) -> None:
+    """The round's trajectory and reward rows (every sampled step of every rollout)."""
+    from storage.parquet import write_rows
+
+    write_rows(root, "trajectories", trajectory_rows(run_id, round_, ids, instr, G, steps, got, reward, adv, zero),
+               run=run_id)
+    write_rows(root, "rewards", reward_rows(run_id, round_, ids, G, got, reward, adv), run=run_id)
 
 
 def run_config(cfg: RLConfig, sampler: dict, reward_kwargs: dict | None, start: str) -> dict:
