@@ -7,6 +7,7 @@ import shutil
 import numpy as np
 import pytest
 import torch
+from safetensors.torch import load_file, save_file
 
 import tasks.aggregate.aggregate as agg
 from model.checkpoint import from_pretrained, save_pretrained
@@ -233,6 +234,20 @@ def test_two_rounds_on_ray_then_killed_actors_and_resume_reproduce_them(sft_chec
     assert all(t["rollout_s"] > 0 and t["learner_s"] > 0 and "error" not in t for t in done)
     assert all(r["stage"] == "rl" and r["end_time"] > r["start_time"] for r in runs)
     assert json.loads(runs[0]["config_json"])["reward_stats"] == json.loads(runs[1]["config_json"])["reward_stats"]
+    # that run id from other weights (a newer SFT checkpoint behind the same link) is refused before any work;
+    # the same weights at another path (a moved or linked folder) resume
+    other = tmp_path / "other-sft"
+    shutil.copytree(sft_checkpoint[1], other)
+    weights = other / "model.safetensors"
+    save_file({k: v + 1e-3 for k, v in load_file(weights).items()}, weights, metadata={"format": "pt"})
+    paths = prepare_rl(sft_checkpoint[1], root, "d", str(out), eval_per_category=4)
+    with pytest.raises(ValueError, match="holds other weights: pass a new run id"):
+        run_rl(str(other), paths, RLConfig(**FAST), str(out), root, "resume", sampler=SAMPLER,
+               reward_kwargs={"kind": "clip", "clip_folder": random_clip})
+    os.symlink(sft_checkpoint[1], tmp_path / "linked-sft")
+    again = run_rl(str(tmp_path / "linked-sft"), paths, RLConfig(**FAST), str(out), root, "resume", sampler=SAMPLER,
+                   reward_kwargs={"kind": "clip", "clip_folder": random_clip})
+    assert again["first_round"] == 2 and again["history"] == [] and _metrics(root, "resume") == ref
 
 
 def test_rl_config_and_flow_refuse_bad_input_before_any_work(tmp_path):

@@ -8,9 +8,11 @@ frozen reference, AdamW) and drives rl/loop.Roles round by round:
 Everything random is seeded by (seed, round), so a re-run of the same run id resumes from its
 latest checkpoint and redoes the rounds after it exactly; tables are keyed by (run, round, ...)
 and skip rows already committed, so nothing is duplicated. A checkpoint is a model folder (loads
-in `parapipe generate`) plus `learner_state.pt` (optimiser, round, reward stats, config).
+in `parapipe generate`) plus `learner_state.pt` (optimiser, round, reward stats, config, and a digest of
+the start checkpoint: resuming a run id from other weights is refused).
 """
 import dataclasses
+import hashlib
 import json
 import os
 import shutil
@@ -91,6 +93,21 @@ def latest_checkpoint(folder: str) -> str | None:
     return os.path.join(folder, done[-1]) if done else None
 
 
+def start_digest(folder: str, edge: int = 1 << 20) -> str:
+    """Identifies a start checkpoint by content, wherever it lies: config.json and, per weight file, its name,
+    size and first / last `edge` bytes (every tensor of a fine-tuned copy differs, so both ends do). Cheap at 8B."""
+    h = hashlib.sha256()
+    for name in sorted(os.listdir(folder)):
+        if name == CONFIG_FILE or name.endswith((".safetensors", ".bin")):
+            path = os.path.join(folder, name)
+            size = os.path.getsize(path)
+            with open(path, "rb") as f:
+                h.update(f"{name}:{size}".encode() + f.read(edge))
+                f.seek(max(size - edge, 0))
+                h.update(f.read(edge))
+    return h.hexdigest()[:16]
+
+
 def save_checkpoint(policy, vocab, optimizer, round_: int, stats: RewardStats, cfg: RLConfig, start: str,
                     folder: str, extras: dict, keep: int = 2) -> str:
     """Writes round-NNNNN (model folder + tokenizers + learner_state.pt) atomically; keeps the last `keep`."""
@@ -102,7 +119,8 @@ def save_checkpoint(policy, vocab, optimizer, round_: int, stats: RewardStats, c
     if os.path.isdir(os.path.join(start, "image_tokenizer")):
         shutil.copytree(os.path.join(start, "image_tokenizer"), os.path.join(tmp, "image_tokenizer"))
     torch.save({"optimizer": optimizer.state_dict(), "round": round_, "stats": stats.__dict__,
-                "config": cfg.to_dict(), "start": start}, os.path.join(tmp, LEARNER_STATE))
+                "config": cfg.to_dict(), "start": start, "start_digest": start_digest(start)},
+               os.path.join(tmp, LEARNER_STATE))
     shutil.rmtree(final, ignore_errors=True)
     os.replace(tmp, final)
     old = sorted(d for d in os.listdir(folder) if d.startswith("round-") and not d.endswith(".tmp"))
@@ -281,6 +299,9 @@ def _learner_state(start: str, resume: str | None, cfg: RLConfig, learner_worker
     ref = from_pretrained(start)[0].eval().requires_grad_(False) if cfg.beta > 0 and learner_workers == 1 else None
     optimizer = torch.optim.AdamW(policy.parameters(), lr=cfg.lr, weight_decay=0.0)
     state = torch.load(os.path.join(resume, LEARNER_STATE), weights_only=True) if resume else None
+    if state and "start_digest" in state and state["start_digest"] != start_digest(start):
+        raise ValueError(f"{resume} continues a ParaRL run that started from {state['start']}, and checkpoint "
+                         f"{start} holds other weights: pass a new run id, or the checkpoint it started from")
     if state:
         optimizer.load_state_dict(state["optimizer"])
     return policy, vocab, ref, optimizer, state
