@@ -73,7 +73,8 @@ def check_dataset(root: str, dataset: str) -> None:
 def check_checkpoint(path: str, option: str = "--checkpoint") -> None:
     if not os.path.isfile(os.path.join(path, "config.json")):
         what = "does not exist" if not os.path.exists(path) else "is not a checkpoint folder (no config.json)"
-        found = sorted(glob.glob(os.path.join("runs", "*", "*", "checkpoints", "*", "final")))[:5]
+        links = sorted(glob.glob(os.path.join("runs", "*", "*", "final")))  # make run's sft/final and rl/final
+        found = (links + sorted(glob.glob(os.path.join("runs", "*", "*", "checkpoints", "*", "final"))))[:6]
         hint = f"checkpoints found here: {', '.join(found)}" if found else "train one with `parapipe sft` first"
         raise CLIError(f"{option} {path!r} {what}; {hint}")
 

@@ -92,6 +92,18 @@ def test_missing_root_is_an_error_naming_what_exists(lake, tmp_path, capsys):
     assert code == 2 and "holds no ParaPipe tables" in err
 
 
+def test_missing_checkpoint_lists_make_runs_links_first(lake, tmp_path, capsys):
+    ckpt = tmp_path / "runs" / "default" / "sft" / "checkpoints" / "sft-toy-tiny-0123abcd" / "final"
+    ckpt.mkdir(parents=True)
+    (ckpt / "config.json").write_text("{}")
+    os.symlink(os.path.relpath(ckpt, ckpt.parents[2]), tmp_path / "runs" / "default" / "sft" / "final")
+    code, out, err = run_cli(capsys, "eval", "--checkpoint", "runs/default/sft/checkpoints/sft-toy-tiny/final")
+    assert code == 2 and out == ""
+    assert [ln for ln in err.splitlines() if "error:" in ln] == [("parapipe eval: error: --checkpoint 'runs/default/sft/checkpoints/sft-toy-tiny/"
+                                   "final' does not exist; checkpoints found here: runs/default/sft/final, "
+                                   "runs/default/sft/checkpoints/sft-toy-tiny-0123abcd/final")], err
+
+
 def test_missing_dataset_lists_the_datasets_under_the_root(lake, capsys):
     write_rows(lake, "samples", [sample(9)], run="b")
     code, out, err = run_cli(capsys, "traces", "--root", lake, "--dataset", "c")
