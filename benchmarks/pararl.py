@@ -203,7 +203,7 @@ def main() -> None:
     if a.probe:
         return probe(a.probe, paths)
     clip = a.clip_folder or os.path.join(a.out, "tiny-clip")
-    if not os.path.isfile(os.path.join(clip, "reward.json")):
+    if any(ARMS[name]["reward"] == "clip" for name in a.arms) and not os.path.isfile(os.path.join(clip, "reward.json")):
         print(json.dumps(fit_tiny_clip(clip, preset=paths["preset"]), default=str))
     ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
     base = baseline(a.checkpoint, paths)
