@@ -100,7 +100,7 @@ def _train(r: dict, toy: bool, root: str, dataset: str, out: str, run_id: str, n
     per_worker = dict(r["sft"], batch_size=max(1, r["sft"]["batch_size"] // num_workers))
     cfg = {"base": paths["base"], "train_data": paths["train_data"], "seq": r["seq"], "sft": per_worker,
            "root": root, "run_id": run_id, "out": out, "checkpoint_every": checkpoint_every, "fsdp": fsdp,
-           "image_tokenizer": paths["image_tokenizer"]}
+           "image_tokenizer": paths["image_tokenizer"], "sampler": r["sampler"]}
     if "val_data" in paths:
         cfg["eval"] = {"val_data": paths["val_data"], "scenes": paths["scenes"], "preset": paths["preset"],
                        "interval": eval_interval, "sampler": r["sampler"]}

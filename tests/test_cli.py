@@ -250,6 +250,11 @@ def test_run_pipeline_then_query_and_inspect(tmp_path):
         target = os.path.relpath(os.path.realpath(link), tmp_path.parent)
         shown = next(ln for ln in again.stdout.splitlines() if ln.startswith(f"  {label}"))
         assert shown.split(None, 2)[2] == f"rel/{stage}/final (-> {target})", shown
+    from tasks.common.generate import recorded_sampler
+    from tasks.sft.recipe import PRESETS
+
+    sampler, source = recorded_sampler(str(tmp_path / "sft" / "final"))  # what `parapipe generate` samples with
+    assert sampler == PRESETS["toy-tiny"].sampler and source.startswith("recorded in"), (sampler, source)
     config = json.loads((tmp_path / "config.json").read_text())
     assert config["eval_limit"] == 12 and config["rl"]["rounds"] == 1 and config["sft_steps"] == 4
     examples = sorted((tmp_path / "examples").iterdir())

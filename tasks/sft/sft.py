@@ -104,7 +104,10 @@ def _save_checkpoint(model, optimizer, step: int, cfg: dict, vocab, folder: str)
     core = _unwrap(model)
     clone = type(core)(core.config)
     clone.load_state_dict(_full_state_dict(model))
-    save_pretrained(clone, vocab, folder, extra={"parapipe_sequence": cfg["seq"]})
+    recorded = {"parapipe_sequence": cfg["seq"]}
+    if cfg.get("sampler"):  # the recipe's evaluation sampler: `parapipe generate` samples with it by default
+        recorded["parapipe_sampler"] = cfg["sampler"]
+    save_pretrained(clone, vocab, folder, extra=recorded)
     shutil.copy(os.path.join(base, "tokenizer.json"), folder)
     image_tokenizer = cfg.get("image_tokenizer") or os.path.join(base, "image_tokenizer")
     if os.path.isdir(image_tokenizer):  # the checkpoint is self-contained: generate / RL decode with it
