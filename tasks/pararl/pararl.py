@@ -26,6 +26,7 @@ from model.layout import OutputShape
 from model.sampling import SamplerConfig
 from rl.grpo import RewardStats, fit_reward_stats, sparse_steps
 from rl.learner import RLConfig, Rollouts, advantages, update
+from storage.parquet import write_rows
 from tasks.pipeline.progress import start_ray
 from tasks.sft.sft_data import SequenceConfig, build_prompt, output_shape
 
@@ -199,7 +200,6 @@ def run_rl(start: str, paths: dict, cfg: RLConfig, out: str, root: str, run_id: 
     learner_workers > 1: a data-parallel learner group on Ray (rl/learner_group.py) takes the updates,
     FSDP2-sharded with fsdp."""
     from rl.loop import Roles
-    from storage.parquet import write_rows
     from tasks.common.runs import recorded
     from tasks.common.tokenizer import TextTokenizer
     from tasks.sft.sft import load_set
@@ -330,8 +330,6 @@ def _rollouts(roles, prompts: list[list[int]], cfg: RLConfig, sampler: dict, ste
 def _write_round_rows(root: str, run_id: str, round_: int, ids: list[str], instr: list[str], G: int,
                       steps: list[int], got: dict, reward, adv, zero) -> None:
     """The round's trajectory and reward rows (every sampled step of every rollout)."""
-    from storage.parquet import write_rows
-
     write_rows(root, "trajectories", trajectory_rows(run_id, round_, ids, instr, G, steps, got, reward, adv, zero),
                run=run_id)
     write_rows(root, "rewards", reward_rows(run_id, round_, ids, G, got, reward, adv), run=run_id)
