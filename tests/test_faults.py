@@ -12,6 +12,7 @@ import re
 import signal
 import subprocess
 import time
+from pathlib import Path
 
 import pytest
 
@@ -27,6 +28,24 @@ TOY = {"type": "toy", "name": "toy", "preset": "tiny", "n": 240, "seed": 4}
 AGG_CHUNK = 40  # 240 samples -> 6 commits of the samples table
 AGG_CODE = ("import json, sys; import tasks.aggregate.aggregate as agg; agg.CHUNK_ROWS = int(sys.argv[4]); "
             "print(agg.ingest_source.fn(json.loads(sys.argv[1]), sys.argv[2], sys.argv[3], json.loads(sys.argv[5])))")
+
+
+# the same writer, stopping itself (SIGSTOP) right after its first commit, so a test can set a fault up between two
+# commits however fast the writer runs (polling the manifest once missed the window: all 6 commits landed first)
+AGG_PAUSED_CODE = ("import os, signal\nimport tasks.aggregate.aggregate as agg\ncommit = agg._commit\n"
+                   "def paused(*args):\n    commit(*args)\n    if not getattr(paused, 'done', False):\n"
+                   "        paused.done = True\n        os.kill(os.getpid(), signal.SIGSTOP)\n"
+                   "agg._commit = paused\n" + AGG_CODE.replace("; ", "\n"))
+
+
+def _stopped(proc, seconds: float) -> bool:
+    """Waits until `proc` is stopped (state T) and says whether it is; False once it has exited."""
+    deadline = time.monotonic() + seconds
+    while proc.poll() is None and time.monotonic() < deadline:
+        if Path(f"/proc/{proc.pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "T":
+            return True
+        time.sleep(0.05)
+    return False
 
 
 def _agg_args(spec: dict, root: str, dataset: str = "d") -> list[str]:
@@ -342,16 +361,11 @@ def test_s3_server_hung_then_stopped_then_restarted_mid_write(agg_reference, tmp
     try:
         outcomes = []
         for i, fault in enumerate(("hang", "stop")):
-            proc = start(_agg_args(TOY, root), log, f"s3-{tmp_path.name}-{i}", env=server.env(), code=AGG_CODE)
-            done = 2 * i + 1  # the first run stops after commit 1, the second (resuming) after commit 3
-            deadline = time.monotonic() + 300
-            while _s3_commits(server, root) < done and proc.poll() is None and time.monotonic() < deadline:
-                time.sleep(0.05)
-            # the writer is frozen while the fault is set up: a graceful server stop takes long enough for a fast
-            # writer to finish its last commits on it (it once exited 0 before the server was gone)
-            assert proc.poll() is None, log.read_text()[-2000:]
-            os.killpg(proc.pid, signal.SIGSTOP)
-            assert _s3_commits(server, root) < TOY["n"] // AGG_CHUNK, "the writer finished before the fault"
+            proc = start(_agg_args(TOY, root), log, f"s3-{tmp_path.name}-{i}", env=server.env(),
+                         code=AGG_PAUSED_CODE)
+            assert _stopped(proc, 300), log.read_text()[-2000:]  # after its first commit in this process
+            before = _s3_commits(server, root)
+            assert 0 < before < TOY["n"] // AGG_CHUNK, before
             if fault == "hang":
                 os.kill(server.pid, signal.SIGSTOP)
             else:
