@@ -229,7 +229,8 @@ def _rl_eval_parsers(sub, cli) -> None:
     rl.add_argument("--checkpoint", required=True, help="SFT checkpoint folder (e.g. runs/default/sft/checkpoints/"
                     "sft-toy-tiny/final)")
     _root(rl), _dataset(rl, "dataset whose train split gives the prompts")
-    rl.add_argument("--out", default="runs/rl", help="output folder: checkpoints/RUN_ID/, reward/")
+    rl.add_argument("--out", default="runs/rl", help="output folder: checkpoints/RUN_ID/, reward/PRESET/ (the toy "
+                    "CLIP fitted when no --clip-folder is given)")
     rl.add_argument("--run-id", default="rl-toy-tiny", help="run name: checkpoint folder and metric rows")
     rl.add_argument("--config", default=None, metavar="JSON|FILE", help="inline JSON or a JSON/YAML file: RLConfig "
                     "fields (rl/learner.py) and/or rl options (root, dataset, sampler, ...); flags win")

@@ -31,12 +31,26 @@ def _key(*parts: str) -> str:
 
 @task(name="fit-reward")
 def fit_reward(out: str, preset: str, seed: int = 0) -> str:
-    """The embedded default's reward model: a tiny CLIP trained on toy (image, trace) pairs (cached)."""
+    """The embedded default's reward model: a tiny CLIP trained on toy (image, trace) pairs, cached in
+    out/PRESET (a CLIP fitted on one preset's images and words would mis-score another's)."""
     from tasks.pararl.fit_reward import fit_tiny_clip
 
-    if not os.path.isfile(os.path.join(out, "reward.json")):
-        fit_tiny_clip(out, preset=preset, seed=seed)
-    return out
+    folder = os.path.join(out, preset)
+    if not os.path.isfile(os.path.join(folder, "reward.json")):
+        print(f"fitting the toy reward CLIP for preset {preset!r} into {folder} (a few minutes, once; "
+              f"--clip-folder reuses one, e.g. make run's runs/default/reward)")
+        fit_tiny_clip(folder, preset=preset, seed=seed)
+    return folder
+
+
+def check_clip_preset(clip_folder: str, preset: str) -> None:
+    """A toy CLIP (reward.json names its preset) must have been fitted on the dataset's preset."""
+    info = os.path.join(clip_folder, "reward.json")
+    fitted = json.load(open(info)).get("metrics", {}).get("preset") if os.path.isfile(info) else None
+    if fitted is not None and fitted != preset:
+        raise ValueError(f"clip_folder={clip_folder!r} holds a toy CLIP fitted on preset {fitted!r}, but the dataset "
+                         f"is toy preset {preset!r}; fit one with `parapipe fit-reward --out DIR --preset {preset}` "
+                         f"or leave clip_folder out to have one fitted")
 
 
 @task(name="run-rl")
@@ -109,6 +123,8 @@ def pararl(checkpoint: str, root: str = "data", dataset: str = "toy-tiny", out: 
     if cfg.reward == "exact":
         reward_kwargs = {"kind": "exact", "preset": paths["preset"]}
     elif clip_folder or clip_model:
+        if clip_folder and "preset" in paths:
+            check_clip_preset(clip_folder, paths["preset"])
         reward_kwargs = {"kind": "clip", "clip_folder": clip_folder, "model_name": clip_model,
                          "pretrained": clip_pretrained}
     elif "preset" in paths:

@@ -270,6 +270,11 @@ def test_pararl_flow_one_round_with_artifacts(sft_checkpoint, random_clip, ray_l
         pararl(checkpoint=str(tmp_path / "missing"), root=root, dataset="d")
     with pytest.raises(ValueError, match="group_size"):
         pararl(checkpoint=ckpt, root=root, dataset="d", config={"group_size": 1})
+    other = shutil.copytree(random_clip, tmp_path / "clip-standard")  # a toy CLIP of another preset mis-scores
+    info = json.loads((other / "reward.json").read_text())
+    (other / "reward.json").write_text(json.dumps({**info, "metrics": {**info.get("metrics", {}), "preset": "standard"}}))
+    with pytest.raises(ValueError, match="fitted on preset 'standard', but the dataset is toy preset 'tiny'"):
+        pararl(checkpoint=ckpt, root=root, dataset="d", out=str(tmp_path / "rl"), clip_folder=str(other))
     out = pararl(checkpoint=ckpt, root=root, dataset="d", out=str(tmp_path / "rl"), run_id="flow-run",
                  config={**FAST, "rounds": 1}, sampler=SAMPLER, clip_folder=random_clip)
     assert out["rounds"] == 1 and out["checkpoint"].endswith("round-00000") and out["reward"]["kind"] == "clip"
