@@ -14,6 +14,9 @@ context has moved on since (hence approximate).
   always belongs to the token now at its position, as in dKV-Cache's delayed caching).
 A refresh (full pass) comes every `refresh` passes of a half (cond or uncond rows) and whenever
 the sampler asks (a new text block, as Fast-dLLM refreshes per block); refresh=1 is exact.
+Rows: the sampler may name the rows that have work this step (`active`); only they run, the others
+get zero logits. Exact: a row attends only to itself. In a cache a skipped row's entries stay as they
+were, and its tokens have not changed since, so they are no staler than before the skip.
 Knows nothing about schedules or tokens; it returns logits. Shapes: B rows, P padded prompt
 length, M output length, V vocab, A recomputed columns.
 """
@@ -53,66 +56,92 @@ class StepForward:
 
     @torch.no_grad()
     def __call__(self, y: torch.Tensor, with_uncond: bool, need: torch.Tensor | None = None,
-                 force_refresh: bool = False):
+                 force_refresh: bool = False, active: torch.Tensor | None = None):
         """Logits (B, M, V) for the cond rows and (B, M, V) or None for the uncond rows.
 
         y (B, M) current output parts; need (M,) bool: output columns whose logits the caller reads
-        (only used by the caches; elsewhere the logits are zeros).
+        (only used by the caches; elsewhere the logits are zeros); active (B,) bool: rows that have
+        work (None: all); the others are not run and get zero logits.
         """
         halves = self.halves[:2 if with_uncond else 1]
+        idx = None if active is None or bool(active.all()) else active.nonzero().squeeze(1)  # (b,) rows run
+        if idx is not None and any(h.kv is None for h in halves) and self.cache != "none":
+            idx = None  # a cache's first pass fills every row
         if self.batch_cfg or len(halves) == 1:
-            out = self._run(halves, y, need, force_refresh)
+            out = self._run(halves, y, need, force_refresh, idx)
         else:  # upstream: one pass for the cond rows, another for the uncond rows
-            out = torch.cat([self._run([h], y, need, force_refresh) for h in halves])
+            out = torch.cat([self._run([h], y, need, force_refresh, idx) for h in halves])
+        if idx is not None:  # (len(halves) * b, M, V) -> (len(halves) * B, M, V), zeros for the idle rows
+            full = out.new_zeros(len(halves), self.B, *out.shape[1:])
+            full[:, idx] = out.view(len(halves), len(idx), *out.shape[1:])
+            out = full.flatten(0, 1)
         return (out[:self.B], out[self.B:]) if with_uncond else (out, None)
 
-    def _run(self, halves: list[_Half], y: torch.Tensor, need, force_refresh: bool) -> torch.Tensor:
-        rows = slice(halves[0].rows.start, halves[-1].rows.stop)
-        ids = torch.cat([self.ids[rows], y.repeat(len(halves), 1)], dim=1)  # (r, P + M)
-        mask = torch.cat([self.mask[rows], torch.ones(ids.shape[0], self.M, dtype=torch.bool, device=ids.device)],
-                         dim=1)
+    def _run(self, halves: list[_Half], y: torch.Tensor, need, force_refresh: bool, idx) -> torch.Tensor:
+        if idx is None:
+            rows = slice(halves[0].rows.start, halves[-1].rows.stop)
+            ids = torch.cat([self.ids[rows], y.repeat(len(halves), 1)], dim=1)  # (r, P + M)
+            prompt_mask = self.mask[rows]
+        else:
+            rows = torch.cat([idx + h.rows.start for h in halves])  # (r,)
+            ids = torch.cat([self.ids[rows], y[idx].repeat(len(halves), 1)], dim=1)  # (r, P + M)
+            prompt_mask = self.mask[rows]
+        mask = torch.cat([prompt_mask, torch.ones(ids.shape[0], self.M, dtype=torch.bool, device=ids.device)], dim=1)
         stale = any(h.kv is None or h.age >= self.refresh for h in halves)
         if self.cache == "none" or stale or force_refresh or need is None:
-            return self._full(halves, ids, mask)
-        return self._partial(halves, ids, mask, need)
+            return self._full(halves, ids, mask, idx)
+        return self._partial(halves, ids, mask, need, idx)
 
-    def _full(self, halves, ids, mask) -> torch.Tensor:
+    def _full(self, halves, ids, mask, idx) -> torch.Tensor:
         kv = [] if self.cache != "none" else None
         logits = self.model(ids, mask, last_n=self.M, kv=kv) if kv is not None else \
             self.model(ids, mask, last_n=self.M)
         self.full_passes += 1
         self.columns += ids.shape[1]
         if kv is not None:
-            n = 0
-            for h in halves:
-                r = h.rows.stop - h.rows.start
-                h.kv = [(k[n:n + r], v[n:n + r]) for k, v in kv]
-                h.written, h.age, n = ids[n:n + r].clone(), 1, n + r
+            r = ids.shape[0] // len(halves)
+            for i, h in enumerate(halves):
+                part = slice(i * r, (i + 1) * r)
+                if idx is None:
+                    h.kv, h.written = [(k[part], v[part]) for k, v in kv], ids[part].clone()
+                else:  # only the rows run are refreshed
+                    for (hk, hv), (k, v) in zip(h.kv, kv):
+                        hk[idx], hv[idx] = k[part], v[part]
+                    h.written[idx] = ids[part]
+                h.age = 1
         return logits.float()  # (r, M, V)
 
-    def _partial(self, halves, ids, mask, need) -> torch.Tensor:
-        written = torch.cat([h.written for h in halves])  # (r, P + M)
+    def _partial(self, halves, ids, mask, need, idx) -> torch.Tensor:
+        written = torch.cat([h.written if idx is None else h.written[idx] for h in halves])  # (r, P + M)
         changed = (ids != written).any(0)  # (P + M,)
         out_cols = need | changed[self.P:] if self.cache == "dual" else torch.ones_like(need)
         cols = out_cols.nonzero().squeeze(1) + self.P  # (A,)
         if len(cols) == 0:  # nothing needed and nothing changed
             return torch.zeros(ids.shape[0], self.M, self.model.config.rows, device=ids.device)
-        if len(halves) == 1:
+        if len(halves) == 1 and idx is None:
             kv = halves[0].kv
         else:  # join the halves' caches (a copy), then write the fresh columns back to each
-            kv = [(torch.cat([a[0], b[0]]), torch.cat([a[1], b[1]])) for a, b in zip(halves[0].kv, halves[1].kv)]
+            pick = (lambda t: t) if idx is None else (lambda t: t[idx])  # noqa: E731
+            kv = [tuple(torch.cat([pick(h.kv[layer][j]) for h in halves]) for j in (0, 1))
+                  for layer in range(len(halves[0].kv))]
         logits_a = self.model.forward_cols(ids, cols, mask, kv).float()  # (r, A, V)
-        if len(halves) > 1:
-            B = self.B
-            for layer, (k, v) in enumerate(kv):
+        r = ids.shape[0] // len(halves)
+        if len(halves) > 1 or idx is not None:
+            for layer, fresh in enumerate(kv):
                 for i, h in enumerate(halves):
-                    h.kv[layer][0][:, :, cols] = k[i * B:(i + 1) * B, :, cols]
-                    h.kv[layer][1][:, :, cols] = v[i * B:(i + 1) * B, :, cols]
-        n = 0
-        for h in halves:
-            r = h.rows.stop - h.rows.start
-            h.written[:, cols] = ids[n:n + r, cols]
-            h.age, n = h.age + 1, n + r
+                    for j in (0, 1):
+                        if idx is None:
+                            h.kv[layer][j][:, :, cols] = fresh[j][i * r:(i + 1) * r, :, cols]
+                        else:
+                            h.kv[layer][j][idx[:, None], :, cols[None]] = \
+                                fresh[j][i * r:(i + 1) * r, :, cols].transpose(1, 2)
+        for i, h in enumerate(halves):
+            part = ids[i * r:(i + 1) * r, cols]
+            if idx is None:
+                h.written[:, cols] = part
+            else:
+                h.written[idx[:, None], cols[None]] = part
+            h.age += 1
         self.partial_passes += 1
         self.columns += len(cols)
         logits = logits_a.new_zeros(ids.shape[0], self.M, logits_a.shape[-1])

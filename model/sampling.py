@@ -346,7 +346,12 @@ def generate(model, vocab: Vocab, shape: OutputShape, prompts: list[list[int]], 
             need[img_cols] = (codes < 0).any(0)
         block = int(torch.where(text_masked, torch.arange(shape.text_tokens, device=dev) // block_len,
                                 shape.text_tokens).min()) if text_now else last_block
-        c, u = fwd(y, with_uncond=bool(uncond), need=need, force_refresh=block != last_block)
+        active = torch.zeros(len(y), dtype=torch.bool, device=dev)  # (B,) rows with something to decode
+        if text_now:
+            active |= allowed.any(1)
+        if image_step:
+            active |= (codes < 0).any(1)
+        c, u = fwd(y, with_uncond=bool(uncond), need=need, force_refresh=block != last_block, active=active)
         last_block = block
         result.nfe += 2 if uncond else 1
         if text_now:

@@ -132,6 +132,33 @@ def test_image_threshold_rows_go_at_their_own_pace_never_slower_than_the_schedul
     assert not (out.tokens == VOCAB.mask_id).any()
 
 
+def test_rows_with_nothing_left_to_decode_are_not_run():
+    # the generation prompt's rows (it holds id 22) are sure of everything and finish in one pass; the edit
+    # prompt's rows follow the schedule. Rows are run only while they have work: the sure rows once for text
+    # and once at the first image step, the others at every step; tokens as if each prompt ran alone.
+    def fn(ids):
+        logits = torch.zeros(*ids.shape, VOCAB.vocab_size)
+        sure = (ids == 22).any(1)
+        logits[sure, :, VOCAB.image_offset + 7] = 30.0  # image slots: one code far ahead
+        logits[sure[:, None] & TXT_ALL[None, -ids.shape[1]:], 40] = 60.0  # text slots: one word further ahead
+        return logits
+    cfg = SamplerConfig(steps=8, image_steps=4, text_block_length=16, text_threshold=0.9, image_threshold=0.9,
+                        image_temperature=0.0, mode="sequential")
+    m = MockModel(VOCAB.vocab_size, fn)
+    out = _run(generate, cfg, m)
+    alone = []
+    for p, u in zip(PROMPTS, UNCOND):
+        one = MockModel(VOCAB.vocab_size, fn)
+        res = generate(one, VOCAB, SHAPE, [p], cfg, [u], num_samples=2, generator=torch.Generator().manual_seed(5))
+        alone.append((res, one.calls))
+    assert torch.equal(out.tokens, torch.cat([res.tokens for res, _ in alone]))
+    assert alone[1][0].nfe == 2 and out.nfe == alone[0][0].nfe == 8 + 4  # sure: 1 text + 1 image pass
+    assert m.calls == sum(calls for _, calls in alone) == 2 * 12 + 2 * 2  # row passes: 28, not 4 x 12 = 48
+
+
+TXT_ALL = torch.cat([torch.zeros(64, dtype=torch.bool), TXT])  # text slots, the output part last, any prompt
+
+
 def test_approximate_caches_run_and_count_their_passes(model):
     for cache in ("prefix", "dual"):
         for R in (2, 3):
@@ -173,6 +200,38 @@ def test_cache_recomputes_needed_and_changed_columns_and_refreshes(model):
     assert fwd.columns - before == 5 and fwd.halves[0].written[0, fwd.P + 3] == VOCAB.image_offset + 2
     fwd(y2, False, need)  # third use since the refresh: a full pass again
     assert fwd.full_passes == 2
+
+
+@pytest.mark.parametrize("cache", ["none", "prefix", "dual"])
+def test_a_pass_over_some_rows_is_those_rows_alone_and_leaves_the_rest_cached(model, cache):
+    # 4 rows (2 prompts x cond / uncond halves) vs a forward holding only rows 1 and 3: same logits and
+    # cache entries for the rows run, untouched entries (and zero logits) for the idle ones
+    prompts = [edit_prompt(VOCAB, [(j + i) % 16 for j in range(16)], [20 + i, 21]) for i in range(4)]
+    uncond = [edit_prompt(VOCAB, None, None)] * 4
+    run = torch.tensor([False, True, False, True])
+    every = StepForward(model, prompts, uncond, VOCAB.pad_id, SHAPE.length, cache=cache, refresh=3)
+    some = StepForward(model, prompts[1::2], uncond[1::2], VOCAB.pad_id, SHAPE.length, cache=cache, refresh=3)
+    y = torch.full((4, SHAPE.length), VOCAB.mask_id)
+    need = torch.zeros(SHAPE.length, dtype=torch.bool)
+    need[-5:] = True
+    every(y, True, need, active=run)  # a cache's first pass runs every row
+    some(y[run], True, need)
+    kept = [[t.clone() for t in layer] for h in every.halves for layer in (h.kv or [])]
+    for step in range(3):  # partial, partial, then a refresh over the 2 rows
+        y[run, step] = VOCAB.image_offset + step
+        y[~run, 5 + step] = VOCAB.image_offset + 9  # idle rows' changes are not looked at
+        c, u = every(y, True, need, active=run)
+        c1, u1 = some(y[run], True, need)
+        assert torch.allclose(c[run], c1, atol=1e-5) and torch.allclose(u[run], u1, atol=1e-5), (cache, step)
+        assert (c[~run] == 0).all() and (u[~run] == 0).all()
+    assert every.full_passes == some.full_passes and every.partial_passes == some.partial_passes
+    if cache != "none":
+        for h, h1 in zip(every.halves, some.halves):
+            assert torch.equal(h.written[run], h1.written)
+            for (k, v), (k1, v1) in zip(h.kv, h1.kv):
+                assert torch.allclose(k[run], k1, atol=1e-5) and torch.allclose(v[run], v1, atol=1e-5)
+        idle = [[t[~run] for t in layer] for h in every.halves for layer in h.kv]
+        assert all(torch.equal(a, b[~run]) for la, lb in zip(idle, kept) for a, b in zip(la, lb))
 
 
 def test_prefix_cache_recomputes_the_whole_output_and_refresh_one_is_a_full_pass(model):
