@@ -103,7 +103,9 @@ def rollout_speed(a, paths: dict) -> None:
                                                  for i, p in enumerate(q for q in prompts for _ in range(G))],
             "batched B x G": lambda: worker.sample(weights, 0, prompts, G, sampler, steps, 0),
             "batched + text_threshold 0.9": lambda: worker.sample(weights, 0, prompts, G,
-                                                                  {**sampler, "text_threshold": 0.9}, steps, 0)}
+                                                                  {**sampler, "text_threshold": 0.9}, steps, 0),
+            "batched + text & image 0.9": lambda: worker.sample(weights, 0, prompts, G, {
+                **sampler, "text_threshold": 0.9, "image_threshold": 0.9}, steps, 0)}
     rates = {k: [] for k in arms}
     for _ in range(a.speed_rounds):
         for name, fn in arms.items():

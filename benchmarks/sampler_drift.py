@@ -28,6 +28,7 @@ from rl.replay import replay_logprobs  # noqa: E402
 MODES = [
     ("exact (no cache)", {}),
     ("threshold 0.9", dict(text_threshold=0.9)),
+    ("text & image threshold 0.9", dict(text_threshold=0.9, image_threshold=0.9)),
     ("prefix cache, refresh 4", dict(cache="prefix", cache_refresh=4)),
     ("dual cache, refresh 4", dict(cache="dual", cache_refresh=4)),
     ("dual cache, refresh 8", dict(cache="dual", cache_refresh=8)),
@@ -60,8 +61,8 @@ def drift_section(checkpoint: str | None, patterns: tuple[str, ...], n_prompts: 
     from rl.learner import RLConfig
     from tasks.common.generate import load_image_tokenizer
     from tasks.common.tokenizer import TextTokenizer
-    from tasks.evaluate.evaluate import _prompt, eval_layout
-    from tasks.evaluate.parabench import build_toy_parabench
+    from benchmarks.sampler import toy_items
+    from tasks.evaluate.evaluate import eval_layout
     from tasks.sft.sft_data import output_shape
 
     ckpt = checkpoint or next((p for pat in patterns for p in sorted(glob.glob(pat))), None)
@@ -73,9 +74,7 @@ def drift_section(checkpoint: str | None, patterns: tuple[str, ...], n_prompts: 
     tok, vq = TextTokenizer.load(ckpt), load_image_tokenizer(ckpt)
     seq = eval_layout(ckpt, vocab, tok, vq)
     shape = output_shape(seq)
-    items = build_toy_parabench("tiny")
-    items = [items[i] for i in range(0, len(items), len(items) // n_prompts)][:n_prompts]
-    prompts = [_prompt(it, vocab, seq, tok, vq)[0] for it in items]
+    prompts = [p for p, _ in toy_items(n_prompts, vocab, seq, tok, vq, ckpt)[1]]
     rl = RLConfig()
     base = rl.rollout_sampler(SamplerConfig(**{**DEFAULT_SAMPLER, "text_block_length": seq.text_tokens}))
     print(f"\n## drift: rollout vs replayed log-probs, {ckpt}, {len(prompts)} prompts, rollout sampler "
