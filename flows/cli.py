@@ -17,7 +17,9 @@ SAMPLER_DEFAULTS = dict(steps=32, image_steps=16, text_block_length=ONE_BLOCK, t
                         text_temperature=0.0, image_temperature=1.0, text_tokens=None)
 SAMPLER_FLAGS = dict(steps="--steps", image_steps="--image-steps", text_block_length="--block-length",
                      text_cfg="--text-cfg", image_cfg="--image-cfg", text_temperature="--text-temperature",
-                     image_temperature="--image-temperature", text_tokens="--text-length")
+                     image_temperature="--image-temperature", text_tokens="--text-length", cache="--cache",
+                     cache_refresh="--cache-refresh", text_threshold="--text-threshold",
+                     image_threshold="--image-threshold")
 
 
 def _print_result(a, result: dict) -> None:
@@ -53,7 +55,10 @@ def _sampler_config(a):
     known = SamplerConfig.__dataclass_fields__
     print(f"sampler: {'--settings ' + a.settings if a.settings else source}"
           + (f", flags {', '.join(SAMPLER_FLAGS[k] for k in given)}" if given else ""), file=sys.stderr)
-    return SamplerConfig(**{k: x for k, x in v.items() if k in known}, mode=a.mode), text_tokens
+    try:
+        return SamplerConfig(**{k: x for k, x in v.items() if k in known}, mode=a.mode), text_tokens
+    except ValueError as e:  # a flag's value: a usage error
+        raise CLIError(str(e)) from None
 
 
 def _check_device(a) -> None:

@@ -119,6 +119,15 @@ def _sampler_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--image-cfg", type=float, default=None, help="classifier-free guidance scale on image logits [0]")
     g.add_argument("--text-temperature", type=float, default=None, help="0 = greedy text [0]")
     g.add_argument("--image-temperature", type=float, default=None, help="0 = greedy image codes [1]")
+    f = p.add_argument_group("fast sampling", "Approximate speed-ups, off by default (figures: benchmarks/sampler.py)")
+    f.add_argument("--cache", choices=("none", "prefix", "dual"), default=None,
+                   help="approximate KV cache: prefix (prompt) or dual (prompt + settled output slots) [none]")
+    f.add_argument("--cache-refresh", type=int, default=None, metavar="N",
+                   help="a full pass every N passes with --cache [4]")
+    f.add_argument("--text-threshold", type=float, default=None, metavar="P",
+                   help="commit every text token more confident than P at once (Fast-dLLM) [off]")
+    f.add_argument("--image-threshold", type=float, default=None, metavar="P",
+                   help="keep every image code more confident than P at once [off]")
     p.add_argument("--mode", choices=("parallel", "sequential"), default="parallel",
                    help="decode text and image together (parallel) or text first, then image (sequential)")
     p.add_argument("--seed", type=int, default=0, help="sampling seed (same seed, same files)")

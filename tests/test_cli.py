@@ -41,6 +41,14 @@ def test_generate_from_a_tiny_checkpoint(tmp_path, capsys):
     meta = json.loads((tmp_path / "bf16" / "meta.json").read_text())
     assert (meta["device"], meta["dtype"], meta["nfe"]) == ("cpu", "bfloat16", 16)
     assert len((tmp_path / "bf16" / "image_codes.txt").read_text().splitlines()) == 4
+    fast = ["--cache", "dual", "--cache-refresh", "2", "--text-threshold", "0.0", "--image-threshold", "0.0"]
+    main([*args, "--out", str(tmp_path / "fast"), *fast])  # the fast-sampling options reach the sampler
+    meta = json.loads((tmp_path / "fast" / "meta.json").read_text())
+    assert {k: meta["sampler"][k] for k in ("cache", "cache_refresh", "text_threshold", "image_threshold")} == \
+        {"cache": "dual", "cache_refresh": 2, "text_threshold": 0.0, "image_threshold": 0.0}
+    assert meta["nfe"] < 16  # threshold 0 commits a whole block / the whole image at once
+    code, _, err = run_cli(capsys, *args, "--text-threshold", "1.5")
+    assert code == 2 and "text_threshold=1.5 is a probability; use a value in [0, 1]" in err
 
 
 def test_inference_device_defaults_and_refusals():
@@ -306,7 +314,8 @@ def test_generate_defaults_to_the_checkpoint_sampler_and_warns_on_departures(tmp
     from tasks.common.generate import sampler_meta
 
     flags = dict(settings=None, steps=None, image_steps=None, block_length=None, text_cfg=None, image_cfg=None,
-                 text_temperature=None, image_temperature=None, text_length=None, mode="parallel")
+                 text_temperature=None, image_temperature=None, text_length=None, mode="parallel", cache=None,
+                 cache_refresh=None, text_threshold=None, image_threshold=None)
     ours = {"steps": 20, "image_steps": 10, "text_block_length": 32, "text_temperature": 0.0,
             "image_temperature": 0.0, "image_noise": 0.0}
     for name, extra in (("recorded", {"parapipe_sampler": ours}), ("older", {"parapipe_sequence": {"text_tokens": 32}}),
