@@ -249,11 +249,15 @@ def toy_section(a) -> None:
         js = judge.judge(items, outs)
         return sum(j.scores["output_alignment"] for j in js) / len(js)  # 0-100 already
 
-    print(f"\n## toy: {ckpt} ({model.num_params() / 1e6:.2f}M params), toy ParaBench {len(items)} of {300 - misfit} items "
+    print(f"\n## toy: {ckpt} ({model.num_params() / 1e6:.2f}M params), toy ParaBench {len(items)} of {fit} items "
           f"(spread evenly), output {shape}, eval sampler {DEFAULT_SAMPLER}, threads {torch.get_num_threads()}; "
           f"timed in chunks of {a.batch} items, upstream first, then every mode on the same chunk")
     up_cfg = _mode_cfg(base, dict(batch_cfg=False))
     modes = [m for m in MODES if m[0] not in a.skip_modes]
+    misfit = [m[0] for m in modes if shape.text_tokens % m[1].get("text_block_length", shape.text_tokens)]
+    if misfit:
+        print(f"left out (blocks that do not divide the checkpoint's {shape.text_tokens} text slots): {misfit}")
+    modes = [m for m in modes if m[0] not in misfit]
     secs, toks = {"up": 0.0}, {"up": []}
     for start in range(0, len(items), a.batch):  # interleaved, so load changes hit every mode alike
         P, U = prompts[start:start + a.batch], uncond[start:start + a.batch]
