@@ -78,15 +78,11 @@ class StepForward:
         return (out[:self.B], out[self.B:]) if with_uncond else (out, None)
 
     def _run(self, halves: list[_Half], y: torch.Tensor, need, force_refresh: bool, idx) -> torch.Tensor:
-        if idx is None:
-            rows = slice(halves[0].rows.start, halves[-1].rows.stop)
-            ids = torch.cat([self.ids[rows], y.repeat(len(halves), 1)], dim=1)  # (r, P + M)
-            prompt_mask = self.mask[rows]
-        else:
-            rows = torch.cat([idx + h.rows.start for h in halves])  # (r,)
-            ids = torch.cat([self.ids[rows], y[idx].repeat(len(halves), 1)], dim=1)  # (r, P + M)
-            prompt_mask = self.mask[rows]
-        mask = torch.cat([prompt_mask, torch.ones(ids.shape[0], self.M, dtype=torch.bool, device=ids.device)], dim=1)
+        rows = slice(halves[0].rows.start, halves[-1].rows.stop) if idx is None else \
+            torch.cat([idx + h.rows.start for h in halves])  # (r,)
+        ids = torch.cat([self.ids[rows], (y if idx is None else y[idx]).repeat(len(halves), 1)], dim=1)  # (r, P + M)
+        mask = torch.cat([self.mask[rows], torch.ones(ids.shape[0], self.M, dtype=torch.bool, device=ids.device)],
+                         dim=1)
         stale = any(h.kv is None or h.age >= self.refresh for h in halves)
         if self.cache == "none" or stale or force_refresh or need is None:
             return self._full(halves, ids, mask, idx)
