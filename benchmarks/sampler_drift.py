@@ -1,6 +1,6 @@
 """Rollout-time vs replayed log-probs under each sampler mode: which fast modes ParaRL may use.
 
-    python benchmarks/sampler_drift.py [--prompts 24] [--checkpoint runs/toy-all/sft/checkpoints/sft-toy-all/final]
+    python benchmarks/sampler_drift.py [--prompts 24] [--checkpoint runs/default/sft/final]
 
 A rollout (model.sampling.generate(trace=True)) records each token's behaviour log-prob from the
 logits its sampler saw; the learner (rl/replay.replay_logprobs) rebuilds the state before each step

@@ -235,8 +235,8 @@ def _stage_parsers(sub, cli, command: str | None) -> None:
 def _rl_eval_parsers(sub, cli) -> None:
     rl = _sub(sub, "rl", "ParaRL from an SFT checkpoint (re-run the same --run-id to resume)",
               "Fields not given keep rl/learner.RLConfig's defaults; --config sets any of them (and any rl option).")
-    rl.add_argument("--checkpoint", required=True, help="SFT checkpoint folder (e.g. runs/default/sft/checkpoints/"
-                    "sft-toy-tiny/final)")
+    rl.add_argument("--checkpoint", required=True, help="SFT checkpoint folder (e.g. runs/default/sft/final, make "
+                    "run's)")
     _root(rl), _dataset(rl, "dataset whose train split gives the prompts")
     rl.add_argument("--out", default="runs/rl", help="output folder: checkpoints/RUN_ID/, reward/PRESET/ (the toy "
                     "CLIP fitted when no --clip-folder is given)")

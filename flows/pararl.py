@@ -46,7 +46,10 @@ def fit_reward(out: str, preset: str, seed: int = 0) -> str:
 def check_clip_preset(clip_folder: str, preset: str) -> None:
     """A toy CLIP (reward.json names its preset) must have been fitted on the dataset's preset."""
     info = os.path.join(clip_folder, "reward.json")
-    fitted = json.load(open(info)).get("metrics", {}).get("preset") if os.path.isfile(info) else None
+    if not os.path.isfile(info):
+        return
+    with open(info) as f:
+        fitted = json.load(f).get("metrics", {}).get("preset")
     if fitted is not None and fitted != preset:
         raise ValueError(f"clip_folder={clip_folder!r} holds a toy CLIP fitted on preset {fitted!r}, but the dataset "
                          f"is toy preset {preset!r}; fit one with `parapipe fit-reward --out DIR --preset {preset}` "
