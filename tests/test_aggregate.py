@@ -160,6 +160,7 @@ def test_resize_policies():
 
 def test_aggregate_flow_end_to_end(tmp_path, prefect_harness):
     from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
 
     from flows.aggregate import aggregate
 
@@ -173,7 +174,7 @@ def test_aggregate_flow_end_to_end(tmp_path, prefect_harness):
     again = aggregate(sources=sources, root=str(tmp_path / "lake"), dataset="mix")
     assert again["samples"] == summary["samples"] and again["quarantined"] == summary["quarantined"]
     with get_client(sync_client=True) as client:
-        arts = client.read_artifacts()
+        arts = client.read_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(like_="aggregate-mix")))
     assert "aggregate-mix" in {a.key for a in arts}
     progress = [a for a in arts if (a.key or "").startswith("aggregate-mix-progress-")]  # one card per flow run
     assert len(progress) == 2 and len({a.key for a in progress}) == 2

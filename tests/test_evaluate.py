@@ -33,6 +33,7 @@ def _tiny_checkpoint(folder: str, items: list) -> str:
 
 def test_evaluate_flow_on_toy_parabench(tmp_path, prefect_harness):
     from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
 
     from flows.evaluate import evaluate
     from tasks.evaluate.parabench import build_toy_parabench
@@ -64,7 +65,7 @@ def test_evaluate_flow_on_toy_parabench(tmp_path, prefect_harness):
     assert {r["suite"] for r in results} == {"toy-parabench/exact/parallel", "toy-parabench/exact/sequential"}
     assert "GPT-4o (paper, real ParaBench) | 92.5" in out["markdown"]
     with get_client(sync_client=True) as client:  # the UI card embeds the chart and the grids, within budget
-        [card] = [a for a in client.read_artifacts() if a.key == "eval-ev"]
+        [card] = client.read_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=["eval-ev"])))
     assert card.data.count("](data:image/png;base64,") == 3 and len(card.data) < 300_000
     # a re-run judges again from the stored outputs without sampling anything
     again = evaluate(checkpoints=[ckpt], root=root, run_id="ev", modes=["parallel"], sampler=sampler, limit=40,

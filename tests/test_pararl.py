@@ -262,6 +262,7 @@ def test_rl_config_and_flow_refuse_bad_input_before_any_work(tmp_path):
 @pytest.mark.slow
 def test_pararl_flow_one_round_with_artifacts(sft_checkpoint, random_clip, ray_local, prefect_harness, tmp_path):
     from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
 
     from flows.pararl import pararl
 
@@ -287,7 +288,9 @@ def test_pararl_flow_one_round_with_artifacts(sft_checkpoint, random_clip, ray_l
 
     async def artifact_keys():
         async with get_client() as client:
-            return {a.key for a in await client.read_artifacts()}
+            # by key: the session's other tests leave artifacts too (unkeyed ones among them)
+            flt = ArtifactFilter(key=ArtifactFilterKey(like_="rl-flow-run"))
+            return {a.key for a in await client.read_artifacts(artifact_filter=flt)}
 
     import asyncio
 
