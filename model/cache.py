@@ -14,17 +14,24 @@ context has moved on since (hence approximate).
   always belongs to the token now at its position, as in dKV-Cache's delayed caching).
 A refresh (full pass) comes every `refresh` passes of a half (cond or uncond rows) and whenever
 the sampler asks (a new text block, as Fast-dLLM refreshes per block); refresh=1 is exact.
+ImageLogitCache adds Lumina-DiMOO's ML-Cache on top of "dual": an image step recomputes only the
+least sure masked image slots and reuses the last logits of the others.
 Rows: the sampler may name the rows that have work this step (`active`); only they run, the others
 get zero logits. Exact: a row attends only to itself. In a cache a skipped row's entries stay as they
 were, and its tokens have not changed since, so they are no staler than before the skip.
 Knows nothing about schedules or tokens; it returns logits. Shapes: B rows, P padded prompt
 length, M output length, V vocab, A recomputed columns.
 """
+import math
+
 import torch
 
 from model.layout import left_pad
 
 CACHE_MODES = ("none", "prefix", "dual")
+ML_CACHE_WARMUP = 0.3
+"""Share of the image steps that recompute every masked image slot before ImageLogitCache skips any
+(Lumina-DiMOO's `warmup_ratio`)."""
 
 
 class _Half:
@@ -53,6 +60,8 @@ class StepForward:
         self.full_passes = self.partial_passes = 0
         self.columns = 0
         """Sequence columns run through the blocks, summed over passes (cost accounting)."""
+        self.fresh = torch.ones(M, dtype=torch.bool, device=dev)
+        """(M,) output columns whose logits the last call computed (the rest are zeros)."""
 
     @torch.no_grad()
     def __call__(self, y: torch.Tensor, with_uncond: bool, need: torch.Tensor | None = None,
@@ -64,6 +73,7 @@ class StepForward:
         work (None: all); the others are not run and get zero logits.
         """
         halves = self.halves[:2 if with_uncond else 1]
+        self.fresh = torch.ones_like(self.fresh)
         idx = None if active is None or bool(active.all()) else active.nonzero().squeeze(1)  # (b,) rows run
         if idx is not None and any(h.kv is None for h in halves) and self.cache != "none":
             idx = None  # a cache's first pass fills every row
@@ -112,6 +122,7 @@ class StepForward:
         changed = (ids != written).any(0)  # (P + M,)
         out_cols = need | changed[self.P:] if self.cache == "dual" else torch.ones_like(need)
         cols = out_cols.nonzero().squeeze(1) + self.P  # (A,)
+        self.fresh = self.fresh & out_cols
         if len(cols) == 0:  # nothing needed and nothing changed
             return torch.zeros(ids.shape[0], self.M, self.model.config.rows, device=ids.device)
         if len(halves) == 1 and idx is None:
@@ -143,3 +154,50 @@ class StepForward:
         logits = logits_a.new_zeros(ids.shape[0], self.M, logits_a.shape[-1])
         logits[:, cols - self.P] = logits_a
         return logits
+
+
+def image_slots_to_recompute(logits: torch.Tensor, masked: torch.Tensor, ratio: float) -> torch.Tensor:
+    """ML-Cache (Lumina-DiMOO `generate_image`): the masked slots whose last prediction is least sure.
+
+    logits (B, N, K) each image slot's last computed codebook logits; masked (B, N) bool. Per row the
+    ceil((1 - ratio) * masked) masked slots with the lowest top probability. Returns (B, N) bool.
+    """
+    conf = torch.softmax(logits.float(), dim=-1).amax(-1).masked_fill(~masked, math.inf)  # (B, N)
+    n = torch.ceil((1 - ratio) * masked.sum(-1)).long()  # (B,)
+    rank = conf.argsort(dim=-1, stable=True).argsort(dim=-1)  # (B, N) 0 = least sure
+    return masked & (rank < n[:, None])
+
+
+class ImageLogitCache:
+    """Lumina-DiMOO's ML-Cache for the image slots of a dual-cache sampler (its README, "ML-Cache").
+
+    Keeps each image slot's last codebook logits (cond and uncond rows). After the warm-up image
+    steps, to_recompute names only the (1 - ratio) least sure masked slots of each row; the pass
+    computes the union of those columns over the batch, and fill() gives every slot it did not
+    compute its cached logits. ratio 0 is off: every masked slot is recomputed, nothing is reused.
+    """
+
+    def __init__(self, ratio: float, image_steps: int, img_cols: torch.Tensor, sl: slice):
+        self.ratio, self.img_cols, self.sl = ratio, img_cols, sl
+        self.warm = math.ceil(ML_CACHE_WARMUP * image_steps)
+        self.done, self.logits = 0, {}  # "c" / "u" -> (B, N, K)
+
+    def to_recompute(self, masked: torch.Tensor) -> torch.Tensor:
+        """masked (B, N) -> (B, N) bool: the image slots whose logits this step needs computed."""
+        if self.ratio == 0 or self.done < self.warm or "c" not in self.logits:
+            return masked
+        return image_slots_to_recompute(self.logits["c"], masked, self.ratio)
+
+    def fill(self, c: torch.Tensor, u: torch.Tensor | None, fresh: torch.Tensor) -> None:
+        """c, u (B, M, V) a pass's logits, in place: image slots not `fresh` (N,) get their cached logits."""
+        if self.ratio == 0:
+            return
+        for key, logits in (("c", c), ("u", u)):
+            if logits is None:
+                continue
+            part = logits[:, self.img_cols, self.sl]  # (B, N, K)
+            if key in self.logits:
+                part = torch.where(fresh[None, :, None], part, self.logits[key])
+                logits[:, self.img_cols, self.sl] = part
+            self.logits[key] = part.clone()
+        self.done += 1

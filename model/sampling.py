@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from model.cache import StepForward
+from model.cache import ImageLogitCache, StepForward
 from model.layout import IMAGE, TEXT, OutputShape, output_regions, output_template
 from model.tokens import Vocab
 
@@ -70,6 +70,11 @@ class SamplerConfig:
     no sampled code whose probability exceeds it is re-masked, so the image can finish in fewer image steps
     than planned; image steps with nothing left are skipped. The cosine schedule still sets the slowest pace.
     None (default) keeps the fixed schedule. Approximate: benchmarks/sampler.py measures its OA change."""
+    image_cache_ratio: float = 0.0
+    """Lumina-DiMOO's ML-Cache on image slots (with cache='dual'; model/cache.ImageLogitCache): after the
+    first 30% of the image steps, an image step recomputes only the (1 - ratio) least sure of each row's
+    masked image slots and reuses the last logits of the others (a batch recomputes the union over its
+    rows); refreshes and new text blocks still run full passes. 0 (default) recomputes every masked slot."""
 
     def __post_init__(self):
         if self.mode not in ("parallel", "sequential"):
@@ -89,6 +94,12 @@ class SamplerConfig:
             if getattr(self, name) is not None and not 0.0 <= getattr(self, name) <= 1.0:
                 raise ValueError(f"SamplerConfig.{name}={getattr(self, name)} is a probability; use a value in [0, 1]"
                                  f" or None for the fixed schedule")
+        if not 0.0 <= self.image_cache_ratio < 1.0:
+            raise ValueError(f"SamplerConfig.image_cache_ratio={self.image_cache_ratio} is the share of image slots "
+                             f"whose logits are reused; use a value in [0, 1) (Lumina-DiMOO uses 0.9)")
+        if self.image_cache_ratio > 0 and self.cache != "dual":
+            raise ValueError(f"image_cache_ratio={self.image_cache_ratio} skips image columns of a dual-cache pass; "
+                             f"set cache='dual' (got cache={self.cache!r})")
         if self.mode == "parallel" and self.image_steps > self.steps:
             raise ValueError(f"image_steps={self.image_steps} > steps={self.steps}: in parallel mode "
                              f"image steps sit on the text timeline; lower image_steps or raise steps")
@@ -327,6 +338,8 @@ def generate(model, vocab: Vocab, shape: OutputShape, prompts: list[list[int]], 
         result.step_map = torch.full(y.shape, -1, dtype=torch.long, device=dev)
         result.logp = torch.full(y.shape, math.nan, dtype=torch.float32, device=dev)
     last_block = -1
+    img_sl = slice(vocab.image_offset, vocab.image_offset + vocab.codebook_size)
+    ml_cache = ImageLogitCache(cfg.image_cache_ratio, sum(p[1] for p in plan), img_cols, img_sl)
     for step, (text_step, image_step, ratio, last_image) in enumerate(plan):
         text_masked = y[:, txt_cols] == vocab.mask_id  # (B, T)
         in_block = _text_block(text_step, shape.text_tokens, block_len, cfg.text_threshold is not None, dev)  # (T,)
@@ -343,7 +356,7 @@ def generate(model, vocab: Vocab, shape: OutputShape, prompts: list[list[int]], 
         if text_now:
             need[txt_cols] = allowed.any(0)
         if image_step:
-            need[img_cols] = (codes < 0).any(0)
+            need[img_cols] = ml_cache.to_recompute(codes < 0).any(0)
         block = int(torch.where(text_masked, torch.arange(shape.text_tokens, device=dev) // block_len,
                                 shape.text_tokens).min()) if text_now else last_block
         active = torch.zeros(len(y), dtype=torch.bool, device=dev)  # (B,) rows with something to decode
@@ -367,8 +380,8 @@ def generate(model, vocab: Vocab, shape: OutputShape, prompts: list[list[int]], 
                                                        min_k.clamp(min=1), vocab.mask_id, cfg.text_temperature,
                                                        generator)
         if image_step:
-            sl = slice(vocab.image_offset, vocab.image_offset + vocab.codebook_size)
-            li = _guided(c[:, img_cols, sl], None if u is None else u[:, img_cols, sl], cfg.image_cfg)  # (B, N, K)
+            ml_cache.fill(c, u, fwd.fresh[img_cols])  # slots this pass did not compute take their last logits
+            li = _guided(c[:, img_cols, img_sl], None if u is None else u[:, img_cols, img_sl], cfg.image_cfg)
             keep = image_keep_count(shape.image_tokens, ratio, (codes < 0).sum(-1), last_image)  # (B,)
             codes = decode_image(codes, li, keep, ratio, cfg, generator)
             y[:, img_cols] = torch.where(codes >= 0, codes + vocab.image_offset, vocab.mask_id)

@@ -5,7 +5,7 @@ import dataclasses
 import pytest
 import torch
 
-from model.cache import StepForward
+from model.cache import ImageLogitCache, StepForward, image_slots_to_recompute
 from model.layout import TEXT, OutputShape, edit_prompt, generation_prompt, output_regions
 from model.sampling import SamplerConfig, generate, image_keep_count, image_step_indices
 from tests.helpers import VOCAB, MockModel, tiny_model
@@ -248,7 +248,58 @@ def test_prefix_cache_recomputes_the_whole_output_and_refresh_one_is_a_full_pass
     assert fwd1.full_passes == 3 and fwd1.partial_passes == 0
 
 
+def test_ml_cache_picks_each_rows_least_sure_masked_slots():
+    # top probabilities per slot: row 0 (.9, .4, .6, .5), row 1 (.7, .3, .8, .4); slot 3 of row 0 is decoded
+    top = torch.tensor([[0.9, 0.4, 0.6, 0.5], [0.7, 0.3, 0.8, 0.4]])
+    logits = torch.log(torch.stack([top] + [(1 - top) / 4] * 4, dim=-1))  # (2, 4, 5)
+    masked = torch.tensor([[True, True, True, False], [True, True, True, True]])
+    # ratio 0.5: ceil(0.5 * 3) = 2 of row 0 (.4, .6; the unsure decoded slot .5 is not a candidate), 2 of row 1
+    assert image_slots_to_recompute(logits, masked, 0.5).tolist() == [[False, True, True, False],
+                                                                      [False, True, False, True]]
+    # ratio 0.9: ceil(0.1 * n) = 1 per row, the least sure masked slot
+    assert image_slots_to_recompute(logits, masked, 0.9).tolist() == [[False, True, False, False],
+                                                                      [False, True, False, False]]
+
+
+def test_ml_cache_hands_skipped_slots_their_last_logits():
+    img_cols, sl = torch.tensor([1, 2, 3]), slice(4, 7)
+    cache = ImageLogitCache(0.5, image_steps=4, img_cols=img_cols, sl=sl)  # warm-up: ceil(0.3 * 4) = 2 steps
+    masked = torch.ones(1, 3, dtype=torch.bool)
+    first = torch.randn(1, 6, 8)
+    cache.fill(first, None, torch.ones(3, dtype=torch.bool))
+    assert cache.to_recompute(masked).all()  # still warming up
+    second = torch.randn(1, 6, 8)
+    before = second.clone()
+    cache.fill(second, None, torch.tensor([True, False, True]))  # the pass skipped image slot 1 (column 2)
+    assert torch.equal(second[0, 2, sl], first[0, 2, sl])  # skipped: last logits
+    assert torch.equal(second[0, 1, sl], before[0, 1, sl]) and torch.equal(second[0, 3, sl], before[0, 3, sl])
+    assert torch.equal(second[:, :, :4], before[:, :, :4]) and torch.equal(second[:, 0], before[:, 0])
+    assert cache.to_recompute(masked).sum() == 2  # warmed up: ceil(0.5 * 3) slots
+
+
+def test_ml_cache_recomputes_fewer_image_columns_and_still_finishes(model):
+    base = SamplerConfig(steps=8, image_steps=8, image_start=0.0, text_block_length=16, cache="dual",
+                         cache_refresh=8)
+    one = [PROMPTS[0]]
+    dual = generate(model, VOCAB, SHAPE, one, base, generator=torch.Generator().manual_seed(1))
+    ml = generate(model, VOCAB, SHAPE, one, dataclasses.replace(base, image_cache_ratio=0.75),
+                  generator=torch.Generator().manual_seed(1), trace=False)
+    assert not (ml.tokens == VOCAB.mask_id).any()
+    assert ml.full_passes == dual.full_passes == 1 and ml.partial_passes == dual.partial_passes == 7
+    assert ml.columns < dual.columns  # after 3 warm-up image steps only a quarter of the masked codes run
+    # with a full pass every step nothing is ever reused: the tokens are the dual cache's (= exact)
+    exact = dataclasses.replace(base, cache_refresh=1)
+    a = generate(model, VOCAB, SHAPE, PROMPTS, exact, generator=torch.Generator().manual_seed(1))
+    b = generate(model, VOCAB, SHAPE, PROMPTS, dataclasses.replace(exact, image_cache_ratio=0.75),
+                 generator=torch.Generator().manual_seed(1))
+    assert torch.equal(a.tokens, b.tokens)
+
+
 def test_options_are_checked():
+    with pytest.raises(ValueError, match=r"image_cache_ratio=1.0 is the share"):
+        SamplerConfig(cache="dual", image_cache_ratio=1.0)
+    with pytest.raises(ValueError, match="set cache='dual'"):
+        SamplerConfig(image_cache_ratio=0.5)
     with pytest.raises(ValueError, match="cache"):
         SamplerConfig(cache="kv")
     with pytest.raises(ValueError, match="cache_refresh"):
