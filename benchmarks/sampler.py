@@ -103,6 +103,10 @@ MODES = [
                                                                 image_threshold=0.9), True, True, False),
     ("approx: bf16 + dual 6 + text & image threshold 0.9", dict(cache="dual", cache_refresh=6, text_threshold=0.9,
                                                                 image_threshold=0.9), True, True, False),
+    ("approx: dual 4 + image logit cache 0.9 (ML-Cache)", dict(cache="dual", cache_refresh=4, image_cache_ratio=0.9),
+     True, False, False),
+    ("approx: bf16 + dual 8 + image logit cache 0.9", dict(cache="dual", cache_refresh=8, image_cache_ratio=0.9),
+     True, True, False),
 ]
 
 
@@ -154,12 +158,14 @@ def _mode_cfg(base: SamplerConfig, overrides: dict) -> SamplerConfig:
 def speed_section(a) -> None:
     """Tokens/s of each mode on a random ~100M model (or the 8B-shaped one with --gpu)."""
     dev = "cuda" if a.gpu else "cpu"
-    if a.gpu:  # LLaDA-8B shape, PA settings (upstream-facts 1.1, 3.1)
-        vocab = tiny_vocab(126000, 8192)
-        mc = ModelConfig(vocab_size=vocab.vocab_size, embedding_size=vocab.vocab_size)
+    if a.gpu or a.paper_layout:  # LLaDA-8B shape (toy width with --paper-layout on CPU), PA settings (upstream-facts 1.1, 3.1)
+        vocab = tiny_vocab(126000, 8192) if a.gpu else tiny_vocab(4096, 8192)
+        mc = ModelConfig(vocab_size=vocab.vocab_size, embedding_size=vocab.vocab_size) if a.gpu else \
+            ModelConfig(d_model=128, n_layers=4, n_heads=4, mlp_hidden_size=384, vocab_size=vocab.vocab_size,
+                        embedding_size=vocab.vocab_size, rope_theta=10000.0)
         shape, in_codes, instr = OutputShape(1024, 256), 1024, 64
         base = SamplerConfig(steps=128, image_steps=64, text_block_length=256, image_cfg=4.0)
-        batches, n_up, dtype = (1, 16), 1, torch.bfloat16
+        batches, n_up, dtype = ((1, 16), 1, torch.bfloat16) if a.gpu else ((1,), 1, torch.float32)
     else:
         vocab = tiny_vocab(4096, 1024)
         mc = ModelConfig(d_model=768, n_layers=12, n_heads=12, mlp_hidden_size=2048, vocab_size=vocab.vocab_size,
@@ -298,6 +304,8 @@ def main() -> None:
     ap.add_argument("--checkpoint", default=None, help="toy checkpoint folder (default: runs/toy-all's final)")
     ap.add_argument("--gpu", action="store_true", help="8B-shaped random bf16 model on cuda, PA settings, "
                                                        "batch 1 and 16 (speed table only)")
+    ap.add_argument("--paper-layout", action="store_true", help="speed table on CPU at the paper's layout and "
+                    "sampler (--gpu's: 1024 codes, 256 text, 128 steps, batch 1) with a toy-width random model")
     ap.add_argument("--compile", action="store_true", help="add a torch.compile row to the speed table")
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     ap.add_argument("--skip-modes", nargs="*", default=[], help="mode names (as printed) to leave out")

@@ -33,6 +33,7 @@ MODES = [
     ("dual cache, refresh 4", dict(cache="dual", cache_refresh=4)),
     ("dual cache, refresh 8", dict(cache="dual", cache_refresh=8)),
     ("dual 4 + threshold 0.9", dict(cache="dual", cache_refresh=4, text_threshold=0.9)),
+    ("dual 4 + image logit cache 0.9", dict(cache="dual", cache_refresh=4, image_cache_ratio=0.9)),
 ]
 EPS = 0.2
 

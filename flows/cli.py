@@ -19,7 +19,7 @@ SAMPLER_FLAGS = dict(steps="--steps", image_steps="--image-steps", text_block_le
                      text_cfg="--text-cfg", image_cfg="--image-cfg", text_temperature="--text-temperature",
                      image_temperature="--image-temperature", text_tokens="--text-length", cache="--cache",
                      cache_refresh="--cache-refresh", text_threshold="--text-threshold",
-                     image_threshold="--image-threshold")
+                     image_threshold="--image-threshold", image_cache_ratio="--image-cache-ratio")
 
 
 def _print_result(a, result: dict) -> None:

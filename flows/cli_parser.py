@@ -128,6 +128,9 @@ def _sampler_args(p: argparse.ArgumentParser) -> None:
                    help="commit every text token more confident than P at once (Fast-dLLM) [off]")
     f.add_argument("--image-threshold", type=float, default=None, metavar="P",
                    help="keep every image code more confident than P at once [off]")
+    f.add_argument("--image-cache-ratio", type=float, default=None, metavar="R",
+                   help="with --cache dual: reuse the last logits of the share R of masked image codes that were "
+                        "surest, recompute the rest (Lumina-DiMOO's ML-Cache; it uses 0.9) [0 = off]")
     p.add_argument("--mode", choices=("parallel", "sequential"), default="parallel",
                    help="decode text and image together (parallel) or text first, then image (sequential)")
     p.add_argument("--seed", type=int, default=0, help="sampling seed (same seed, same files)")

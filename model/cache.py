@@ -2,7 +2,8 @@
 
 StepForward runs the model on prompt + output part for model.sampling.generate. Exact by default:
 one full pass per step over every row, cond and uncond rows joined in one batch (upstream runs the
-unconditional prompts as separate passes: `batch_cfg=False`), the head only on the output part.
+unconditional prompts as separate passes: `batch_cfg=False`), the head only on the output part;
+without a cache, leading columns that are padding in every row of a pass are left out.
 The approximate caches follow Fast-dLLM (arXiv 2505.22618, `generate_with_prefix_cache` /
 `generate_with_dual_cache`): a full pass stores every layer's keys and values; until the next
 refresh only some columns run through the blocks and attend to the stored k/v of the rest, whose
@@ -93,8 +94,11 @@ class StepForward:
         ids = torch.cat([self.ids[rows], (y if idx is None else y[idx]).repeat(len(halves), 1)], dim=1)  # (r, P + M)
         mask = torch.cat([self.mask[rows], torch.ones(ids.shape[0], self.M, dtype=torch.bool, device=ids.device)],
                          dim=1)
+        if self.cache == "none":  # exact: leading columns that are padding in every row run are left out
+            lead = int(mask.any(0).long().argmax())  # (unconditional prompts are short: upstream runs them unpadded)
+            return self._full(halves, ids[:, lead:], mask[:, lead:], idx)
         stale = any(h.kv is None or h.age >= self.refresh for h in halves)
-        if self.cache == "none" or stale or force_refresh or need is None:
+        if stale or force_refresh or need is None:
             return self._full(halves, ids, mask, idx)
         return self._partial(halves, ids, mask, need, idx)
 

@@ -41,14 +41,18 @@ def test_generate_from_a_tiny_checkpoint(tmp_path, capsys):
     meta = json.loads((tmp_path / "bf16" / "meta.json").read_text())
     assert (meta["device"], meta["dtype"], meta["nfe"]) == ("cpu", "bfloat16", 16)
     assert len((tmp_path / "bf16" / "image_codes.txt").read_text().splitlines()) == 4
-    fast = ["--cache", "dual", "--cache-refresh", "2", "--text-threshold", "0.0", "--image-threshold", "0.0"]
+    fast = ["--cache", "dual", "--cache-refresh", "2", "--text-threshold", "0.0", "--image-threshold", "0.0",
+            "--image-cache-ratio", "0.5"]
     main([*args, "--out", str(tmp_path / "fast"), *fast])  # the fast-sampling options reach the sampler
     meta = json.loads((tmp_path / "fast" / "meta.json").read_text())
-    assert {k: meta["sampler"][k] for k in ("cache", "cache_refresh", "text_threshold", "image_threshold")} == \
-        {"cache": "dual", "cache_refresh": 2, "text_threshold": 0.0, "image_threshold": 0.0}
+    keys = ("cache", "cache_refresh", "text_threshold", "image_threshold", "image_cache_ratio")
+    assert {k: meta["sampler"][k] for k in keys} == \
+        {"cache": "dual", "cache_refresh": 2, "text_threshold": 0.0, "image_threshold": 0.0, "image_cache_ratio": 0.5}
     assert meta["nfe"] < 16  # threshold 0 commits a whole block / the whole image at once
     code, _, err = run_cli(capsys, *args, "--text-threshold", "1.5")
     assert code == 2 and "text_threshold=1.5 is a probability; use a value in [0, 1]" in err
+    code, _, err = run_cli(capsys, *args, "--image-cache-ratio", "0.9")
+    assert code == 2 and "image_cache_ratio=0.9 skips image columns of a dual-cache pass; set cache='dual'" in err
 
 
 def test_inference_device_defaults_and_refusals():
