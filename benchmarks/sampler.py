@@ -74,6 +74,7 @@ TOY_CHECKPOINTS = ("runs/toy-all/sft/checkpoints/*/final", "runs/default/sft/che
 # (name, SamplerConfig overrides, batched?, bf16?, exact?)
 MODES = [
     ("exact: batched, CFG rows joined, idle steps skipped", {}, True, False, True),
+    ("exact: batched, CFG rows in their own (shorter) passes", dict(batch_cfg=False), True, False, True),
     ("approx: prefix cache, refresh 4", dict(cache="prefix", cache_refresh=4), True, False, False),
     ("approx: dual cache, refresh 4", dict(cache="dual", cache_refresh=4), True, False, False),
     ("approx: dual cache, refresh 8", dict(cache="dual", cache_refresh=8), True, False, False),

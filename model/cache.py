@@ -192,16 +192,19 @@ class ImageLogitCache:
             return masked
         return image_slots_to_recompute(self.logits["c"], masked, self.ratio)
 
-    def fill(self, c: torch.Tensor, u: torch.Tensor | None, fresh: torch.Tensor) -> None:
-        """c, u (B, M, V) a pass's logits, in place: image slots not `fresh` (N,) get their cached logits."""
-        if self.ratio == 0:
-            return
+    def image_logits(self, c: torch.Tensor, u: torch.Tensor | None, fresh: torch.Tensor) -> tuple:
+        """The image slots' codebook logits (B, N, K) of c and u (B, M, V, a pass's logits): the slots this
+        pass computed (`fresh` (N,)) as computed, the others as last computed. Read-only (the cache itself)."""
+        out = []
         for key, logits in (("c", c), ("u", u)):
-            if logits is None:
+            if logits is None or self.ratio == 0:
+                out.append(None if logits is None else logits[:, self.img_cols, self.sl])
                 continue
-            part = logits[:, self.img_cols, self.sl]  # (B, N, K)
-            if key in self.logits:
-                part = torch.where(fresh[None, :, None], part, self.logits[key])
-                logits[:, self.img_cols, self.sl] = part
-            self.logits[key] = part.clone()
+            if key not in self.logits or bool(fresh.all()):
+                self.logits[key] = logits[:, self.img_cols, self.sl]  # a copy (advanced indexing)
+            else:
+                cols = fresh.nonzero().squeeze(1)  # (A,)
+                self.logits[key][:, cols] = logits[:, self.img_cols[cols], self.sl]
+            out.append(self.logits[key])
         self.done += 1
+        return tuple(out)

@@ -266,15 +266,17 @@ def test_ml_cache_hands_skipped_slots_their_last_logits():
     cache = ImageLogitCache(0.5, image_steps=4, img_cols=img_cols, sl=sl)  # warm-up: ceil(0.3 * 4) = 2 steps
     masked = torch.ones(1, 3, dtype=torch.bool)
     first = torch.randn(1, 6, 8)
-    cache.fill(first, None, torch.ones(3, dtype=torch.bool))
+    lc, lu = cache.image_logits(first, None, torch.ones(3, dtype=torch.bool))
+    assert torch.equal(lc, first[:, 1:4, sl]) and lu is None
     assert cache.to_recompute(masked).all()  # still warming up
     second = torch.randn(1, 6, 8)
-    before = second.clone()
-    cache.fill(second, None, torch.tensor([True, False, True]))  # the pass skipped image slot 1 (column 2)
-    assert torch.equal(second[0, 2, sl], first[0, 2, sl])  # skipped: last logits
-    assert torch.equal(second[0, 1, sl], before[0, 1, sl]) and torch.equal(second[0, 3, sl], before[0, 3, sl])
-    assert torch.equal(second[:, :, :4], before[:, :, :4]) and torch.equal(second[:, 0], before[:, 0])
+    lc, _ = cache.image_logits(second, None, torch.tensor([True, False, True]))  # the pass skipped slot 1
+    assert torch.equal(lc[0, 1], first[0, 2, sl])  # skipped: last logits
+    assert torch.equal(lc[0, 0], second[0, 1, sl]) and torch.equal(lc[0, 2], second[0, 3, sl])
     assert cache.to_recompute(masked).sum() == 2  # warmed up: ceil(0.5 * 3) slots
+    off = ImageLogitCache(0.0, image_steps=4, img_cols=img_cols, sl=sl)  # ratio 0: nothing is ever reused
+    lc, _ = off.image_logits(second, None, torch.tensor([True, False, True]))
+    assert torch.equal(lc, second[:, 1:4, sl]) and off.to_recompute(masked).all()
 
 
 def test_ml_cache_recomputes_fewer_image_columns_and_still_finishes(model):

@@ -5,8 +5,8 @@ import pytest
 import torch
 
 from model.layout import IMAGE, TEXT, OutputShape, edit_prompt, generation_prompt, output_regions
-from model.sampling import (SamplerConfig, generate, generate_text, image_keep_count, image_step_indices,
-                            text_schedule, transfer_counts)
+from model.sampling import (SamplerConfig, decode_image, generate, generate_text, image_keep_count,
+                            image_step_indices, sample_categorical, text_schedule, transfer_counts)
 from tests.helpers import VOCAB, MockModel, tiny_model
 
 SHAPE = OutputShape(image_tokens=16, text_tokens=16)
@@ -23,6 +23,25 @@ def test_text_transfer_counts():
     assert [b for b, _ in plan] == [0, 0, 1, 1, 2, 2, 3, 3] and all(k == 8 for _, k in plan)
     with pytest.raises(ValueError, match="multiple"):
         text_schedule(64, 16, 6)
+
+
+def test_categorical_draws_follow_the_probabilities_and_never_pick_a_zero():
+    probs = torch.tensor([[0.1, 0.0, 0.6, 0.3], [0.0, 0.0, 0.0, 1.0]]).repeat(50000, 1)  # (100000, 4)
+    draws = sample_categorical(probs, torch.Generator().manual_seed(0))
+    freq = torch.bincount(draws[0::2], minlength=4) / 50000
+    assert torch.allclose(freq, probs[0], atol=0.01) and freq[1] == 0  # 4 sigma is ~0.009 at p = 0.6
+    assert (draws[1::2] == 3).all()
+
+
+def test_an_image_step_draws_only_masked_slots_and_keeps_known_codes():
+    codes = torch.tensor([[5, -1, -1, 7]])
+    logits = torch.full((1, 4, 8), -30.0)
+    logits[0, :, 2] = 30.0  # every slot is sure of code 2
+    cfg = SamplerConfig(image_temperature=1.0, image_noise=0.0)
+    out = decode_image(codes, logits, keep=0, ratio=1.0, cfg=cfg, generator=torch.Generator().manual_seed(0))
+    assert out.tolist() == [[5, 2, 2, 7]]  # known codes stay even though their logits say 2
+    out = decode_image(codes, logits, keep=1, ratio=0.5, cfg=cfg, generator=torch.Generator().manual_seed(0))
+    assert out[0, 0] == 5 and out[0, 3] == 7 and sorted(out[0, 1:3].tolist()) == [-1, 2]  # one re-masked
 
 
 def test_image_step_indices_and_keep_counts():
