@@ -108,6 +108,8 @@ MODES = [
      True, False, False),
     ("approx: bf16 + dual 8 + image logit cache 0.9", dict(cache="dual", cache_refresh=8, image_cache_ratio=0.9),
      True, True, False),
+    ("approx: dual 8 + text blocks of 32 + image logit cache 0.9",  # PA's README block length (upstream ignores it)
+     dict(cache="dual", cache_refresh=8, text_block_length=32, image_cache_ratio=0.9), True, False, False),
 ]
 
 

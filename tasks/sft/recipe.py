@@ -137,7 +137,7 @@ def default_preset(is_toy: bool) -> str:
 def recipe_flags(parser) -> None:
     """One option per recipe field: --lr style for top-level fields, --sft.lr for sections."""
     g = parser.add_argument_group("recipe fields (override the --recipe preset or file; defaults: 'small')")
-    docs = field_docs(Recipe)
+    docs = {k: v.replace("%", "%%") for k, v in field_docs(Recipe).items()}  # argparse formats help with %
     for name, info in Recipe.model_fields.items():
         if name in SECTIONS or name in ("model", "name"):
             continue
@@ -146,7 +146,8 @@ def recipe_flags(parser) -> None:
     g.add_argument("--model.json", dest="recipe:model", default=None, metavar="JSON",
                    help=f"{docs['model']} [default: {json.dumps(PRESETS['small'].model)}]")
     for sec, cls in SECTIONS.items():
-        defaults, sdocs = {f.name: f.default for f in dataclasses.fields(cls)}, field_docs(cls)
+        defaults = {f.name: f.default for f in dataclasses.fields(cls)}
+        sdocs = {k: v.replace("%", "%%") for k, v in field_docs(cls).items()}
         base = PRESETS["small"].to_dict()[sec]
         for f in dataclasses.fields(cls):
             if sec == "seq" and f.name in RESOLVED_SEQ_FIELDS:
