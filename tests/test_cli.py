@@ -319,7 +319,7 @@ def test_generate_defaults_to_the_checkpoint_sampler_and_warns_on_departures(tmp
 
     flags = dict(settings=None, steps=None, image_steps=None, block_length=None, text_cfg=None, image_cfg=None,
                  text_temperature=None, image_temperature=None, text_length=None, mode="parallel", cache=None,
-                 cache_refresh=None, text_threshold=None, image_threshold=None)
+                 cache_refresh=None, text_threshold=None, image_threshold=None, image_cache_ratio=None)
     ours = {"steps": 20, "image_steps": 10, "text_block_length": 32, "text_temperature": 0.0,
             "image_temperature": 0.0, "image_noise": 0.0}
     for name, extra in (("recorded", {"parapipe_sampler": ours}), ("older", {"parapipe_sequence": {"text_tokens": 32}}),
