@@ -2,6 +2,7 @@
 
     python benchmarks/sampler.py [--items 100] [--repeats 2] [--skip-speed] [--skip-toy] [--skip-drift]
     python benchmarks/sampler.py --gpu        # 8B-shaped random model, 1024 codes, 256 text, 128 steps
+    python benchmarks/sampler.py --paper-layout --skip-toy --skip-drift   # that layout on CPU, toy width
 
 Upstream-equivalent = the same algorithm as upstream MMaDA-Parallel runs it: one prompt at a time,
 a full forward pass per step over the whole sequence (the head on every position), no cache, the
@@ -52,6 +53,25 @@ checkpoint 3-10 points (bf16 + dual r6 + both thresholds 4.85x at -3.9; both thr
 at -4.2), more than toy-all's. OA moves by ~0.5 per item here, and settings whose tokens differ from
 the reference's in most rows move it by up to +-2.5 between neighbours (dual r6 vs r8), so read
 single differences below ~2 points as noise.
+
+2026-11-25, later: ML-Cache (image_cache_ratio), the paper's layout on CPU, and two costs the
+upstream-equivalent row carried that upstream does not: its unconditional prompts were left-padded to
+the conditional length (upstream runs them unpadded; an exact pass now drops leading columns that are
+padding in every row), and an image step drew a code for every slot, known ones included, through
+torch.multinomial's exponential race (N x K random numbers; now one inverse-CDF draw per masked slot,
+as upstream draws only masked slots). Both made every row faster, the upstream-equivalent one too.
+`--paper-layout --skip-toy --skip-drift` (4M-parameter random model, 1024 codes, 256 text, 128 steps,
+64 image steps, image CFG 4, batch 1, 2 threads, idle machine, 9.5 min): upstream 32-35 tokens/s;
+exact joined CFG rows 1.09x, exact separate (shorter) CFG passes 1.13x; prefix r4 1.23x; dual r4
+1.69x; dual r8 1.92x; bf16 + dual r8 2.02x; dual r4 + image logit cache 0.9 1.80x; bf16 + dual r8 +
+image logit cache 0.9 2.51x; dual r8 + text blocks of 32 + image logit cache 0.9 2.38x. A profile of
+dual r4 there: the model is about a third of the time; the rest is per-step work over 1024 x 8192
+image logits (guidance, softmax, the cache's own bookkeeping), which an 8B model on a GPU dwarfs.
+Toy table, same day (`--checkpoint <make run's> --items 300 --skip-speed --threads 1`, 190 items):
+upstream 486 tokens/s at 32.2 OA; exact 1.26x / 1.28x (separate CFG passes; no CFG here); bf16 +
+dual r8 3.50x at -0.8 (the best within 1 point); image logit cache 0.9 on dual r4 2.42x at -1.3 (dual
+r4 alone 2.38x at -0.5), on bf16 + dual r8 3.54x at -1.0: the toy's 16 codes leave it nothing to save.
+Drift (RL): dual r4 + image logit cache 0.9 3.8e-2 mean |dlogp|, like dual r4 alone (3.7e-2); not exact.
 """
 import argparse
 import copy
