@@ -177,8 +177,8 @@ class ImageLogitCache:
 
     Keeps each image slot's last codebook logits (cond and uncond rows). After the warm-up image
     steps, to_recompute names only the (1 - ratio) least sure masked slots of each row; the pass
-    computes the union of those columns over the batch, and fill() gives every slot it did not
-    compute its cached logits. ratio 0 is off: every masked slot is recomputed, nothing is reused.
+    computes the union of those columns over the batch, and image_logits() gives every slot it did
+    not compute its cached logits. ratio 0 is off: every masked slot is recomputed, nothing is reused.
     """
 
     def __init__(self, ratio: float, image_steps: int, img_cols: torch.Tensor, sl: slice):

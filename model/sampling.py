@@ -393,7 +393,7 @@ def generate(model, vocab: Vocab, shape: OutputShape, prompts: list[list[int]], 
                                                        generator)
         if image_step:
             lc, lu = ml_cache.image_logits(c, u, fwd.fresh[img_cols])  # (B, N, K) each; skipped slots: last logits
-            if trace:
+            if trace and cfg.image_cache_ratio > 0:
                 c[:, img_cols, img_sl] = lc  # the behaviour log-probs are of the logits the codes were drawn from
             li = _guided(lc, lu, cfg.image_cfg)
             keep = image_keep_count(shape.image_tokens, ratio, (codes < 0).sum(-1), last_image)  # (B,)
