@@ -67,6 +67,8 @@ exact joined CFG rows 1.09x, exact separate (shorter) CFG passes 1.13x; prefix r
 image logit cache 0.9 2.51x; dual r8 + text blocks of 32 + image logit cache 0.9 2.38x. A profile of
 dual r4 there: the model is about a third of the time; the rest is per-step work over 1024 x 8192
 image logits (guidance, softmax, the cache's own bookkeeping), which an 8B model on a GPU dwarfs.
+Those two rows again, `--repeats 2` with the other modes skipped: bf16 + dual r8 1.95x / 2.10x, with
+the image logit cache 2.22x / 2.41x (a lone run of the latter: 2.07x), so +14-24% from ML-Cache.
 Toy table, same day (`--checkpoint <make run's> --items 300 --skip-speed --threads 1`, 190 items):
 upstream 486 tokens/s at 32.2 OA; exact 1.26x / 1.28x (separate CFG passes; no CFG here); bf16 +
 dual r8 3.50x at -0.8 (the best within 1 point); image logit cache 0.9 on dual r4 2.42x at -1.3 (dual
@@ -181,14 +183,18 @@ def _mode_cfg(base: SamplerConfig, overrides: dict) -> SamplerConfig:
 def speed_section(a) -> None:
     """Tokens/s of each mode on a random ~100M model (or the 8B-shaped one with --gpu)."""
     dev = "cuda" if a.gpu else "cpu"
-    if a.gpu or a.paper_layout:  # LLaDA-8B shape (toy width with --paper-layout on CPU), PA settings (upstream-facts 1.1, 3.1)
-        vocab = tiny_vocab(126000, 8192) if a.gpu else tiny_vocab(4096, 8192)
-        mc = ModelConfig(vocab_size=vocab.vocab_size, embedding_size=vocab.vocab_size) if a.gpu else \
-            ModelConfig(d_model=128, n_layers=4, n_heads=4, mlp_hidden_size=384, vocab_size=vocab.vocab_size,
-                        embedding_size=vocab.vocab_size, rope_theta=10000.0)
-        shape, in_codes, instr = OutputShape(1024, 256), 1024, 64
+    if a.gpu or a.paper_layout:  # PA settings (upstream-facts 1.1, 3.1)
+        shape, in_codes, instr, n_up = OutputShape(1024, 256), 1024, 64, 1
         base = SamplerConfig(steps=128, image_steps=64, text_block_length=256, image_cfg=4.0)
-        batches, n_up, dtype = ((1, 16), 1, torch.bfloat16) if a.gpu else ((1,), 1, torch.float32)
+        if a.gpu:  # LLaDA-8B shape in bf16, batch 1 and 16
+            vocab = tiny_vocab(126000, 8192)
+            mc = ModelConfig(vocab_size=vocab.vocab_size, embedding_size=vocab.vocab_size)
+            batches, dtype = (1, 16), torch.bfloat16
+        else:  # --paper-layout: the same layout on CPU with a toy-width random model
+            vocab = tiny_vocab(4096, 8192)
+            mc = ModelConfig(d_model=128, n_layers=4, n_heads=4, mlp_hidden_size=384, vocab_size=vocab.vocab_size,
+                             embedding_size=vocab.vocab_size, rope_theta=10000.0)
+            batches, dtype = (1,), torch.float32
     else:
         vocab = tiny_vocab(4096, 1024)
         mc = ModelConfig(d_model=768, n_layers=12, n_heads=12, mlp_hidden_size=2048, vocab_size=vocab.vocab_size,

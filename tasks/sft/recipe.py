@@ -134,10 +134,15 @@ def default_preset(is_toy: bool) -> str:
     return "toy-tiny" if is_toy else "small"
 
 
+def _help_docs(cls) -> dict[str, str]:
+    """Field docstrings as argparse help text: argparse formats help with %, so a literal % is doubled."""
+    return {k: v.replace("%", "%%") for k, v in field_docs(cls).items()}
+
+
 def recipe_flags(parser) -> None:
     """One option per recipe field: --lr style for top-level fields, --sft.lr for sections."""
     g = parser.add_argument_group("recipe fields (override the --recipe preset or file; defaults: 'small')")
-    docs = {k: v.replace("%", "%%") for k, v in field_docs(Recipe).items()}  # argparse formats help with %
+    docs = _help_docs(Recipe)
     for name, info in Recipe.model_fields.items():
         if name in SECTIONS or name in ("model", "name"):
             continue
@@ -147,7 +152,7 @@ def recipe_flags(parser) -> None:
                    help=f"{docs['model']} [default: {json.dumps(PRESETS['small'].model)}]")
     for sec, cls in SECTIONS.items():
         defaults = {f.name: f.default for f in dataclasses.fields(cls)}
-        sdocs = {k: v.replace("%", "%%") for k, v in field_docs(cls).items()}
+        sdocs = _help_docs(cls)
         base = PRESETS["small"].to_dict()[sec]
         for f in dataclasses.fields(cls):
             if sec == "seq" and f.name in RESOLVED_SEQ_FIELDS:
