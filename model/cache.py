@@ -2,8 +2,10 @@
 
 StepForward runs the model on prompt + output part for model.sampling.generate. Exact by default:
 one full pass per step over every row, cond and uncond rows joined in one batch (upstream runs the
-unconditional prompts as separate passes: `batch_cfg=False`), the head only on the output part;
-without a cache, leading columns that are padding in every row of a pass are left out.
+unconditional prompts as separate passes: `batch_cfg=False`), the head only on the output slots the
+step reads (`need`: upstream runs it on every position, and at the paper's layout the logits of
+known slots, kept as a dense (B, M, V) tensor, cost as much as the model); without a cache, leading
+columns that are padding in every row of a pass are left out.
 The approximate caches follow Fast-dLLM (arXiv 2505.22618, `generate_with_prefix_cache` /
 `generate_with_dual_cache`): a full pass stores every layer's keys and values; until the next
 refresh only some columns run through the blocks and attend to the stored k/v of the rest, whose
@@ -21,7 +23,7 @@ Rows: the sampler may name the rows that have work this step (`active`); only th
 get zero logits. Exact: a row attends only to itself. In a cache a skipped row's entries stay as they
 were, and its tokens have not changed since, so they are no staler than before the skip.
 Knows nothing about schedules or tokens; it returns logits. Shapes: B rows, P padded prompt
-length, M output length, V vocab, A recomputed columns.
+length, M output length, V vocab, A needed output columns.
 """
 import math
 
@@ -43,7 +45,7 @@ class _Half:
 
 
 class StepForward:
-    """Logits of the output part for the cond rows (and the uncond rows when asked)."""
+    """Logits of the output slots a step reads, for the cond rows (and the uncond rows when asked)."""
 
     def __init__(self, model, prompts: list[list[int]], uncond_prompts: list[list[int]] | None, pad_id: int,
                  M: int, cache: str = "none", refresh: int = 1, batch_cfg: bool = True):
@@ -53,6 +55,7 @@ class StepForward:
             raise ValueError(f"cache={cache!r} needs a model with forward_cols (model.transformer.DiffusionLM); "
                              f"got {type(model).__name__}: use cache='none'")
         self.model, self.M, self.cache, self.refresh, self.batch_cfg = model, M, cache, max(1, refresh), batch_cfg
+        self.head_cols = hasattr(model, "forward_cols")  # DiffusionLM runs its head on the needed slots only
         dev = next(model.parameters()).device
         rows = prompts + (uncond_prompts or [])
         ids, mask = left_pad(rows, pad_id)
@@ -61,20 +64,27 @@ class StepForward:
         self.full_passes = self.partial_passes = 0
         self.columns = 0
         """Sequence columns run through the blocks, summed over passes (cost accounting)."""
-        self.fresh = torch.ones(M, dtype=torch.bool, device=dev)
-        """(M,) output columns whose logits the last call computed (the rest are zeros)."""
+
+    def full_next(self, with_uncond: bool, force_refresh: bool = False) -> bool:
+        """Whether the next call with these arguments runs every column (no cache, or a refresh)."""
+        return self._stale(self.halves[:2 if with_uncond else 1], force_refresh)
+
+    def _stale(self, halves: list[_Half], force_refresh: bool) -> bool:
+        return self.cache == "none" or force_refresh or any(h.kv is None or h.age >= self.refresh for h in halves)
 
     @torch.no_grad()
     def __call__(self, y: torch.Tensor, with_uncond: bool, need: torch.Tensor | None = None,
                  force_refresh: bool = False, active: torch.Tensor | None = None):
-        """Logits (B, M, V) for the cond rows and (B, M, V) or None for the uncond rows.
+        """Logits (B, A, V) of the output columns in `need` for the cond rows, and the same or None for the
+        uncond rows.
 
-        y (B, M) current output parts; need (M,) bool: output columns whose logits the caller reads
-        (only used by the caches; elsewhere the logits are zeros); active (B,) bool: rows that have
-        work (None: all); the others are not run and get zero logits.
+        y (B, M) current output parts; need (M,) bool: the output columns whose logits the caller reads
+        (A = need.sum(); None: all M); active (B,) bool: rows that have work (None: all); the others
+        are not run and get zero logits.
         """
+        if need is None:  # every output slot, from a full pass
+            need, force_refresh = torch.ones(self.M, dtype=torch.bool, device=y.device), True
         halves = self.halves[:2 if with_uncond else 1]
-        self.fresh = torch.ones_like(self.fresh)
         idx = None if active is None or bool(active.all()) else active.nonzero().squeeze(1)  # (b,) rows run
         if idx is not None and any(h.kv is None for h in halves) and self.cache != "none":
             idx = None  # a cache's first pass fills every row
@@ -82,7 +92,7 @@ class StepForward:
             out = self._run(halves, y, need, force_refresh, idx)
         else:  # upstream: one pass for the cond rows, another for the uncond rows
             out = torch.cat([self._run([h], y, need, force_refresh, idx) for h in halves])
-        if idx is not None:  # (len(halves) * b, M, V) -> (len(halves) * B, M, V), zeros for the idle rows
+        if idx is not None:  # (len(halves) * b, A, V) -> (len(halves) * B, A, V), zeros for the idle rows
             full = out.new_zeros(len(halves), self.B, *out.shape[1:])
             full[:, idx] = out.view(len(halves), len(idx), *out.shape[1:])
             out = full.flatten(0, 1)
@@ -94,18 +104,20 @@ class StepForward:
         ids = torch.cat([self.ids[rows], (y if idx is None else y[idx]).repeat(len(halves), 1)], dim=1)  # (r, P + M)
         mask = torch.cat([self.mask[rows], torch.ones(ids.shape[0], self.M, dtype=torch.bool, device=ids.device)],
                          dim=1)
+        head = need.nonzero().squeeze(1)  # (A,)
         if self.cache == "none":  # exact: leading columns that are padding in every row run are left out
             lead = int(mask.any(0).long().argmax())  # (unconditional prompts are short: upstream runs them unpadded)
-            return self._full(halves, ids[:, lead:], mask[:, lead:], idx)
-        stale = any(h.kv is None or h.age >= self.refresh for h in halves)
-        if stale or force_refresh or need is None:
-            return self._full(halves, ids, mask, idx)
+            return self._full(halves, ids[:, lead:], mask[:, lead:], idx, head)
+        if self._stale(halves, force_refresh):
+            return self._full(halves, ids, mask, idx, head)
         return self._partial(halves, ids, mask, need, idx)
 
-    def _full(self, halves, ids, mask, idx) -> torch.Tensor:
+    def _full(self, halves, ids, mask, idx, head) -> torch.Tensor:
         kv = [] if self.cache != "none" else None
-        logits = self.model(ids, mask, last_n=self.M, kv=kv) if kv is not None else \
-            self.model(ids, mask, last_n=self.M)
+        if self.head_cols:
+            logits = self.model(ids, mask, last_n=self.M, kv=kv, head_cols=head)
+        else:  # any model(ids, mask, last_n): every output slot's logits, the needed ones kept
+            logits = self.model(ids, mask, last_n=self.M)[:, head]
         self.full_passes += 1
         self.columns += ids.shape[1]
         if kv is not None:
@@ -119,23 +131,23 @@ class StepForward:
                         hk[idx], hv[idx] = k[part], v[part]
                     h.written[idx] = ids[part]
                 h.age = 1
-        return logits.float()  # (r, M, V)
+        return logits.float()  # (r, A, V)
 
     def _partial(self, halves, ids, mask, need, idx) -> torch.Tensor:
         written = torch.cat([h.written if idx is None else h.written[idx] for h in halves])  # (r, P + M)
         changed = (ids != written).any(0)  # (P + M,)
         out_cols = need | changed[self.P:] if self.cache == "dual" else torch.ones_like(need)
         cols = out_cols.nonzero().squeeze(1) + self.P  # (A,)
-        self.fresh = self.fresh & out_cols
         if len(cols) == 0:  # nothing needed and nothing changed
-            return torch.zeros(ids.shape[0], self.M, self.model.config.rows, device=ids.device)
+            return torch.zeros(ids.shape[0], 0, self.model.config.rows, device=ids.device)
+        head = (out_cols.long().cumsum(0) - 1)[need]  # (A',) the needed columns' places in cols
         if len(halves) == 1 and idx is None:
             kv = halves[0].kv
         else:  # join the halves' caches (a copy), then write the fresh columns back to each
             pick = (lambda t: t) if idx is None else (lambda t: t[idx])  # noqa: E731
             kv = [tuple(torch.cat([pick(h.kv[layer][j]) for h in halves]) for j in (0, 1))
                   for layer in range(len(halves[0].kv))]
-        logits_a = self.model.forward_cols(ids, cols, mask, kv).float()  # (r, A, V)
+        logits = self.model.forward_cols(ids, cols, mask, kv, head_cols=head).float()  # (r, A', V)
         r = ids.shape[0] // len(halves)
         if len(halves) > 1 or idx is not None:
             for layer, fresh in enumerate(kv):
@@ -155,8 +167,6 @@ class StepForward:
             h.age += 1
         self.partial_passes += 1
         self.columns += len(cols)
-        logits = logits_a.new_zeros(ids.shape[0], self.M, logits_a.shape[-1])
-        logits[:, cols - self.P] = logits_a
         return logits
 
 
@@ -166,7 +176,8 @@ def image_slots_to_recompute(logits: torch.Tensor, masked: torch.Tensor, ratio: 
     logits (B, N, K) each image slot's last computed codebook logits; masked (B, N) bool. Per row the
     ceil((1 - ratio) * masked) masked slots with the lowest top probability. Returns (B, N) bool.
     """
-    conf = torch.softmax(logits.float(), dim=-1).amax(-1).masked_fill(~masked, math.inf)  # (B, N)
+    conf = torch.full(masked.shape, math.inf, device=logits.device)  # (B, N); only masked slots are ranked
+    conf[masked] = torch.softmax(logits[masked].float(), dim=-1).amax(-1)
     n = torch.ceil((1 - ratio) * masked.sum(-1)).long()  # (B,)
     rank = conf.argsort(dim=-1, stable=True).argsort(dim=-1)  # (B, N) 0 = least sure
     return masked & (rank < n[:, None])
@@ -177,34 +188,36 @@ class ImageLogitCache:
 
     Keeps each image slot's last codebook logits (cond and uncond rows). After the warm-up image
     steps, to_recompute names only the (1 - ratio) least sure masked slots of each row; the pass
-    computes the union of those columns over the batch, and image_logits() gives every slot it did
-    not compute its cached logits. ratio 0 is off: every masked slot is recomputed, nothing is reused.
+    computes the union of those slots over the batch, and image_logits() gives every other slot its
+    cached logits. ratio 0 is off: every masked slot is recomputed, nothing is reused.
     """
 
-    def __init__(self, ratio: float, image_steps: int, img_cols: torch.Tensor, sl: slice):
-        self.ratio, self.img_cols, self.sl = ratio, img_cols, sl
+    def __init__(self, ratio: float, image_steps: int, n_slots: int):
+        self.ratio, self.n = ratio, n_slots
         self.warm = math.ceil(ML_CACHE_WARMUP * image_steps)
         self.done, self.logits = 0, {}  # "c" / "u" -> (B, N, K)
 
-    def to_recompute(self, masked: torch.Tensor) -> torch.Tensor:
-        """masked (B, N) -> (B, N) bool: the image slots whose logits this step needs computed."""
-        if self.ratio == 0 or self.done < self.warm or "c" not in self.logits:
+    def to_recompute(self, masked: torch.Tensor, full: bool = False) -> torch.Tensor:
+        """masked (B, N) -> (B, N) bool: the image slots whose logits this step needs computed; every
+        masked one during the warm-up, off, or when the pass is a full one anyway (`full`)."""
+        if self.ratio == 0 or full or self.done < self.warm or "c" not in self.logits:
             return masked
         return image_slots_to_recompute(self.logits["c"], masked, self.ratio)
 
-    def image_logits(self, c: torch.Tensor, u: torch.Tensor | None, fresh: torch.Tensor) -> tuple:
-        """The image slots' codebook logits (B, N, K) of c and u (B, M, V, a pass's logits): the slots this
-        pass computed (`fresh` (N,)) as computed, the others as last computed. Read-only (the cache itself)."""
+    def image_logits(self, c: torch.Tensor, u: torch.Tensor | None, slots: torch.Tensor,
+                     want: torch.Tensor) -> tuple:
+        """Codebook logits (B, W, K) of the image slots `want` (W,) for c and u: those this pass computed
+        (c, u (B, A, K) at image slots `slots` (A,)) as computed, the others as last computed."""
+        if self.ratio == 0:  # nothing kept: the pass computed every slot wanted
+            return c, u
         out = []
         for key, logits in (("c", c), ("u", u)):
-            if logits is None or self.ratio == 0:
-                out.append(None if logits is None else logits[:, self.img_cols, self.sl])
+            if logits is None:
+                out.append(None)
                 continue
-            if key not in self.logits or bool(fresh.all()):
-                self.logits[key] = logits[:, self.img_cols, self.sl]  # a copy (advanced indexing)
-            else:
-                cols = fresh.nonzero().squeeze(1)  # (A,)
-                self.logits[key][:, cols] = logits[:, self.img_cols[cols], self.sl]
-            out.append(self.logits[key])
+            if key not in self.logits:
+                self.logits[key] = logits.new_zeros(logits.shape[0], self.n, logits.shape[-1])
+            self.logits[key][:, slots] = logits
+            out.append(self.logits[key][:, want])
         self.done += 1
         return tuple(out)

@@ -14,8 +14,10 @@ there under the sampler's own per-modality distribution (policy_logprobs), so a 
 rebuild the state before any step and score exactly what was decided at it.
 Speed (benchmarks/sampler.py): steps where nothing would change are skipped (exact); forward
 passes go through model/cache.StepForward (cond + uncond rows joined; optional approximate KV
-caches); SamplerConfig.text_threshold switches text to Fast-dLLM confidence-threshold decoding.
-The approximate options are off by default. tests/sampler_reference.py keeps the plain loop.
+caches) and return logits only for the slots a step decides; text noise, guidance, softmax and
+sampling run on those slots alone (exact: the same tokens under a seed as the plain loop in
+tests/sampler_reference.py). SamplerConfig.text_threshold switches text to Fast-dLLM
+confidence-threshold decoding. The approximate options are off by default.
 Shapes: B rows (prompts x samples), M output length, N image slots, T text slots, V vocab.
 """
 import math
@@ -25,6 +27,7 @@ import torch
 
 from model.cache import ImageLogitCache, StepForward
 from model.layout import IMAGE, TEXT, OutputShape, output_regions, output_template
+from model.schedules import image_keep_count, image_step_indices, text_schedule
 from model.tokens import Vocab
 
 
@@ -105,46 +108,6 @@ class SamplerConfig:
                              f"image steps sit on the text timeline; lower image_steps or raise steps")
 
 
-# ---------------------------------------------------------------------------------------------
-# schedules (pure)
-
-def transfer_counts(n_masked: int, steps: int) -> list[int]:
-    """LLaDA even split: n // steps per step, +1 on the first n % steps steps (sums to n)."""
-    base, rem = divmod(n_masked, steps)
-    return [base + (1 if i < rem else 0) for i in range(steps)]
-
-
-def text_schedule(text_tokens: int, block_length: int, steps: int) -> list[tuple[int, int]]:
-    """Per step: (block index, tokens to unmask). Blocks are decoded left to right."""
-    if text_tokens % block_length:
-        raise ValueError(f"text length {text_tokens} is not a multiple of text_block_length={block_length}")
-    n_blocks = text_tokens // block_length
-    if steps % n_blocks:
-        raise ValueError(f"steps={steps} is not a multiple of the {n_blocks} text blocks; "
-                         f"choose steps divisible by text_tokens / text_block_length")
-    per_block = steps // n_blocks
-    return [(b, c) for b in range(n_blocks) for c in transfer_counts(block_length, per_block)]
-
-
-def image_step_indices(steps: int, image_steps: int, start: int) -> list[int]:
-    """Distinct timeline steps that decode the image: round(linspace(start, S-1, image_steps))."""
-    grid = torch.linspace(start, steps - 1, image_steps, dtype=torch.float64).round().long()
-    return sorted(set(grid.tolist()))
-
-
-def image_keep_count(n_image: int, ratio: float, unknown: int | torch.Tensor, last: bool) -> torch.Tensor:
-    """Image slots left masked after a step, per row: floor(N cos(pi/2 r)) clamped to [1, unknown-1].
-
-    unknown: masked slots, an int or (B,) per row (the result has its shape). The final image step
-    keeps 0 (upstream keeps 1 and fills it with a random code).
-    """
-    unknown = torch.as_tensor(unknown)
-    if last:
-        return torch.zeros_like(unknown)
-    keep = math.floor(n_image * math.cos(math.pi / 2 * ratio))
-    return torch.where(unknown <= 1, 0, (unknown - 1).clamp(max=keep).clamp(min=1))
-
-
 def add_gumbel_noise(logits: torch.Tensor, temperature: float, generator: torch.Generator | None) -> torch.Tensor:
     """LLaDA's Gumbel-max in float64: exp(l) / (-log u)^T; argmax of it samples softmax(l / T)."""
     if temperature == 0:
@@ -162,48 +125,65 @@ def _gumbel(shape, generator, device) -> torch.Tensor:
 # ---------------------------------------------------------------------------------------------
 # steps (pure given logits)
 
+def _columns(logits: torch.Tensor, cols: torch.Tensor | None, sub: torch.Tensor) -> torch.Tensor:
+    """logits (B, T, V) over every slot, or (B, a, V) over the sorted slots `cols`: those of slots `sub`."""
+    return logits[:, sub if cols is None else torch.searchsorted(cols, sub)]
+
+
 def unmask_text(x: torch.Tensor, logits: torch.Tensor, allowed: torch.Tensor, k: int, mask_id: int,
-                temperature: float, remasking: str, generator: torch.Generator | None) -> torch.Tensor:
+                temperature: float, remasking: str, generator: torch.Generator | None,
+                cols: torch.Tensor | None = None) -> torch.Tensor:
     """Commits the k best predictions among the allowed masked slots of each row.
 
-    x (B, T) ids; logits (B, T, V); allowed (T,) bool (the current block). Returns new x.
+    x (B, T) ids; logits (B, T, V), or (B, a, V) for the text slots `cols` (a,), sorted, among them every
+    allowed masked slot; allowed (T,) bool (the current block). Only the slots some row may commit are
+    scored (and draw noise), whichever form the logits come in. Returns new x.
     """
     if k == 0:
         return x
-    x0 = add_gumbel_noise(logits, temperature, generator).argmax(-1)  # (B, T)
+    eligible = (x == mask_id) & allowed[None]  # (B, T)
+    sub = eligible.any(0).nonzero().squeeze(1)  # (a',) slots some row may commit
+    lsub = _columns(logits, cols, sub)  # (B, a', V)
+    x0 = add_gumbel_noise(lsub, temperature, generator).argmax(-1)  # (B, a')
     if remasking == "low_confidence":
-        p = torch.softmax(logits.to(torch.float64), dim=-1)
-        conf = p.gather(-1, x0[..., None]).squeeze(-1)  # (B, T)
+        p = torch.softmax(lsub.to(torch.float64), dim=-1)
+        conf = p.gather(-1, x0[..., None]).squeeze(-1)  # (B, a')
     else:
         conf = torch.rand(x0.shape, generator=generator, device=x.device, dtype=torch.float64)
-    eligible = (x == mask_id) & allowed[None]
-    conf = conf.masked_fill(~eligible, -math.inf)
-    idx = conf.topk(k, dim=-1).indices  # (B, k)
-    return x.scatter(1, idx, x0.gather(1, idx))
+    conf = conf.masked_fill(~eligible[:, sub], -math.inf)
+    top, idx = conf.topk(min(k, len(sub)), dim=-1)  # (B, k)
+    slots = sub[idx]  # (B, k); a row with fewer than k eligible slots leaves the others as they are
+    return x.scatter(1, slots, torch.where(top > -math.inf, x0.gather(1, idx), x.gather(1, slots)))
 
 
 def unmask_text_threshold(x: torch.Tensor, logits: torch.Tensor, block_length: int, threshold: float,
                           min_k: torch.Tensor, mask_id: int, temperature: float,
-                          generator: torch.Generator | None) -> torch.Tensor:
+                          generator: torch.Generator | None, cols: torch.Tensor | None = None) -> torch.Tensor:
     """Fast-dLLM confidence-aware parallel decoding (`get_transfer_index` with a threshold).
 
     In each row's current block (the first with masked slots; every block when min_k covers all
     that is left) commits every prediction with confidence > threshold, and at least min_k of the
-    most confident. x (B, T) ids; logits (B, T, V); min_k (B,) long. Returns new x.
+    most confident. x (B, T) ids; logits (B, T, V), or (B, a, V) for the sorted text slots `cols`
+    (every masked slot among them); min_k (B,) long. Returns new x.
     """
     B, T = x.shape
-    x0 = add_gumbel_noise(logits, temperature, generator).argmax(-1)  # (B, T)
-    conf = torch.softmax(logits.to(torch.float64), dim=-1).gather(-1, x0[..., None]).squeeze(-1)  # (B, T)
     masked = x == mask_id
     block = torch.arange(T, device=x.device) // block_length  # (T,)
     first = torch.where(masked, block, T).min(dim=1).values  # (B,)
     left = masked.sum(-1)
-    allowed = masked & ((block[None] == first[:, None]) | (min_k >= left)[:, None])
+    allowed = masked & ((block[None] == first[:, None]) | (min_k >= left)[:, None])  # (B, T)
+    sub = allowed.any(0).nonzero().squeeze(1)  # (a',) slots some row may commit
+    lsub = _columns(logits, cols, sub)  # (B, a', V)
+    x0 = add_gumbel_noise(lsub, temperature, generator).argmax(-1)  # (B, a')
+    conf = torch.softmax(lsub.to(torch.float64), dim=-1).gather(-1, x0[..., None]).squeeze(-1)  # (B, a')
+    allowed = allowed[:, sub]
     conf = conf.masked_fill(~allowed, -math.inf)
     k = torch.maximum((conf > threshold).sum(-1), min_k).clamp(max=allowed.sum(-1))  # (B,)
-    rank = conf.argsort(dim=-1, descending=True, stable=True).argsort(dim=-1)  # (B, T)
+    rank = conf.argsort(dim=-1, descending=True, stable=True).argsort(dim=-1)  # (B, a')
     take = allowed & (rank < k[:, None])
-    return torch.where(take, x0, x)
+    out = x.clone()
+    out[:, sub] = torch.where(take, x0, x[:, sub])
+    return out
 
 
 def sample_categorical(probs: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
@@ -216,18 +196,20 @@ def sample_categorical(probs: torch.Tensor, generator: torch.Generator | None) -
 
 
 def decode_image(codes: torch.Tensor, logits: torch.Tensor, keep: int | torch.Tensor, ratio: float,
-                 cfg: SamplerConfig, generator: torch.Generator | None) -> torch.Tensor:
+                 cfg: SamplerConfig, generator: torch.Generator | None,
+                 slots: torch.Tensor | None = None) -> torch.Tensor:
     """One MaskGIT step over image codes.
 
-    codes (B, N) with -1 at masked slots; logits (B, N, K) over the codebook; keep an int or (B,) per row.
+    codes (B, N) with -1 at masked slots; logits (B, N, K) over the codebook, or (B, a, K) for the sorted
+    image slots `slots` (a,), every masked slot among them; keep an int or (B,) per row.
     Samples every masked slot (only those: drawing all N x K and keeping the known codes costs the same
     N x K work at every step), then re-masks the `keep` least confident of them; with
     cfg.image_threshold, never one whose probability exceeds it. Returns new codes.
     """
-    B, N, K = logits.shape
+    B, N = codes.shape
     known = codes >= 0
     rows, cols = (~known).nonzero(as_tuple=True)  # only masked slots are drawn and scored, as upstream does
-    lm = logits[rows, cols].float()  # (n, K)
+    lm = logits[rows, cols if slots is None else torch.searchsorted(slots, cols)].float()  # (n, K)
     if cfg.image_temperature > 0:
         draw = sample_categorical(torch.softmax(lm / cfg.image_temperature, dim=-1), generator)
     else:
@@ -262,29 +244,46 @@ def text_logits(logits: torch.Tensor, vocab: Vocab) -> torch.Tensor:
     return out
 
 
+def text_logprob(logits: torch.Tensor, tokens: torch.Tensor, vocab: Vocab, temperature: float) -> torch.Tensor:
+    """Log-prob of text tokens (n,) under log softmax(text_logits / T) of their slots' logits (n, V):
+    what the Gumbel-max of add_gumbel_noise samples. Returns (n,) float32."""
+    lt = torch.log_softmax(text_logits(logits.float(), vocab) / temperature, dim=-1)  # (n, V)
+    return lt.gather(-1, tokens[:, None])[:, 0]
+
+
+def image_logprob(logits: torch.Tensor, codes: torch.Tensor, temperature: float) -> torch.Tensor:
+    """Log-prob of codebook codes (n,) under log softmax(codebook logits (n, K) / T). Returns (n,) float32."""
+    return torch.log_softmax(logits.float() / temperature, dim=-1).gather(-1, codes[:, None])[:, 0]
+
+
 def policy_logprobs(logits: torch.Tensor, tokens: torch.Tensor, vocab: Vocab, shape: OutputShape,
                     cfg: "SamplerConfig") -> torch.Tensor:
     """Log-prob of each output token under the distribution the sampler draws it from.
 
-    Text slots: log softmax(text_logits / text_temperature) (the Gumbel-max of add_gumbel_noise
-    samples exactly this); image slots: log softmax(codebook logits / image_temperature). Which
-    slots are committed at a step (confidence ranking) is not part of it, as in TraceRL and
-    Mask-GRPO. Without CFG only (RL samples with text_cfg = image_cfg = 0).
+    Text slots: text_logprob (log softmax(text_logits / text_temperature)); image slots: image_logprob
+    (log softmax(codebook logits / image_temperature)). Which slots are committed at a step
+    (confidence ranking) is not part of it, as in TraceRL and Mask-GRPO. Without CFG only (RL
+    samples with text_cfg = image_cfg = 0). The sampler's trace scores the slots it decodes with the
+    same two functions.
     logits (B, M, V) over the output part; tokens (B, M). Returns (B, M) float32, 0 at sentinels.
     """
-    if cfg.text_temperature <= 0 or cfg.image_temperature <= 0:
-        raise ValueError(f"text_temperature={cfg.text_temperature} / image_temperature={cfg.image_temperature}: "
-                         f"log-probs need a stochastic sampler; set both temperatures > 0")
+    _check_stochastic(cfg)
     regions = torch.tensor(output_regions(shape), device=logits.device)
     out = torch.zeros(tokens.shape, dtype=torch.float32, device=logits.device)
     txt, img = regions == TEXT, regions == IMAGE
-    lt = torch.log_softmax(text_logits(logits[:, txt].float(), vocab) / cfg.text_temperature, dim=-1)  # (B, T, V)
-    out[:, txt] = lt.gather(-1, tokens[:, txt, None]).squeeze(-1)
-    sl = slice(vocab.image_offset, vocab.image_offset + vocab.codebook_size)
-    li = torch.log_softmax(logits[:, img, sl].float() / cfg.image_temperature, dim=-1)  # (B, N, K)
+    lt = logits[:, txt]  # (B, T, V)
+    out[:, txt] = text_logprob(lt.flatten(0, 1), tokens[:, txt].flatten(), vocab, cfg.text_temperature).view(
+        lt.shape[:2])
+    li = logits[:, img, vocab.image_offset:vocab.image_offset + vocab.codebook_size]  # (B, N, K)
     codes = (tokens[:, img] - vocab.image_offset).clamp(0, vocab.codebook_size - 1)
-    out[:, img] = li.gather(-1, codes[..., None]).squeeze(-1)
+    out[:, img] = image_logprob(li.flatten(0, 1), codes.flatten(), cfg.image_temperature).view(li.shape[:2])
     return out
+
+
+def _check_stochastic(cfg: "SamplerConfig") -> None:
+    if cfg.text_temperature <= 0 or cfg.image_temperature <= 0:
+        raise ValueError(f"text_temperature={cfg.text_temperature} / image_temperature={cfg.image_temperature}: "
+                         f"log-probs need a stochastic sampler; set both temperatures > 0")
 
 
 @dataclass
@@ -351,7 +350,9 @@ def generate(model, vocab: Vocab, shape: OutputShape, prompts: list[list[int]], 
         result.logp = torch.full(y.shape, math.nan, dtype=torch.float32, device=dev)
     last_block = -1
     img_sl = slice(vocab.image_offset, vocab.image_offset + vocab.codebook_size)
-    ml_cache = ImageLogitCache(cfg.image_cache_ratio, sum(p[1] for p in plan), img_cols, img_sl)
+    ml_cache = ImageLogitCache(cfg.image_cache_ratio, sum(p[1] for p in plan), shape.image_tokens)
+    if trace:
+        _check_stochastic(cfg)
     for step, (text_step, image_step, ratio, last_image) in enumerate(plan):
         text_masked = y[:, txt_cols] == vocab.mask_id  # (B, T)
         in_block = _text_block(text_step, shape.text_tokens, block_len, cfg.text_threshold is not None, dev)  # (T,)
@@ -363,48 +364,58 @@ def generate(model, vocab: Vocab, shape: OutputShape, prompts: list[list[int]], 
                 result.snapshots[step] = y.clone()
             continue
         before = y.clone() if trace else None
-        uncond = (cfg.text_cfg > 0 and text_now) or (cfg.image_cfg > 0 and image_step)
-        need = torch.zeros(shape.length, dtype=torch.bool, device=dev)
+        uncond = bool((cfg.text_cfg > 0 and text_now) or (cfg.image_cfg > 0 and image_step))
+        block = int(torch.where(text_masked, torch.arange(shape.text_tokens, device=dev) // block_len,
+                                shape.text_tokens).min()) if text_now else last_block
+        need = torch.zeros(shape.length, dtype=torch.bool, device=dev)  # (M,) slots whose logits this step reads
         if text_now:
             need[txt_cols] = allowed.any(0)
         if image_step:
-            need[img_cols] = ml_cache.to_recompute(codes < 0).any(0)
-        block = int(torch.where(text_masked, torch.arange(shape.text_tokens, device=dev) // block_len,
-                                shape.text_tokens).min()) if text_now else last_block
+            full = fwd.full_next(uncond, block != last_block)
+            need[img_cols] = ml_cache.to_recompute(codes < 0, full).any(0)
         active = torch.zeros(len(y), dtype=torch.bool, device=dev)  # (B,) rows with something to decode
         if text_now:
             active |= allowed.any(1)
         if image_step:
             active |= (codes < 0).any(1)
-        c, u = fwd(y, with_uncond=bool(uncond), need=need, force_refresh=block != last_block, active=active)
+        c, u = fwd(y, with_uncond=uncond, need=need, force_refresh=block != last_block, active=active)  # (B, A, V)
         last_block = block
         result.nfe += 2 if uncond else 1
+        at = torch.zeros(shape.length, dtype=torch.long, device=dev)  # output slot -> its column in c and u
+        at[need] = torch.arange(int(need.sum()), device=dev)
         if text_now:
-            lt = _guided(c[:, txt_cols], None if u is None else u[:, txt_cols], cfg.text_cfg)  # (B, T, V)
-            lt = text_logits(lt, vocab)
+            ts = need[txt_cols].nonzero().squeeze(1)  # (a,) text slots scored this step
+            pos = at[txt_cols[ts]]
+            lt = text_logits(_guided(c[:, pos], None if u is None else u[:, pos], cfg.text_cfg), vocab)  # (B, a, V)
             if cfg.text_threshold is None:
                 y[:, txt_cols] = unmask_text(y[:, txt_cols], lt, in_block, text_step[1], vocab.mask_id,
-                                             cfg.text_temperature, cfg.text_remasking, generator)
+                                             cfg.text_temperature, cfg.text_remasking, generator, cols=ts)
             else:
                 steps_left = cfg.steps - step  # text steps are the first S of the plan in both modes
                 min_k = (text_masked.sum(-1) + steps_left - 1) // steps_left  # (B,) finish by step S
                 y[:, txt_cols] = unmask_text_threshold(y[:, txt_cols], lt, block_len, cfg.text_threshold,
                                                        min_k.clamp(min=1), vocab.mask_id, cfg.text_temperature,
-                                                       generator)
+                                                       generator, cols=ts)
         if image_step:
-            lc, lu = ml_cache.image_logits(c, u, fwd.fresh[img_cols])  # (B, N, K) each; skipped slots: last logits
-            if trace and cfg.image_cache_ratio > 0:
-                c[:, img_cols, img_sl] = lc  # the behaviour log-probs are of the logits the codes were drawn from
+            computed = need[img_cols].nonzero().squeeze(1)  # (a,) image slots this pass computed
+            slots = (codes < 0).any(0).nonzero().squeeze(1)  # (w,) slots some row still has masked
+            pos = at[img_cols[computed]]
+            lc, lu = ml_cache.image_logits(c[:, pos, img_sl], None if u is None else u[:, pos, img_sl], computed,
+                                           slots)  # (B, w, K) each; with ML-Cache skipped slots hold last logits
             li = _guided(lc, lu, cfg.image_cfg)
             keep = image_keep_count(shape.image_tokens, ratio, (codes < 0).sum(-1), last_image)  # (B,)
-            codes = decode_image(codes, li, keep, ratio, cfg, generator)
+            codes = decode_image(codes, li, keep, ratio, cfg, generator, slots=slots)
             y[:, img_cols] = torch.where(codes >= 0, codes + vocab.image_offset, vocab.mask_id)
-        if trace:
-            new = (before == vocab.mask_id) & (y != vocab.mask_id)  # (B, M) decoded at this step
+        if trace:  # each slot decoded now: its log-prob under the logits it was drawn from (no CFG in a trace)
+            new = (before == vocab.mask_id) & (y != vocab.mask_id)  # (B, M)
             result.step_map[new] = step
-            rows = new.any(dim=1)
-            result.logp[rows] = torch.where(new[rows], policy_logprobs(c[rows], y[rows], vocab, shape, cfg),
-                                            result.logp[rows])
+            r, t = new[:, txt_cols].nonzero(as_tuple=True)
+            result.logp[r, txt_cols[t]] = text_logprob(c[r, at[txt_cols[t]]], y[r, txt_cols[t]], vocab,
+                                                       cfg.text_temperature)
+            if image_step:
+                r, i = new[:, img_cols].nonzero(as_tuple=True)
+                result.logp[r, img_cols[i]] = image_logprob(lc[r, torch.searchsorted(slots, i)], codes[r, i],
+                                                            cfg.image_temperature)
         if step in record_steps:
             result.snapshots[step] = y.clone()
     assert not (y[:, torch.cat([img_cols, txt_cols])] == vocab.mask_id).any(), "sampler left masked slots"
@@ -430,34 +441,3 @@ def _text_block(text_step, T: int, block_len: int, dynamic: bool, device) -> tor
     if text_step is not None:
         in_block[slice(None) if dynamic else slice(text_step[0] * block_len, (text_step[0] + 1) * block_len)] = True
     return in_block
-
-
-@torch.no_grad()
-def generate_text(model, prompt_ids: torch.Tensor, mask_id: int, gen_length: int = 128, steps: int = 128,
-                  block_length: int = 128, temperature: float = 0.0, cfg_scale: float = 0.0,
-                  remasking: str = "low_confidence", generator: torch.Generator | None = None) -> torch.Tensor:
-    """LLaDA-compatible text generation (LLaDA generate.py): semi-AR blocks, low-confidence remasking.
-
-    prompt_ids (B, Lp) unpadded prompts of equal length. Returns (B, Lp + gen_length).
-    CFG re-masks the whole prompt for the unconditional pass: un + (w + 1)(cond - un).
-    """
-    B, Lp = prompt_ids.shape
-    x = torch.cat([prompt_ids, torch.full((B, gen_length), mask_id, device=prompt_ids.device)], dim=1)
-    plan = text_schedule(gen_length, block_length, steps)
-    per_block = steps // (gen_length // block_length)
-    for i, (block, _) in enumerate(plan):
-        if i % per_block == 0:  # LLaDA recounts the block's masks at its first step
-            counts = transfer_counts(int((x[0, Lp + block * block_length:Lp + (block + 1) * block_length]
-                                          == mask_id).sum()), per_block)
-        if cfg_scale > 0:
-            un = x.clone()
-            un[:, :Lp] = mask_id
-            c, u = model(torch.cat([x, un])).float().chunk(2)
-            logits = u + (cfg_scale + 1) * (c - u)
-        else:
-            logits = model(x).float()
-        allowed = torch.zeros(gen_length, dtype=torch.bool, device=x.device)
-        allowed[block * block_length:(block + 1) * block_length] = True
-        x[:, Lp:] = unmask_text(x[:, Lp:], logits[:, Lp:], allowed, counts[i % per_block], mask_id,
-                                temperature, remasking, generator)
-    return x

@@ -279,7 +279,8 @@ class DiffusionLM(nn.Module):
         return self
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
-                last_n: int | None = None, kv: list | None = None) -> torch.Tensor:
+                last_n: int | None = None, kv: list | None = None,
+                head_cols: torch.Tensor | None = None) -> torch.Tensor:
         """Logits for every position (or only the last `last_n`, sparing the head on the prompt).
 
         Args:
@@ -289,8 +290,10 @@ class DiffusionLM(nn.Module):
             last_n: if set, return logits of the last last_n positions only.
             kv: if a list, each layer appends its post-RoPE (k, v), each (B, Hkv, L, hd), for
                 forward_cols (the samplers' approximate caches); the logits do not change.
+            head_cols: (A,) long, with last_n: the head runs only on these of the last_n positions
+                (the sampler reads the logits of the slots it decides, not of every output slot).
         Returns:
-            (B, L, V) logits in the parameters' dtype ((B, last_n, V) with last_n).
+            (B, L, V) logits in the parameters' dtype ((B, last_n, V) with last_n, (B, A, V) with head_cols).
         """
         t = self.model.transformer
         B, L = input_ids.shape
@@ -310,10 +313,12 @@ class DiffusionLM(nn.Module):
                 x = block(x, cos, sin, key_mask, kv)
         if last_n is not None:
             x = x[:, -last_n:]
+        if head_cols is not None:
+            x = x[:, head_cols]
         return t.ff_out(t.ln_f(x))  # (B, L, V)
 
     def forward_cols(self, input_ids: torch.Tensor, cols: torch.Tensor, attention_mask: torch.Tensor | None,
-                     kv: list) -> torch.Tensor:
+                     kv: list, head_cols: torch.Tensor | None = None) -> torch.Tensor:
         """Logits of a few columns against cached keys/values of the rest (approximate KV cache).
 
         Only the A columns in `cols` run through the blocks; every other position contributes the
@@ -326,8 +331,9 @@ class DiffusionLM(nn.Module):
             cols: (A,) long column indices, the same for every row.
             attention_mask: (B, L) bool as in forward, or None.
             kv: per layer (k, v), each (B, Hkv, L, hd), as forward(..., kv=[]) filled it.
+            head_cols: (A',) long indices into cols: the head runs only on those (the others only refresh k/v).
         Returns:
-            (B, A, V) logits.
+            (B, A, V) logits ((B, A', V) with head_cols).
         """
         t = self.model.transformer
         B, L = input_ids.shape
@@ -342,6 +348,8 @@ class DiffusionLM(nn.Module):
         x = self.embed(input_ids, cols)  # (B, A, D)
         for block, layer_kv in zip(t.blocks, kv):
             x = block(x, cos, sin, key_mask, [layer_kv], cols)
+        if head_cols is not None:
+            x = x[:, head_cols]
         return t.ff_out(t.ln_f(x))  # (B, A, V)
 
     def embed(self, input_ids: torch.Tensor, cols: torch.Tensor | None = None) -> torch.Tensor:

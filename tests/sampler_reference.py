@@ -7,8 +7,9 @@ import torch
 
 from model.layout import IMAGE, TEXT, OutputShape, left_pad, output_regions, output_template
 from model.tokens import Vocab
-from model.sampling import (SampleResult, SamplerConfig, _guided, decode_image, image_keep_count, image_step_indices,
-                            policy_logprobs, text_logits, text_schedule, unmask_text)
+from model.sampling import (SampleResult, SamplerConfig, _guided, decode_image, policy_logprobs, text_logits,
+                            unmask_text)
+from model.schedules import image_keep_count, image_step_indices, text_schedule
 
 
 class _Forward:

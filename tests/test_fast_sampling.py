@@ -7,7 +7,8 @@ import torch
 
 from model.cache import ImageLogitCache, StepForward, image_slots_to_recompute
 from model.layout import TEXT, OutputShape, edit_prompt, generation_prompt, output_regions
-from model.sampling import SamplerConfig, generate, image_keep_count, image_step_indices
+from model.sampling import SamplerConfig, generate
+from model.schedules import image_keep_count, image_step_indices
 from tests.helpers import VOCAB, MockModel, tiny_model
 from tests.sampler_reference import reference_generate
 
@@ -183,6 +184,22 @@ def _forward(model, cache, refresh=8):
     return fwd, y
 
 
+def test_a_pass_returns_the_logits_of_the_needed_slots_only(model):
+    # the head runs on the slots a step reads (DiffusionLM: head_cols; any other model: sliced after)
+    need = torch.zeros(SHAPE.length, dtype=torch.bool)
+    need[[2, 5, SHAPE.length - 1]] = True
+    y = torch.full((2, SHAPE.length), VOCAB.mask_id)
+    for m in (model, MockModel(VOCAB.vocab_size, fn=lambda ids: torch.randn(*ids.shape, VOCAB.vocab_size,
+                                                                             generator=torch.Generator().manual_seed(0)))):
+        fwd = StepForward(m, PROMPTS, UNCOND, VOCAB.pad_id, SHAPE.length)
+        c, u = fwd(y, True, need)
+        every_c, every_u = fwd(y, True)
+        assert c.shape == u.shape == (2, 3, VOCAB.vocab_size)
+        assert every_c.shape == (2, SHAPE.length, VOCAB.vocab_size)
+        torch.testing.assert_close(c, every_c[:, need], atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(u, every_u[:, need], atol=1e-5, rtol=1e-5)
+
+
 def test_cache_recomputes_needed_and_changed_columns_and_refreshes(model):
     fwd, y = _forward(model, "dual", refresh=3)
     need = torch.zeros(SHAPE.length, dtype=torch.bool)
@@ -191,8 +208,8 @@ def test_cache_recomputes_needed_and_changed_columns_and_refreshes(model):
     assert fwd.full_passes == 1 and fwd.columns == fwd.P + SHAPE.length
     same, _ = fwd(y, False, need)  # nothing changed: the cache is exact for this sequence
     assert fwd.partial_passes == 1 and fwd.columns == fwd.P + SHAPE.length + 4
-    assert torch.allclose(same[0, -4:], full[0, -4:], atol=1e-5)
-    assert (same[0, :-4] == 0).all()  # only the needed columns are computed
+    assert same.shape == full.shape == (1, 4, VOCAB.vocab_size)  # only the needed columns' logits
+    assert torch.allclose(same, full, atol=1e-5)
     y2 = y.clone()
     y2[0, 3] = VOCAB.image_offset + 2  # a changed slot is recomputed with the need
     before = fwd.columns
@@ -262,21 +279,22 @@ def test_ml_cache_picks_each_rows_least_sure_masked_slots():
 
 
 def test_ml_cache_hands_skipped_slots_their_last_logits():
-    img_cols, sl = torch.tensor([1, 2, 3]), slice(4, 7)
-    cache = ImageLogitCache(0.5, image_steps=4, img_cols=img_cols, sl=sl)  # warm-up: ceil(0.3 * 4) = 2 steps
-    masked = torch.ones(1, 3, dtype=torch.bool)
-    first = torch.randn(1, 6, 8)
-    lc, lu = cache.image_logits(first, None, torch.ones(3, dtype=torch.bool))
-    assert torch.equal(lc, first[:, 1:4, sl]) and lu is None
+    cache = ImageLogitCache(0.5, image_steps=4, n_slots=3)  # warm-up: ceil(0.3 * 4) = 2 steps
+    masked, every = torch.ones(1, 3, dtype=torch.bool), torch.arange(3)
+    first = torch.randn(1, 3, 5)  # (B, slots computed, K)
+    lc, lu = cache.image_logits(first, None, every, every)
+    assert torch.equal(lc, first) and lu is None
     assert cache.to_recompute(masked).all()  # still warming up
-    second = torch.randn(1, 6, 8)
-    lc, _ = cache.image_logits(second, None, torch.tensor([True, False, True]))  # the pass skipped slot 1
-    assert torch.equal(lc[0, 1], first[0, 2, sl])  # skipped: last logits
-    assert torch.equal(lc[0, 0], second[0, 1, sl]) and torch.equal(lc[0, 2], second[0, 3, sl])
+    second = torch.randn(1, 2, 5)
+    lc, _ = cache.image_logits(second, None, torch.tensor([0, 2]), every)  # the pass skipped slot 1
+    assert torch.equal(lc[0, 1], first[0, 1])  # skipped: last logits
+    assert torch.equal(lc[0, 0], second[0, 0]) and torch.equal(lc[0, 2], second[0, 1])
     assert cache.to_recompute(masked).sum() == 2  # warmed up: ceil(0.5 * 3) slots
-    off = ImageLogitCache(0.0, image_steps=4, img_cols=img_cols, sl=sl)  # ratio 0: nothing is ever reused
-    lc, _ = off.image_logits(second, None, torch.tensor([True, False, True]))
-    assert torch.equal(lc, second[:, 1:4, sl]) and off.to_recompute(masked).all()
+    assert cache.to_recompute(masked, full=True).all()  # a full pass computes every masked slot anyway
+    lc, _ = cache.image_logits(second, None, torch.tensor([0, 2]), torch.tensor([2]))  # only the slots asked for
+    assert torch.equal(lc, second[:, 1:])
+    off = ImageLogitCache(0.0, image_steps=4, n_slots=3)  # ratio 0: nothing is ever reused
+    assert off.to_recompute(masked).all() and off.image_logits(first, None, every, every)[0] is first
 
 
 def test_ml_cache_recomputes_fewer_image_columns_and_still_finishes(model):

@@ -59,6 +59,8 @@ def test_last_n_matches_full_logits():
     m = tiny_model()
     x = torch.randint(0, VOCAB.vocab_size, (2, 10))
     torch.testing.assert_close(m(x, last_n=4), m(x)[:, -4:])
+    cols = torch.tensor([0, 2])  # the head on two of the last 4 positions only
+    torch.testing.assert_close(m(x, last_n=4, head_cols=cols), m(x)[:, [6, 8]])
 
 
 def test_rope_scores_depend_only_on_relative_position():
@@ -115,6 +117,8 @@ def test_image_position_embeddings_change_only_image_blocks_and_survive_save_loa
     full = m(ids, kv=kv)
     cols = torch.tensor([0, 3, 7])
     torch.testing.assert_close(m.forward_cols(ids, cols, None, kv), full[:, cols], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(m.forward_cols(ids, cols, None, kv, head_cols=torch.tensor([2])), full[:, [7]],
+                               atol=1e-5, rtol=1e-5)
     save_pretrained(m, VOCAB, tmp_path / "pos")
     loaded, _ = from_pretrained(str(tmp_path / "pos"))
     assert loaded.config == cfg

@@ -5,8 +5,9 @@ import pytest
 import torch
 
 from model.layout import IMAGE, TEXT, OutputShape, edit_prompt, generation_prompt, output_regions
-from model.sampling import (SamplerConfig, decode_image, generate, generate_text, image_keep_count,
-                            image_step_indices, sample_categorical, text_schedule, transfer_counts)
+from model.llada_generate import generate_text
+from model.sampling import SamplerConfig, decode_image, generate, sample_categorical
+from model.schedules import image_keep_count, image_step_indices, text_schedule, transfer_counts
 from tests.helpers import VOCAB, MockModel, tiny_model
 
 SHAPE = OutputShape(image_tokens=16, text_tokens=16)
