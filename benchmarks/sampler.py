@@ -74,6 +74,18 @@ upstream 486 tokens/s at 32.2 OA; exact 1.26x / 1.28x (separate CFG passes; no C
 dual r8 3.50x at -0.8 (the best within 1 point); image logit cache 0.9 on dual r4 2.42x at -1.3 (dual
 r4 alone 2.38x at -0.5), on bf16 + dual r8 3.54x at -1.0: the toy's 16 codes leave it nothing to save.
 Drift (RL): dual r4 + image logit cache 0.9 3.8e-2 mean |dlogp|, like dual r4 alone (3.7e-2); not exact.
+
+2026-11-25, session 15: a pass returns logits only for the slots the step decides (the head runs on
+those; text noise, guidance, softmax and sampling see nothing else; exact, same tokens), where before
+every output slot's logits were made, kept dense (B, M, V) and guided. The upstream-equivalent row
+runs the head on every position, as upstream does. Paper layout (`--paper-layout --skip-toy
+--skip-drift`, the threshold rows and duplicates skipped, 6.4 min; then `--repeats 2` of three rows):
+upstream 33-38 tokens/s; exact joined 1.30x, separate CFG passes 1.37-1.45x; dual r8 2.64x; bf16 +
+dual r8 2.55-2.83x; + image logit cache 0.9 3.16-3.32x; dual r8 + text blocks of 32 + image logit cache
+0.9 3.38x. Toy (`--checkpoint <make run's> --items 300 --skip-speed --threads 1`, 190 items, 4 min):
+upstream 449 tokens/s at 32.2 OA; exact 1.31x (100% same rows); bf16 + dual r8 + image logit cache
+0.9 3.76x at -0.4 (the best within 1 point); bf16 + dual r8 3.74x at -0.8; bf16 + dual 6 + text & image
+threshold 0.9 5.63x at -3.9. Drift unchanged: exact and threshold modes 0, dual r4 3.4e-2.
 """
 import argparse
 import copy
