@@ -15,77 +15,33 @@ after it, so the ratios hold on a shared machine even when the absolute numbers 
 3. drift: how far rollout-time behaviour log-probs under each approximate mode are from the
    learner's full-pass replay (benchmarks/sampler_drift.py), i.e. which modes RL may use.
 
-Measured 2026-11-24 on 2 shared CPU cores (load average 10-45 from other jobs; --threads 1; two
-runs, ratios agreed within ~0.3x): toy-all checkpoint, 48 toy ParaBench items, batch 16 -
-exact 1.45-1.49x (same tokens, same OA 22.1); dual cache r4 + threshold 0.9 3.0-3.2x at -0.5 OA
-(the best within 1 point); dual r4 2.0-2.1x at -3.0; prefix r4 1.9x at -1.5; bf16 2.5x at -1.2;
-dual r8 + threshold 0.7 3.5x at -10. 93M random model, batch 2, 8 steps: exact 1.15x, prefix r4
-2.5x, dual r4/r8 2.1x, bf16 1.4x (one noisy run). 8x was not reached here; --gpu is unmeasured.
-
-Re-measured 2026-11-24 after model/transformer.attention went explicit on CPU (idle machine, same
-checkpoint, 48 items, batch 16, --threads 1): upstream 527 tokens/s; exact batched 1.00x (the
-explicit kernel sped up batch 1 most: this 1M-parameter model is compute-bound on one core even at
-batch 1 - 16 prompts took 1.95 s one at a time, 1.83 s as one batch - so only removing FLOPs helps);
-dual r4 2.11x at -3.0; dual r4 + text threshold 0.9 2.10x at -0.5; image threshold 0.9 alone 1.14x at
--4.5; dual r4 + text & image threshold 0.9 2.53x at -0.8 (the best within 1 point); both at 0.7 2.82x
-at -7.0.
-
-Re-measured 2026-11-24 on all 300 toy ParaBench items (48 items move OA by ~2 points per item, too
-coarse for a 1-point bound; `--items 300 --skip-speed --skip-drift --threads 1`, ~10 min): upstream
-20.5 OA, 483 tokens/s; exact batched 1.02x; dual r4 + text & image threshold 0.9 2.34x at -0.9;
-bf16 weights 1.49x at -0.2; semi-AR text blocks of 24 / 12 on top of that 2.51x / 2.59x at -7.3 /
--10.5 (this model was trained without blocks, so they cost alignment). A second run of the best rows
-(other modes skipped): bf16 + dual r4 + text & image threshold 0.9 3.31x at -1.0, the best within
-1 point on CPU; the same at refresh 6 3.66x at -5.8. The floor: a dual cache with refresh r still
-runs a full pass every r steps, so on the toy's 20-step timeline r = 4 caps the cache at 4x before
-the other passes cost anything; 8x would need ~2.5 full-pass equivalents per sample.
-
-2026-11-25: a step now runs only the rows that still have something to decode (threshold decoding
-finishes rows at their own pace; before, a finished row sat in every pass until the whole batch was
-done). Exact: same tokens. make run's toy-tiny checkpoint (the toy-all one was not at hand; 190 of
-the 300 items fit its layout), `--items 300 --skip-speed --skip-drift --threads 1`, idle machine,
-before -> after in two runs: text & image threshold 0.9 1.41x -> 2.33x (OA -4.2 in both), dual r4 +
-both thresholds 3.18x -> 4.15x, bf16 + dual r4 + both thresholds 4.06x -> 5.02x (-6.8 / -6.7 OA).
-A full run after it (all modes, same command, 2 min 50 s): upstream 497 tokens/s at 32.2 OA; exact
-batched 1.16x; within 1 point: prefix r4 2.08x (-0.1), dual r4 2.38x (-0.5), bf16 1.81x (+0.5),
-bf16 + dual r4 3.18x (+0.3), bf16 + dual r8 3.42x (-0.8, the best); threshold decoding costs this
-checkpoint 3-10 points (bf16 + dual r6 + both thresholds 4.85x at -3.9; both thresholds alone 2.11x
-at -4.2), more than toy-all's. OA moves by ~0.5 per item here, and settings whose tokens differ from
-the reference's in most rows move it by up to +-2.5 between neighbours (dual r6 vs r8), so read
-single differences below ~2 points as noise.
-
-2026-11-25, later: ML-Cache (image_cache_ratio), the paper's layout on CPU, and two costs the
-upstream-equivalent row carried that upstream does not: its unconditional prompts were left-padded to
-the conditional length (upstream runs them unpadded; an exact pass now drops leading columns that are
-padding in every row), and an image step drew a code for every slot, known ones included, through
-torch.multinomial's exponential race (N x K random numbers; now one inverse-CDF draw per masked slot,
-as upstream draws only masked slots). Both made every row faster, the upstream-equivalent one too.
-`--paper-layout --skip-toy --skip-drift` (4M-parameter random model, 1024 codes, 256 text, 128 steps,
-64 image steps, image CFG 4, batch 1, 2 threads, idle machine, 9.5 min): upstream 32-35 tokens/s;
-exact joined CFG rows 1.09x, exact separate (shorter) CFG passes 1.13x; prefix r4 1.23x; dual r4
-1.69x; dual r8 1.92x; bf16 + dual r8 2.02x; dual r4 + image logit cache 0.9 1.80x; bf16 + dual r8 +
-image logit cache 0.9 2.51x; dual r8 + text blocks of 32 + image logit cache 0.9 2.38x. A profile of
-dual r4 there: the model is about a third of the time; the rest is per-step work over 1024 x 8192
-image logits (guidance, softmax, the cache's own bookkeeping), which an 8B model on a GPU dwarfs.
-Those two rows again, `--repeats 2` with the other modes skipped: bf16 + dual r8 1.95x / 2.10x, with
-the image logit cache 2.22x / 2.41x (a lone run of the latter: 2.07x), so +14-24% from ML-Cache.
-Toy table, same day (`--checkpoint <make run's> --items 300 --skip-speed --threads 1`, 190 items):
-upstream 486 tokens/s at 32.2 OA; exact 1.26x / 1.28x (separate CFG passes; no CFG here); bf16 +
-dual r8 3.50x at -0.8 (the best within 1 point); image logit cache 0.9 on dual r4 2.42x at -1.3 (dual
-r4 alone 2.38x at -0.5), on bf16 + dual r8 3.54x at -1.0: the toy's 16 codes leave it nothing to save.
-Drift (RL): dual r4 + image logit cache 0.9 3.8e-2 mean |dlogp|, like dual r4 alone (3.7e-2); not exact.
-
-2026-11-25, session 15: a pass returns logits only for the slots the step decides (the head runs on
-those; text noise, guidance, softmax and sampling see nothing else; exact, same tokens), where before
-every output slot's logits were made, kept dense (B, M, V) and guided. The upstream-equivalent row
-runs the head on every position, as upstream does. Paper layout (`--paper-layout --skip-toy
---skip-drift`, the threshold rows and duplicates skipped, 6.4 min; then `--repeats 2` of three rows):
-upstream 33-38 tokens/s; exact joined 1.30x, separate CFG passes 1.37-1.45x; dual r8 2.64x; bf16 +
-dual r8 2.55-2.83x; + image logit cache 0.9 3.16-3.32x; dual r8 + text blocks of 32 + image logit cache
-0.9 3.38x. Toy (`--checkpoint <make run's> --items 300 --skip-speed --threads 1`, 190 items, 4 min):
-upstream 449 tokens/s at 32.2 OA; exact 1.31x (100% same rows); bf16 + dual r8 + image logit cache
-0.9 3.76x at -0.4 (the best within 1 point); bf16 + dual r8 3.74x at -0.8; bf16 + dual 6 + text & image
-threshold 0.9 5.63x at -3.9. Drift unchanged: exact and threshold modes 0, dual r4 3.4e-2.
+Latest figures (2026-11-25, 2 CPU cores, idle machine; earlier runs are in the git history of this file):
+- Paper layout (`--paper-layout --skip-toy --skip-drift`, threshold rows skipped, 6.4 min; then
+  `--repeats 2` of three rows): upstream 33-38 tokens/s; exact joined CFG rows 1.30x, separate CFG
+  passes 1.37-1.45x; dual r8 2.64x; bf16 + dual r8 2.55-2.83x; + image logit cache 0.9 3.16-3.32x;
+  dual r8 + text blocks of 32 + image logit cache 0.9 3.38x. Random weights: no OA column, and the
+  threshold rows are left out (a random model is never confident).
+- Toy (`--checkpoint <make run's sft/final> --items 300 --skip-speed --threads 1`; 190 of the 300 items
+  fit that checkpoint's layout; 4 min): upstream 449 tokens/s at 32.2 OA; exact 1.31x (100% same rows);
+  prefix r4 2.17x (-0.1); dual r4 2.51x (-0.5); bf16 + dual r8 3.74x (-0.8); bf16 + dual r8 + image
+  logit cache 0.9 3.76x (-0.4, the best within 1 point); threshold decoding costs this checkpoint 3-23
+  points (bf16 + dual 6 + text & image threshold 0.9: 5.63x at -3.9). OA moves by ~0.5 per item, and
+  settings whose tokens differ from the reference's in most rows move it by up to +-2.5 between
+  neighbours, so read single differences below ~2 points as noise.
+- Drift (RL): exact and threshold modes 0 (their replayed log-probs equal the rollout's); prefix r4
+  2.6e-2, dual r4 3.4e-2, dual r8 5.4e-2 mean |dlogp|, dual r4 + image logit cache 3.5e-2: not exact.
+- 93M random model (speed table, batch 2, 8 steps, one noisy run before the later changes): exact
+  1.15x, prefix r4 2.5x, dual r4/r8 2.1x, bf16 1.4x.
+What moved the figures, in order: rows that finished decoding skip the pass (threshold modes); exact
+passes drop leading columns that are padding in every row (upstream runs unconditional prompts
+unpadded); image codes are drawn only at masked slots by inverse CDF instead of a multinomial race
+over N x K; ML-Cache; and (largest at the paper layout: the ML-Cache row went from 19.9 s to 11.9 s per
+sample) a pass returns logits only for the slots the step decides, so the head, text noise, guidance,
+softmax and sampling never touch the rest. What limits the toy: its 20-step timeline and 48 output
+slots leave a cache little to skip (a dual cache with refresh r still runs a full pass every r steps,
+and with one text block every masked slot is recomputed each step), and this checkpoint loses OA under
+threshold decoding. At the paper layout on CPU the 4M model's attention over 2,373 positions is now most
+of a step. The 8B GPU columns (`--gpu`) are unmeasured: no GPU was lent to this project.
 """
 import argparse
 import copy
