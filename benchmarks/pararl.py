@@ -16,6 +16,7 @@ tokens/s and the share of each round's wall time per role.
     .venv/bin/python benchmarks/pararl.py --arms traj-k3-clip --seeds 0 --rounds 10
     .venv/bin/python benchmarks/pararl.py --rollout-speed        # rollouts/s: upstream-style vs ParaPipe's
     .venv/bin/python benchmarks/pararl.py --probe CKPT [CKPT ...] # does the text read the output image?
+    .venv/bin/python benchmarks/pararl.py --replay-cost 8        # learner micro-batch: logits where credited
 
 --probe decodes the held-out texts greedily twice per checkpoint: with the true output image already in
 place, and with the image fully masked (text first). If the two text accuracies are equal, the text
@@ -166,6 +167,64 @@ def probe(ckpts: list[str], paths: dict) -> None:
         print(f"  {c}: {text_with_image(c, paths, True):.3f} | {text_with_image(c, paths, False):.3f}", flush=True)
 
 
+def replay_cost(states: int, repeats: int = 3) -> None:
+    """One learner micro-batch (forward + backward of `states` replayed states) at the paper's layout (1024
+    codes, 256 text slots, 128 steps) with a toy-width random model: the head and log-probs over every
+    output slot (as the learner did before 2026-11-25) vs only at the slots each state credits (now)."""
+    import torch
+
+    from benchmarks.sampler import random_model
+    from model.layout import IMAGE, TEXT, OutputShape, edit_prompt, left_pad, output_regions, output_template
+    from model.sampling import SamplerConfig, token_logprobs
+    from model.tokens import tiny_vocab
+    from model.transformer import ModelConfig
+    from rl.replay import image_slots, replay_logprobs, state_before
+
+    vocab, shape, S = tiny_vocab(4096, 8192), OutputShape(1024, 256), 128
+    mc = ModelConfig(d_model=128, n_layers=4, n_heads=4, mlp_hidden_size=384, vocab_size=vocab.vocab_size,
+                     embedding_size=vocab.vocab_size, rope_theta=10000.0)
+    model, cfg = random_model(mc, "cpu").train(), SamplerConfig(text_temperature=1.0, image_temperature=1.0)
+    g = torch.Generator().manual_seed(0)
+    prompts = [edit_prompt(vocab, torch.randint(0, 8192, (1024,), generator=g).tolist(), list(range(10, 74)))] * states
+    regions = torch.tensor(output_regions(shape)).expand(states, -1)  # (P, M)
+    tokens = torch.tensor(output_template(vocab, shape)).repeat(states, 1)
+    tokens = torch.where(regions == TEXT, torch.randint(10, 4096, tokens.shape, generator=g), tokens)
+    tokens = torch.where(regions == IMAGE, torch.randint(0, 8192, tokens.shape, generator=g) + vocab.image_offset,
+                         tokens)
+    step_map = torch.where(regions > 0, torch.randint(0, S, tokens.shape, generator=g), -1)
+    steps = torch.randint(S // 4, S, (states,), generator=g)
+
+    def dense():  # every output slot's logits and log-probs, the credited ones used
+        pids, pmask = left_pad(prompts, vocab.pad_id)
+        state = state_before(tokens, step_map, steps, vocab.mask_id)
+        logits = model(torch.cat([pids, state], 1), torch.cat([pmask, torch.ones_like(state, dtype=torch.bool)], 1),
+                       last_n=shape.length)  # (P, M, V)
+        img = image_slots(shape).expand(tokens.shape)
+        logp = token_logprobs(logits.flatten(0, 1), tokens.flatten(), img.flatten(), vocab, cfg).view(tokens.shape)
+        return logp[step_map == steps[:, None]], logits.numel()
+
+    def credited():
+        logp, cred, logits = replay_logprobs(model, prompts, tokens, step_map, steps, vocab, shape, cfg,
+                                             return_logits=True)
+        return logp[cred], logits.numel()
+
+    times = {"every output slot": [], "credited slots only": []}
+    for _ in range(repeats):  # interleaved
+        for name, fn in (("every output slot", dense), ("credited slots only", credited)):
+            model.zero_grad(set_to_none=True)
+            t0 = time.perf_counter()
+            lp, n_logits = fn()
+            lp.sum().backward()
+            times[name].append((time.perf_counter() - t0, n_logits, len(lp)))
+    print(f"learner micro-batch of {states} replayed states, paper layout ({shape}, {S} steps), "
+          f"{model.num_params() / 1e6:.0f}M random model, median of {repeats}:")
+    base = statistics.median(t for t, _, _ in times["every output slot"])
+    for name, ts in times.items():
+        sec = statistics.median(t for t, _, _ in ts)
+        print(f"  {name:20s} {sec:6.2f} s ({base / sec:.2f}x)  logits {ts[0][1] * 4 / 2 ** 20:8.1f} MiB float32 "
+              f"for {ts[0][2]} credited tokens")
+
+
 def spread(xs: list[float]) -> str:
     return f"{statistics.mean(xs):.3f} ± {statistics.pstdev(xs):.3f}" if len(xs) > 1 else f"{xs[0]:.3f}"
 
@@ -188,7 +247,11 @@ def main() -> None:
     p.add_argument("--speed-group", type=int, default=8, help="G for --rollout-speed")
     p.add_argument("--speed-rounds", type=int, default=3, help="interleaved rounds for --rollout-speed")
     p.add_argument("--threads", type=int, default=1, help="torch threads of the rollout worker (--rollout-speed)")
+    p.add_argument("--replay-cost", type=int, default=0, metavar="STATES",
+                   help="only time one learner micro-batch of STATES states at the paper layout (no checkpoint)")
     a = p.parse_args()
+    if a.replay_cost:
+        return replay_cost(a.replay_cost)
     import ray
     import torch
 

@@ -10,7 +10,7 @@ Unlike upstream, the last image step re-masks nothing, so no image slot is left 
 Randomness comes only from the `generator` argument: same seed, same samples.
 For RL (rl/), generate() also records a trajectory: the step at which every output slot was
 decoded (`step_map`) and, at the recorded steps, the behaviour log-prob of each token decoded
-there under the sampler's own per-modality distribution (policy_logprobs), so a learner can
+there under the sampler's own per-modality distribution (token_logprobs), so a learner can
 rebuild the state before any step and score exactly what was decided at it.
 Speed (benchmarks/sampler.py): steps where nothing would change are skipped (exact); forward
 passes go through model/cache.StepForward (cond + uncond rows joined; optional approximate KV
@@ -256,27 +256,24 @@ def image_logprob(logits: torch.Tensor, codes: torch.Tensor, temperature: float)
     return torch.log_softmax(logits.float() / temperature, dim=-1).gather(-1, codes[:, None])[:, 0]
 
 
-def policy_logprobs(logits: torch.Tensor, tokens: torch.Tensor, vocab: Vocab, shape: OutputShape,
-                    cfg: "SamplerConfig") -> torch.Tensor:
+def token_logprobs(logits: torch.Tensor, tokens: torch.Tensor, is_image: torch.Tensor, vocab: Vocab,
+                   cfg: "SamplerConfig") -> torch.Tensor:
     """Log-prob of each output token under the distribution the sampler draws it from.
 
     Text slots: text_logprob (log softmax(text_logits / text_temperature)); image slots: image_logprob
     (log softmax(codebook logits / image_temperature)). Which slots are committed at a step
     (confidence ranking) is not part of it, as in TraceRL and Mask-GRPO. Without CFG only (RL
     samples with text_cfg = image_cfg = 0). The sampler's trace scores the slots it decodes with the
-    same two functions.
-    logits (B, M, V) over the output part; tokens (B, M). Returns (B, M) float32, 0 at sentinels.
+    same two functions. logits (n, V) of n output slots; tokens (n,) joint ids; is_image (n,) bool.
+    Returns (n,) float32.
     """
     _check_stochastic(cfg)
-    regions = torch.tensor(output_regions(shape), device=logits.device)
     out = torch.zeros(tokens.shape, dtype=torch.float32, device=logits.device)
-    txt, img = regions == TEXT, regions == IMAGE
-    lt = logits[:, txt]  # (B, T, V)
-    out[:, txt] = text_logprob(lt.flatten(0, 1), tokens[:, txt].flatten(), vocab, cfg.text_temperature).view(
-        lt.shape[:2])
-    li = logits[:, img, vocab.image_offset:vocab.image_offset + vocab.codebook_size]  # (B, N, K)
-    codes = (tokens[:, img] - vocab.image_offset).clamp(0, vocab.codebook_size - 1)
-    out[:, img] = image_logprob(li.flatten(0, 1), codes.flatten(), cfg.image_temperature).view(li.shape[:2])
+    txt = ~is_image
+    out[txt] = text_logprob(logits[txt], tokens[txt], vocab, cfg.text_temperature)
+    codes = (tokens[is_image] - vocab.image_offset).clamp(0, vocab.codebook_size - 1)
+    sl = slice(vocab.image_offset, vocab.image_offset + vocab.codebook_size)
+    out[is_image] = image_logprob(logits[is_image][:, sl], codes, cfg.image_temperature)
     return out
 
 

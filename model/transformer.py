@@ -280,7 +280,7 @@ class DiffusionLM(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                 last_n: int | None = None, kv: list | None = None,
-                head_cols: torch.Tensor | None = None) -> torch.Tensor:
+                head_cols: torch.Tensor | None = None, head_mask: torch.Tensor | None = None) -> torch.Tensor:
         """Logits for every position (or only the last `last_n`, sparing the head on the prompt).
 
         Args:
@@ -292,8 +292,11 @@ class DiffusionLM(nn.Module):
                 forward_cols (the samplers' approximate caches); the logits do not change.
             head_cols: (A,) long, with last_n: the head runs only on these of the last_n positions
                 (the sampler reads the logits of the slots it decides, not of every output slot).
+            head_mask: (B, last_n) bool, with last_n: the head runs only where it is True (the RL
+                learner scores the few tokens each replayed state credits).
         Returns:
-            (B, L, V) logits in the parameters' dtype ((B, last_n, V) with last_n, (B, A, V) with head_cols).
+            (B, L, V) logits in the parameters' dtype ((B, last_n, V) with last_n, (B, A, V) with head_cols,
+            (N, V) with head_mask, its True positions in row-major order).
         """
         t = self.model.transformer
         B, L = input_ids.shape
@@ -315,6 +318,8 @@ class DiffusionLM(nn.Module):
             x = x[:, -last_n:]
         if head_cols is not None:
             x = x[:, head_cols]
+        if head_mask is not None:
+            x = x[head_mask]  # (N, D)
         return t.ff_out(t.ln_f(x))  # (B, L, V)
 
     def forward_cols(self, input_ids: torch.Tensor, cols: torch.Tensor, attention_mask: torch.Tensor | None,

@@ -202,7 +202,7 @@ def update(policy, ref, optimizer, batch: Rollouts, cfg: RLConfig, vocab: Vocab,
                                   weight, cfg.clip_eps, cfg.beta, ref_tok)
                 (out.loss * world if sharded else out.loss).backward()
                 with torch.no_grad():
-                    ent_mini[0] += float(_entropy(logits[p_idx, m_idx], is_img[m_idx], vocab, sampler).sum())
+                    ent_mini[0] += float(_entropy(logits, is_img[m_idx], vocab, sampler).sum())  # (N, V) credited
                 ent_mini[1] += len(p_idx)
                 stats["learner_tokens"] += len(p_idx)
                 stats["clip_frac"] += out.clip_frac * len(p_idx) / cfg.inner_iters

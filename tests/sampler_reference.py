@@ -7,8 +7,7 @@ import torch
 
 from model.layout import IMAGE, TEXT, OutputShape, left_pad, output_regions, output_template
 from model.tokens import Vocab
-from model.sampling import (SampleResult, SamplerConfig, _guided, decode_image, policy_logprobs, text_logits,
-                            unmask_text)
+from model.sampling import SampleResult, SamplerConfig, _guided, decode_image, text_logits, token_logprobs, unmask_text
 from model.schedules import image_keep_count, image_step_indices, text_schedule
 
 
@@ -30,6 +29,17 @@ class _Forward:
                                                              device=ids.device)], dim=1)
         logits = self.model(ids, mask, last_n=self.M).float()  # (k*B, M, V)
         return (logits[:self.B], logits[self.B:]) if with_uncond else (logits, None)
+
+
+def policy_logprobs(logits: torch.Tensor, tokens: torch.Tensor, vocab: Vocab, shape: OutputShape,
+                    cfg: "SamplerConfig") -> torch.Tensor:
+    """The plain loop's behaviour log-probs: token_logprobs of every text and image slot of a full pass.
+    logits (B, M, V) over the output part; tokens (B, M). Returns (B, M) float32, 0 at sentinels."""
+    regions = torch.tensor(output_regions(shape), device=logits.device).expand(tokens.shape)  # (B, M)
+    slots = (regions == TEXT) | (regions == IMAGE)
+    out = torch.zeros(tokens.shape, dtype=torch.float32, device=logits.device)
+    out[slots] = token_logprobs(logits[slots], tokens[slots], regions[slots] == IMAGE, vocab, cfg)
+    return out
 
 
 @torch.no_grad()

@@ -61,6 +61,8 @@ def test_last_n_matches_full_logits():
     torch.testing.assert_close(m(x, last_n=4), m(x)[:, -4:])
     cols = torch.tensor([0, 2])  # the head on two of the last 4 positions only
     torch.testing.assert_close(m(x, last_n=4, head_cols=cols), m(x)[:, [6, 8]])
+    where = torch.tensor([[True, False, False, True], [False, True, False, False]])  # per row: 2 slots, then 1
+    torch.testing.assert_close(m(x, last_n=4, head_mask=where), torch.stack([m(x)[0, 6], m(x)[0, 9], m(x)[1, 7]]))
 
 
 def test_rope_scores_depend_only_on_relative_position():
