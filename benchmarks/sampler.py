@@ -30,8 +30,10 @@ Latest figures (2026-11-25, 2 CPU cores, idle machine; earlier runs are in the g
   neighbours, so read single differences below ~2 points as noise.
 - Drift (RL): exact and threshold modes 0 (their replayed log-probs equal the rollout's); prefix r4
   2.6e-2, dual r4 3.4e-2, dual r8 5.4e-2 mean |dlogp|, dual r4 + image logit cache 3.5e-2: not exact.
-- 93M random model (speed table, batch 2, 8 steps, one noisy run before the later changes): exact
-  1.15x, prefix r4 2.5x, dual r4/r8 2.1x, bf16 1.4x.
+- 93M random model (the default speed table: 64 codes, 32 text, 8 steps, image CFG 4, batch 2;
+  `--skip-toy --skip-drift --repeats 3`, 3.4 min; each upstream run is ~2 s, so ratios move by ~15%
+  between repeats): exact joined 0.92-1.12x, separate CFG passes 1.14-1.21x; prefix r4 1.32-1.51x;
+  dual r8 1.61-1.86x; bf16 1.74-2.08x; bf16 + dual r8 3.18-3.56x; + image logit cache 0.9 3.80-4.38x.
 What moved the figures, in order: rows that finished decoding skip the pass (threshold modes); exact
 passes drop leading columns that are padding in every row (upstream runs unconditional prompts
 unpadded); image codes are drawn only at masked slots by inverse CDF instead of a multinomial race
