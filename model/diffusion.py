@@ -139,13 +139,11 @@ def diffusion_loss(logits: torch.Tensor, targets: torch.Tensor, masked: torch.Te
     """Time-step re-weighted CE over masked output slots.
 
     Args:
-        logits: (B, L, V) predictions on the noisy sequence, or (N, V) at its masked slots only, in
-            masked.nonzero() order (the model's head_mask: the head never runs where the loss does not look).
+        logits: (B, L, V) predictions on the noisy sequence.
         targets: (B, L) clean ids. masked, regions: (B, L). t_text, t_image: (B,).
     """
     ce = torch.zeros(targets.shape, dtype=torch.float32, device=targets.device)  # (B, L)
-    at_masked = logits[masked] if logits.dim() == 3 else logits  # (N, V)
-    ce[masked] = F.cross_entropy(at_masked.float(), targets[masked], reduction="none")
+    ce[masked] = F.cross_entropy(logits[masked].float(), targets[masked], reduction="none")
     text_region, image_region = regions == TEXT, regions == IMAGE
     text_m, image_m = masked & text_region, masked & image_region
     w_text = 1 / t_text if objective.text_weight == "inverse_t" else torch.ones_like(t_text)

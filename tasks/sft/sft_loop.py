@@ -158,7 +158,7 @@ def micro_batch_loss(model: torch.nn.Module, batch: Batch, cfg: SFTConfig, mask_
                      generator: torch.Generator | None):
     """Masks the output part, runs the model on it and returns model.diffusion.LossParts.
 
-    Logits are computed only at the masked output slots: the loss never looks anywhere else.
+    Logits are computed for the output part only (last M columns): the loss never looks at the prompt.
     """
     objective = OBJECTIVES[cfg.objective]
     if cfg.image_coeff != 1.0:
@@ -168,7 +168,7 @@ def micro_batch_loss(model: torch.nn.Module, batch: Batch, cfg: SFTConfig, mask_
     noisy, masked, t_text, t_image = forward_process(ids, regions, objective, mask_id, generator)
     M = output_columns(regions)
     with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=cfg.bf16):
-        logits = model(noisy, mask, last_n=M, head_mask=masked[:, -M:])  # (N, V)
+        logits = model(noisy, mask, last_n=M)  # (B, M, V)
     return diffusion_loss(logits, ids[:, -M:], masked[:, -M:], regions[:, -M:], t_text, t_image, objective)
 
 
