@@ -183,14 +183,16 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_mask: torch
     """softmax(q k^T / sqrt(hd), masked keys at -inf) v, bidirectional.
 
     q (B, H, Lq, hd); k, v (B, Hkv, L, hd); key_mask (B, 1, 1, L) bool or None -> (B, H, Lq, hd) in q's dtype.
-    On GPUs, and for long sequences anywhere, this is SDPA (flash / memory-efficient kernels). On CPU with
-    at most EXPLICIT_ATTENTION_MAX_KEYS keys it is two fp32 matmuls and a softmax, with autocast off: the
-    CPU flash kernel's backward dominates a step at toy lengths, and the explicit form made a toy-tiny SFT step
-    (L = 88, batch 32, one thread, bf16 autocast) 1.26x faster, with scores and softmax in fp32 as the kernel
-    keeps them (`benchmarks/sft_recipe.py --speed-only --batch 32` prints the side-by-side figure).
+    On GPUs, for long sequences, and without autograd (sampling, evaluation) this is SDPA (flash /
+    memory-efficient kernels). When training on CPU with at most EXPLICIT_ATTENTION_MAX_KEYS keys it is two
+    fp32 matmuls and a softmax, with autocast off: the CPU flash kernel's backward dominates a step at toy
+    lengths, and the explicit form made a toy-tiny SFT step (L = 88, batch 32, one thread, bf16 autocast)
+    1.26x faster, with scores and softmax in fp32 as the kernel keeps them (`benchmarks/sft_recipe.py
+    --speed-only --batch 32` prints the side-by-side figure). Forward-only, the kernel is the faster one
+    (the toy sampler's best mode spent 29% of its time in the explicit form, 15% in SDPA).
     """
     B, H, Lq, hd = q.shape
-    if q.device.type != "cpu" or k.shape[2] > EXPLICIT_ATTENTION_MAX_KEYS:
+    if q.device.type != "cpu" or k.shape[2] > EXPLICIT_ATTENTION_MAX_KEYS or not torch.is_grad_enabled():
         return F.scaled_dot_product_attention(q, k, v, attn_mask=key_mask, is_causal=False,
                                               enable_gqa=k.shape[1] != H)
     if k.shape[1] != H:  # grouped-query attention: each k/v head serves H / Hkv query heads

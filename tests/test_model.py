@@ -37,7 +37,9 @@ def test_explicit_cpu_attention_matches_sdpa_with_pads_and_grouped_heads(kv_head
     with torch.autocast("cpu", dtype=torch.bfloat16):  # bf16 in, bf16 out; scores and softmax in fp32
         out = attention(q.bfloat16(), k.bfloat16(), v.bfloat16(), key_mask)
     assert out.dtype == torch.bfloat16 and (out.float() - ref).abs().max() < 0.03
-    # past the limit, or on a GPU, it is SDPA itself
+    # past the limit, without autograd (sampling), or on a GPU, it is SDPA itself
+    with torch.no_grad():
+        assert torch.equal(attention(q, k, v, key_mask), ref)
     long_k, long_v = torch.randn(2, 1, kv_heads, EXPLICIT_ATTENTION_MAX_KEYS + 1, 8, generator=g)
     assert torch.equal(attention(q[:1], long_k, long_v, None), torch.nn.functional.scaled_dot_product_attention(
         q[:1], long_k, long_v, enable_gqa=kv_heads != 4))
