@@ -11,10 +11,13 @@ The approximate caches follow Fast-dLLM (arXiv 2505.22618, `generate_with_prefix
 refresh only some columns run through the blocks and attend to the stored k/v of the rest, whose
 context has moved on since (hence approximate).
 - "prefix": the prompt (instruction + input image) is cached; the whole output part is recomputed.
-- "dual": also the output slots that are not needed this step are cached; recomputed are the
-  slots whose logits the step needs (masked slots of the current text block, masked image slots on
-  image steps) and every slot whose token changed since its k/v was written (so a cached entry
-  always belongs to the token now at its position, as in dKV-Cache's delayed caching).
+- "dual": also the output slots that are not needed this step are cached; recomputed are, per
+  row, the slots whose logits the step needs in that row (its masked slots of the current text
+  block, its masked image slots on image steps) and every slot whose token changed since its k/v
+  was written (so a cached entry always belongs to the token now at its position, as in
+  dKV-Cache's delayed caching). Rows decode different slots, so each row runs its own columns
+  (as many as the busiest row, the others repeating one): a row's result does not depend on the
+  batch it is in, and no row pays for the union of everyone's slots.
 A refresh (full pass) comes every `refresh` passes of a half (cond or uncond rows) and whenever
 the sampler asks (a new text block, as Fast-dLLM refreshes per block); refresh=1 is exact.
 ImageLogitCache adds Lumina-DiMOO's ML-Cache on top of "dual": an image step recomputes only the
@@ -75,15 +78,17 @@ class StepForward:
     @torch.no_grad()
     def __call__(self, y: torch.Tensor, with_uncond: bool, need: torch.Tensor | None = None,
                  force_refresh: bool = False, active: torch.Tensor | None = None):
-        """Logits (B, A, V) of the output columns in `need` for the cond rows, and the same or None for the
-        uncond rows.
+        """Logits (B, A, V) of the output columns some row needs, for the cond rows, and the same or None
+        for the uncond rows.
 
-        y (B, M) current output parts; need (M,) bool: the output columns whose logits the caller reads
-        (A = need.sum(); None: all M); active (B,) bool: rows that have work (None: all); the others
-        are not run and get zero logits.
+        y (B, M) current output parts; need (M,) or per row (B, M) bool: the output slots whose logits
+        the caller reads (A = columns needed by any row; None: all M). Only the (row, slot) pairs in
+        `need` are guaranteed: a dual-cache pass leaves the others at zero. active (B,) bool: rows that
+        have work (None: all); the others are not run and get zero logits.
         """
         if need is None:  # every output slot, from a full pass
             need, force_refresh = torch.ones(self.M, dtype=torch.bool, device=y.device), True
+        need = need.expand(self.B, self.M)  # (B, M)
         halves = self.halves[:2 if with_uncond else 1]
         idx = None if active is None or bool(active.all()) else active.nonzero().squeeze(1)  # (b,) rows run
         if idx is not None and any(h.kv is None for h in halves) and self.cache != "none":
@@ -104,13 +109,13 @@ class StepForward:
         ids = torch.cat([self.ids[rows], (y if idx is None else y[idx]).repeat(len(halves), 1)], dim=1)  # (r, P + M)
         mask = torch.cat([self.mask[rows], torch.ones(ids.shape[0], self.M, dtype=torch.bool, device=ids.device)],
                          dim=1)
-        head = need.nonzero().squeeze(1)  # (A,)
+        head = need.any(0).nonzero().squeeze(1)  # (A,)
         if self.cache == "none":  # exact: leading columns that are padding in every row run are left out
             lead = int(mask.any(0).long().argmax())  # (unconditional prompts are short: upstream runs them unpadded)
             return self._full(halves, ids[:, lead:], mask[:, lead:], idx, head)
         if self._stale(halves, force_refresh):
             return self._full(halves, ids, mask, idx, head)
-        return self._partial(halves, ids, mask, need, idx)
+        return self._partial(halves, ids, mask, (need if idx is None else need[idx]).repeat(len(halves), 1), idx)
 
     def _full(self, halves, ids, mask, idx, head) -> torch.Tensor:
         kv = [] if self.cache != "none" else None
@@ -134,40 +139,54 @@ class StepForward:
         return logits.float()  # (r, A, V)
 
     def _partial(self, halves, ids, mask, need, idx) -> torch.Tensor:
+        """need (r, M): per row run. Each row runs its needed and changed output columns (dual) or all of
+        them (prefix); returns (r, A, V) at the columns some row needs, zero where that row did not."""
         written = torch.cat([h.written if idx is None else h.written[idx] for h in halves])  # (r, P + M)
-        changed = (ids != written).any(0)  # (P + M,)
-        out_cols = need | changed[self.P:] if self.cache == "dual" else torch.ones_like(need)
-        cols = out_cols.nonzero().squeeze(1) + self.P  # (A,)
-        if len(cols) == 0:  # nothing needed and nothing changed
-            return torch.zeros(ids.shape[0], 0, self.model.config.rows, device=ids.device)
-        head = (out_cols.long().cumsum(0) - 1)[need]  # (A',) the needed columns' places in cols
+        union = need.any(0)  # (M,)
+        out = torch.zeros(ids.shape[0], int(union.sum()), self.model.config.rows, device=ids.device)  # (r, A, V)
+        run = need | (ids != written)[:, self.P:] if self.cache == "dual" else torch.ones_like(need)  # (r, M)
+        n = run.sum(1)  # (r,)
+        width = int(n.max())
+        if width == 0:  # nothing needed and nothing changed
+            return out
+        ar = torch.arange(self.M, device=ids.device)
+        first = torch.where(run, ar, self.M).sort(1).values[:, :width]  # (r, width) each row's columns, then M
+        last = first.gather(1, (n - 1).clamp(min=0)[:, None])  # a busy row's last column; 0 for an idle one
+        slot = torch.where(first < self.M, first, torch.where(n[:, None] > 0, last, 0))  # (r, width) output slots
+        head = need.gather(1, slot) & (ar[:width][None] < n[:, None])  # (r, width): logits read, no repeats
         if len(halves) == 1 and idx is None:
             kv = halves[0].kv
         else:  # join the halves' caches (a copy), then write the fresh columns back to each
             pick = (lambda t: t) if idx is None else (lambda t: t[idx])  # noqa: E731
             kv = [tuple(torch.cat([pick(h.kv[layer][j]) for h in halves]) for j in (0, 1))
                   for layer in range(len(halves[0].kv))]
-        logits = self.model.forward_cols(ids, cols, mask, kv, head_cols=head).float()  # (r, A', V)
+        cols = slot + self.P  # (r, width) sequence columns
+        logits = self.model.forward_cols(ids, cols, mask, kv, head_mask=head).float()  # (N, V)
+        at = union.long().cumsum(0) - 1  # (M,) output slot -> its place among the columns returned
+        rr, aa = head.nonzero(as_tuple=True)
+        out[rr, at[slot[rr, aa]]] = logits
         r = ids.shape[0] // len(halves)
-        if len(halves) > 1 or idx is not None:
-            for layer, fresh in enumerate(kv):
-                for i, h in enumerate(halves):
-                    for j in (0, 1):
-                        if idx is None:
-                            h.kv[layer][j][:, :, cols] = fresh[j][i * r:(i + 1) * r, :, cols]
-                        else:
-                            h.kv[layer][j][idx[:, None], :, cols[None]] = \
-                                fresh[j][i * r:(i + 1) * r, :, cols].transpose(1, 2)
         for i, h in enumerate(halves):
-            part = ids[i * r:(i + 1) * r, cols]
+            part = slice(i * r, (i + 1) * r)
+            c = cols[part]  # (r, width)
+            if len(halves) > 1 or idx is not None:
+                for layer, fresh in enumerate(kv):
+                    for j in (0, 1):
+                        dst = h.kv[layer][j]  # (B, Hkv, L, hd)
+                        at_kv = c[:, None, :, None].expand(-1, dst.shape[1], -1, dst.shape[3])
+                        vals = fresh[j][part].gather(2, at_kv)
+                        if idx is None:
+                            dst.scatter_(2, at_kv, vals)
+                        else:
+                            dst[idx] = dst[idx].scatter(2, at_kv, vals)
             if idx is None:
-                h.written[:, cols] = part
+                h.written.scatter_(1, c, ids[part].gather(1, c))
             else:
-                h.written[idx[:, None], cols[None]] = part
+                h.written[idx] = h.written[idx].scatter(1, c, ids[part].gather(1, c))
             h.age += 1
         self.partial_passes += 1
-        self.columns += len(cols)
-        return logits
+        self.columns += width
+        return out
 
 
 def image_slots_to_recompute(logits: torch.Tensor, masked: torch.Tensor, ratio: float) -> torch.Tensor:
@@ -188,8 +207,8 @@ class ImageLogitCache:
 
     Keeps each image slot's last codebook logits (cond and uncond rows). After the warm-up image
     steps, to_recompute names only the (1 - ratio) least sure masked slots of each row; the pass
-    computes the union of those slots over the batch, and image_logits() gives every other slot its
-    cached logits. ratio 0 is off: every masked slot is recomputed, nothing is reused.
+    computes those (each row its own: with a dual cache a row runs only its own columns), and
+    image_logits() gives every other slot its cached logits. ratio 0 is off: every masked slot is recomputed, nothing is reused.
     """
 
     def __init__(self, ratio: float, image_steps: int, n_slots: int):
@@ -205,9 +224,10 @@ class ImageLogitCache:
         return image_slots_to_recompute(self.logits["c"], masked, self.ratio)
 
     def image_logits(self, c: torch.Tensor, u: torch.Tensor | None, slots: torch.Tensor,
-                     want: torch.Tensor) -> tuple:
+                     want: torch.Tensor, computed: torch.Tensor | None = None) -> tuple:
         """Codebook logits (B, W, K) of the image slots `want` (W,) for c and u: those this pass computed
-        (c, u (B, A, K) at image slots `slots` (A,)) as computed, the others as last computed."""
+        (c, u (B, A, K) at image slots `slots` (A,); per row only where `computed` (B, A) is True, None:
+        everywhere) as computed, the others as last computed."""
         if self.ratio == 0:  # nothing kept: the pass computed every slot wanted
             return c, u
         out = []
@@ -217,7 +237,10 @@ class ImageLogitCache:
                 continue
             if key not in self.logits:
                 self.logits[key] = logits.new_zeros(logits.shape[0], self.n, logits.shape[-1])
-            self.logits[key][:, slots] = logits
+            if computed is None:
+                self.logits[key][:, slots] = logits
+            else:
+                self.logits[key][:, slots] = torch.where(computed[..., None], logits, self.logits[key][:, slots])
             out.append(self.logits[key][:, want])
         self.done += 1
         return tuple(out)

@@ -364,20 +364,21 @@ def generate(model, vocab: Vocab, shape: OutputShape, prompts: list[list[int]], 
         uncond = bool((cfg.text_cfg > 0 and text_now) or (cfg.image_cfg > 0 and image_step))
         block = int(torch.where(text_masked, torch.arange(shape.text_tokens, device=dev) // block_len,
                                 shape.text_tokens).min()) if text_now else last_block
-        need = torch.zeros(shape.length, dtype=torch.bool, device=dev)  # (M,) slots whose logits this step reads
+        need_rows = torch.zeros(y.shape, dtype=torch.bool, device=dev)  # (B, M) slots whose logits a row reads
         if text_now:
-            need[txt_cols] = allowed.any(0)
+            need_rows[:, txt_cols] = allowed
         if image_step:
             full = fwd.full_next(uncond, block != last_block)
-            need[img_cols] = ml_cache.to_recompute(codes < 0, full).any(0)
+            need_rows[:, img_cols] = ml_cache.to_recompute(codes < 0, full)
         active = torch.zeros(len(y), dtype=torch.bool, device=dev)  # (B,) rows with something to decode
         if text_now:
             active |= allowed.any(1)
         if image_step:
             active |= (codes < 0).any(1)
-        c, u = fwd(y, with_uncond=uncond, need=need, force_refresh=block != last_block, active=active)  # (B, A, V)
+        c, u = fwd(y, with_uncond=uncond, need=need_rows, force_refresh=block != last_block, active=active)  # (B, A, V)
         last_block = block
         result.nfe += 2 if uncond else 1
+        need = need_rows.any(0)  # (M,) the columns of c and u; a row's logits are read only where it needs them
         at = torch.zeros(shape.length, dtype=torch.long, device=dev)  # output slot -> its column in c and u
         at[need] = torch.arange(int(need.sum()), device=dev)
         if text_now:
@@ -398,7 +399,8 @@ def generate(model, vocab: Vocab, shape: OutputShape, prompts: list[list[int]], 
             slots = (codes < 0).any(0).nonzero().squeeze(1)  # (w,) slots some row still has masked
             pos = at[img_cols[computed]]
             lc, lu = ml_cache.image_logits(c[:, pos, img_sl], None if u is None else u[:, pos, img_sl], computed,
-                                           slots)  # (B, w, K) each; with ML-Cache skipped slots hold last logits
+                                           slots, need_rows[:, img_cols[computed]])
+            # (B, w, K) each; with ML-Cache skipped slots hold last logits
             li = _guided(lc, lu, cfg.image_cfg)
             keep = image_keep_count(shape.image_tokens, ratio, (codes < 0).sum(-1), last_image)  # (B,)
             codes = decode_image(codes, li, keep, ratio, cfg, generator, slots=slots)

@@ -223,8 +223,8 @@ class Block(nn.Module):
 
     def forward(self, x, cos, sin, key_mask, kv: list | None = None, cols: torch.Tensor | None = None):
         """x (B, L, D) -> (B, L, D). With `kv` and no `cols`, appends this layer's (k, v) (B, Hkv, L, hd).
-        With `kv` = [(k, v)] and `cols` (A,), x holds only those A columns of the sequence: their
-        fresh k/v are written into the cached ones in place and the A queries attend to all L keys."""
+        With `kv` = [(k, v)] and `cols` (A,) or per row (B, A), x holds only those A columns of the sequence:
+        their fresh k/v are written into the cached ones in place and the A queries attend to all L keys."""
         B, L, _ = x.shape
         n = self.attn_norm(x)
         q = self.q_proj(n).view(B, L, self.n_heads, self.head_dim).transpose(1, 2)  # (B, H, L, hd)
@@ -233,7 +233,12 @@ class Block(nn.Module):
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if cols is not None:
             kc, vc = kv[0]
-            kc[:, :, cols], vc[:, :, cols] = k, v
+            if cols.dim() == 1:
+                kc[:, :, cols], vc[:, :, cols] = k, v
+            else:  # each row its own columns (a repeated column writes the same values twice)
+                at = cols[:, None, :, None].expand(-1, kc.shape[1], -1, kc.shape[3])  # (B, Hkv, A, hd)
+                kc.scatter_(2, at, k)
+                vc.scatter_(2, at, v)
             k, v = kc, vc
         elif kv is not None:
             kv.append((k, v))
@@ -325,7 +330,8 @@ class DiffusionLM(nn.Module):
         return t.ff_out(t.ln_f(x))  # (B, L, V)
 
     def forward_cols(self, input_ids: torch.Tensor, cols: torch.Tensor, attention_mask: torch.Tensor | None,
-                     kv: list, head_cols: torch.Tensor | None = None) -> torch.Tensor:
+                     kv: list, head_cols: torch.Tensor | None = None,
+                     head_mask: torch.Tensor | None = None) -> torch.Tensor:
         """Logits of a few columns against cached keys/values of the rest (approximate KV cache).
 
         Only the A columns in `cols` run through the blocks; every other position contributes the
@@ -335,21 +341,24 @@ class DiffusionLM(nn.Module):
 
         Args:
             input_ids: (B, L) the whole current sequence (only `cols` are read).
-            cols: (A,) long column indices, the same for every row.
+            cols: (A,) long column indices, the same for every row, or (B, A): each row its own (a row
+                that needs fewer repeats one of its columns).
             attention_mask: (B, L) bool as in forward, or None.
             kv: per layer (k, v), each (B, Hkv, L, hd), as forward(..., kv=[]) filled it.
             head_cols: (A',) long indices into cols: the head runs only on those (the others only refresh k/v).
+            head_mask: (B, A) bool: the head runs only where True.
         Returns:
-            (B, A, V) logits ((B, A', V) with head_cols).
+            (B, A, V) logits ((B, A', V) with head_cols; (N, V) with head_mask, row-major).
         """
         t = self.model.transformer
         B, L = input_ids.shape
+        pick = (lambda t: t[:, cols]) if cols.dim() == 1 else (lambda t: t.gather(1, cols))  # (B, L) -> (B, A)
         if attention_mask is None:
             positions = cols.expand(B, -1)  # (B, A)
             key_mask = None
         else:
             attention_mask = attention_mask.bool()
-            positions = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, cols]  # (B, A)
+            positions = pick((attention_mask.long().cumsum(-1) - 1).clamp(min=0))  # (B, A)
             key_mask = attention_mask[:, None, None, :]
         cos, sin = rope_cos_sin(positions, self.config.d_model // self.config.n_heads, self.config.rope_theta)
         x = self.embed(input_ids, cols)  # (B, A, D)
@@ -357,18 +366,20 @@ class DiffusionLM(nn.Module):
             x = block(x, cos, sin, key_mask, [layer_kv], cols)
         if head_cols is not None:
             x = x[:, head_cols]
+        if head_mask is not None:
+            x = x[head_mask]  # (N, D)
         return t.ff_out(t.ln_f(x))  # (B, A, V)
 
     def embed(self, input_ids: torch.Tensor, cols: torch.Tensor | None = None) -> torch.Tensor:
         """Token embeddings (B, L, D), plus the image row/column embeddings with image_pos_grid;
-        with cols (A,), only those columns (B, A, D) (the block offsets still read the whole row)."""
+        with cols (A,) or (B, A), only those columns (B, A, D) (the block offsets still read the whole row)."""
         t, cfg = self.model.transformer, self.config
-        ids = input_ids if cols is None else input_ids[:, cols]
-        x = t.wte(ids)
+        pick = (lambda v: v) if cols is None else (lambda v: v[:, cols]) if cols.dim() == 1 else \
+            (lambda v: v.gather(1, cols))  # (B, L) -> (B, A)
+        x = t.wte(pick(input_ids))
         if cfg.image_pos_grid is not None:
             row, col, inside = image_position_ids(input_ids, cfg.soi_id, cfg.image_pos_grid)  # (B, L) each
-            if cols is not None:
-                row, col, inside = row[:, cols], col[:, cols], inside[:, cols]
+            row, col, inside = pick(row), pick(col), pick(inside)
             x = x + (t.wpe_row(row) + t.wpe_col(col)) * inside[..., None].to(x.dtype)
         return x
 

@@ -219,6 +219,39 @@ def test_cache_recomputes_needed_and_changed_columns_and_refreshes(model):
     assert fwd.full_passes == 2
 
 
+def test_dual_cache_runs_each_rows_own_columns(model):
+    # row 0 needs 3 slots, row 1 one: a partial pass runs 3 columns per row (row 1 repeats its one), returns
+    # the union's 4 columns, and each row's needed logits equal that row's own pass
+    fwd = StepForward(model, PROMPTS, UNCOND, VOCAB.pad_id, SHAPE.length, cache="dual", refresh=8)
+    y = torch.full((2, SHAPE.length), VOCAB.mask_id)
+    need = torch.zeros(2, SHAPE.length, dtype=torch.bool)
+    need[0, [1, 4, 9]] = True
+    need[1, 6] = True
+    fwd(y, True, need)  # the first pass fills the cache
+    before = fwd.columns
+    c, u = fwd(y, True, need)
+    assert fwd.partial_passes == 1 and fwd.columns - before == 3 and c.shape == (2, 4, VOCAB.vocab_size)
+    for row, cols in ((0, [0, 1, 3]), (1, [2])):  # places of the row's slots among [1, 4, 6, 9]
+        alone = StepForward(model, [PROMPTS[row]], [UNCOND[row]], VOCAB.pad_id, SHAPE.length, cache="dual")
+        alone(y[:1], True, need[row])
+        ca, ua = alone(y[:1], True, need[row])
+        torch.testing.assert_close(c[row, cols], ca[0], atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(u[row, cols], ua[0], atol=1e-5, rtol=1e-5)
+    assert (c[1, [0, 1, 3]] == 0).all()  # what a row did not need is not computed for it
+
+
+@pytest.mark.parametrize("extra", [dict(), dict(image_cache_ratio=0.75, image_start=0.0, image_steps=8),
+                                   dict(text_block_length=8, image_cfg=2.0)])
+def test_a_dual_cache_rows_tokens_do_not_depend_on_its_batch(model, extra):
+    # greedy, so the random stream plays no part: each prompt alone gives the batch's tokens for its row
+    cfg = SamplerConfig(**{**dict(steps=8, image_steps=4, text_block_length=16, image_temperature=0.0,
+                                  cache="dual", cache_refresh=4), **extra})
+    prompts = [edit_prompt(VOCAB, [(j * (i + 1)) % 16 for j in range(16)], [20 + i, 21]) for i in range(3)]
+    uncond = [edit_prompt(VOCAB, None, None)] * 3
+    batch = generate(model, VOCAB, SHAPE, prompts, cfg, uncond).tokens
+    for i in range(3):
+        assert torch.equal(generate(model, VOCAB, SHAPE, prompts[i:i + 1], cfg, uncond[:1]).tokens[0], batch[i]), i
+
 @pytest.mark.parametrize("cache", ["none", "prefix", "dual"])
 def test_a_pass_over_some_rows_is_those_rows_alone_and_leaves_the_rest_cached(model, cache):
     # 4 rows (2 prompts x cond / uncond halves) vs a forward holding only rows 1 and 3: same logits and

@@ -67,6 +67,28 @@ def test_last_n_matches_full_logits():
     torch.testing.assert_close(m(x, last_n=4, head_mask=where), torch.stack([m(x)[0, 6], m(x)[0, 9], m(x)[1, 7]]))
 
 
+def test_forward_cols_per_row_columns_match_the_full_pass_with_pads():
+    m = tiny_model()
+    x = torch.randint(8, VOCAB.vocab_size, (2, 10))
+    mask = torch.ones(2, 10, dtype=torch.bool)
+    mask[1, :2] = False  # a left-padded row: positions come from the mask
+    kv = []
+    full = m(x, mask, kv=kv)  # (2, 10, V)
+    cols = torch.tensor([[3, 8, 8], [2, 5, 9]])  # each row its own columns; row 0 repeats one
+    torch.testing.assert_close(m.forward_cols(x, cols, mask, kv), torch.stack([full[0, [3, 8, 8]], full[1, [2, 5, 9]]]),
+                               atol=1e-5, rtol=1e-5)
+    where = torch.tensor([[False, True, False], [True, False, True]])  # the head on three of them
+    torch.testing.assert_close(m.forward_cols(x, cols, mask, kv, head_mask=where),
+                               torch.stack([full[0, 8], full[1, 2], full[1, 9]]), atol=1e-5, rtol=1e-5)
+    # fresh k/v land in each row's own columns only: a changed token in row 1 reaches its cache
+    y = x.clone()
+    y[1, 5] = 8
+    m.forward_cols(y, cols, mask, kv)
+    kv2 = []
+    m(y, mask, kv=kv2)
+    torch.testing.assert_close(kv[0][0][1, :, 5], kv2[0][0][1, :, 5], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(kv[0][0][0], kv2[0][0][0], atol=1e-5, rtol=1e-5)  # row 0 had nothing new
+
 def test_rope_scores_depend_only_on_relative_position():
     hd = 8
     q, k = torch.randn(1, 1, 1, hd), torch.randn(1, 1, 1, hd)
