@@ -76,8 +76,8 @@ class SamplerConfig:
     image_cache_ratio: float = 0.0
     """Lumina-DiMOO's ML-Cache on image slots (with cache='dual'; model/cache.ImageLogitCache): after the
     first 30% of the image steps (ML_CACHE_WARMUP), an image step recomputes only the (1 - ratio) least
-    sure of each row's masked image slots and reuses the last logits of the others (a batch recomputes
-    the union over its rows); refreshes and new text blocks still run full passes. 0 (default): off."""
+    sure of each row's masked image slots and reuses the last logits of the others (each row runs only
+    its own); refreshes and new text blocks still run full passes. 0 (default): off."""
 
     def __post_init__(self):
         if self.mode not in ("parallel", "sequential"):
