@@ -15,35 +15,44 @@ after it, so the ratios hold on a shared machine even when the absolute numbers 
 3. drift: how far rollout-time behaviour log-probs under each approximate mode are from the
    learner's full-pass replay (benchmarks/sampler_drift.py), i.e. which modes RL may use.
 
-Latest figures (2026-11-25, 2 CPU cores, idle machine; earlier runs are in the git history of this file):
+Latest figures (2026-11-25, 2 CPU cores, idle machine; earlier runs are in the git history of this file;
+the paper-layout ones predate the last two changes, which do not touch batch 1 at L > 512):
 - Paper layout (`--paper-layout --skip-toy --skip-drift`, threshold rows skipped, 6.4 min; then
   `--repeats 2` of three rows): upstream 33-38 tokens/s; exact joined CFG rows 1.30x, separate CFG
   passes 1.37-1.45x; dual r8 2.64x; bf16 + dual r8 2.55-2.83x; + image logit cache 0.9 3.16-3.32x;
   dual r8 + text blocks of 32 + image logit cache 0.9 3.38x. Random weights: no OA column, and the
   threshold rows are left out (a random model is never confident).
 - Toy (`--checkpoint <make run's sft/final> --items 300 --skip-speed --threads 1`; 190 of the 300 items
-  fit that checkpoint's layout; 4 min): upstream 449 tokens/s at 32.2 OA; exact 1.31x (100% same rows);
-  prefix r4 2.17x (-0.1); dual r4 2.51x (-0.5); bf16 + dual r8 3.74x (-0.8); bf16 + dual r8 + image
-  logit cache 0.9 3.76x (-0.4, the best within 1 point); threshold decoding costs this checkpoint 3-23
-  points (bf16 + dual 6 + text & image threshold 0.9: 5.63x at -3.9). OA moves by ~0.5 per item, and
-  settings whose tokens differ from the reference's in most rows move it by up to +-2.5 between
-  neighbours, so read single differences below ~2 points as noise.
-- Drift (RL): exact and threshold modes 0 (their replayed log-probs equal the rollout's); prefix r4
-  2.6e-2, dual r4 3.4e-2, dual r8 5.4e-2 mean |dlogp|, dual r4 + image logit cache 3.5e-2: not exact.
+  fit that checkpoint's layout; 4 min): upstream 449 tokens/s at 32.2 OA; exact 1.40x (100% same rows);
+  prefix r4 2.15x (-0.1); dual r4 3.18x (-0.2); bf16 + dual r4 4.31x (+0.6, the best within 1 point);
+  bf16 + dual r8 4.77x (-1.6); bf16 + dual r8 + image logit cache 0.9 4.63x (-1.0); threshold decoding
+  costs this checkpoint 3-24 points (bf16 + dual 6 + text & image threshold 0.9: 6.14x at -3.2). A
+  second run of a few rows: bf16 + dual r4 3.95x (+0.6), + image logit cache 0.9 4.53x (-0.1), with
+  upstream at 496 tokens/s. OA moves by ~0.5 per item, and settings whose tokens differ from the
+  reference's in most rows move it by up to +-2.5 between neighbours, so read single differences
+  below ~2 points as noise. Per sample, upstream runs 1,760 columns through the blocks (20 full passes
+  of 88); a batched dual cache runs 751 at refresh 4, 612 at r8, 479 refreshing only once: without
+  threshold decoding (fewer steps) a cache cannot take this 20-step, 48-slot timeline below ~3.7x
+  less work, and bf16 adds ~1.4x.
+- Drift (RL): exact mode 0, threshold modes ~3e-9 (rollouts use the SDPA kernel, the learner's
+  autograd replay the explicit form); prefix r4 2.6e-2, dual r4 3.1e-2, dual r8 7.6e-2 mean |dlogp|,
+  dual r4 + image logit cache 4.8e-2: not exact.
 - 93M random model (the default speed table: 64 codes, 32 text, 8 steps, image CFG 4, batch 2;
-  `--skip-toy --skip-drift --repeats 3`, 3.4 min; each upstream run is ~2 s, so ratios move by ~15%
-  between repeats): exact joined 0.92-1.12x, separate CFG passes 1.14-1.21x; prefix r4 1.32-1.51x;
-  dual r8 1.61-1.86x; bf16 1.74-2.08x; bf16 + dual r8 3.18-3.56x; + image logit cache 0.9 3.80-4.38x.
+  `--skip-toy --skip-drift --repeats 3`, 3.5 min; each upstream run is ~2 s, so ratios move by ~15%
+  between repeats): exact joined 0.95-1.15x, separate CFG passes 1.11-1.16x; prefix r4 1.43-1.50x;
+  dual r8 1.90-2.13x; bf16 2.05-2.40x; bf16 + dual r8 3.39-3.97x; + image logit cache 0.9 3.61-4.90x.
 What moved the figures, in order: rows that finished decoding skip the pass (threshold modes); exact
 passes drop leading columns that are padding in every row (upstream runs unconditional prompts
 unpadded); image codes are drawn only at masked slots by inverse CDF instead of a multinomial race
-over N x K; ML-Cache; and (largest at the paper layout: the ML-Cache row went from 19.9 s to 11.9 s per
+over N x K; ML-Cache; (largest at the paper layout: the ML-Cache row went from 19.9 s to 11.9 s per
 sample) a pass returns logits only for the slots the step decides, so the head, text noise, guidance,
-softmax and sampling never touch the rest. What limits the toy: its 20-step timeline and 48 output
-slots leave a cache little to skip (a dual cache with refresh r still runs a full pass every r steps,
-and with one text block every masked slot is recomputed each step), and this checkpoint loses OA under
-threshold decoding. At the paper layout on CPU the 4M model's attention over 2,373 positions is now most
-of a step. The 8B GPU columns (`--gpu`) are unmeasured: no GPU was lent to this project.
+softmax and sampling never touch the rest; sampling through the SDPA kernel (the explicit fp32
+attention that speeds up CPU training was 29% of the toy's best mode); and (toy dual rows, batch 16)
+each row running only its own columns instead of the union over the batch. What limits the toy: its
+20-step timeline and 48 output slots leave a cache little to skip (a dual cache with refresh r still
+runs a full pass every r steps, and with one text block every masked slot is recomputed each step),
+and this checkpoint loses OA under threshold decoding. At the paper layout on CPU the 4M model's
+attention over 2,373 positions is now most of a step. The 8B GPU columns (`--gpu`) are unmeasured: no GPU was lent to this project.
 """
 import argparse
 import copy

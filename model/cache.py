@@ -208,7 +208,8 @@ class ImageLogitCache:
     Keeps each image slot's last codebook logits (cond and uncond rows). After the warm-up image
     steps, to_recompute names only the (1 - ratio) least sure masked slots of each row; the pass
     computes those (each row its own: with a dual cache a row runs only its own columns), and
-    image_logits() gives every other slot its cached logits. ratio 0 is off: every masked slot is recomputed, nothing is reused.
+    image_logits() gives every other slot its cached logits. ratio 0 is off: every masked slot is
+    recomputed, nothing is reused.
     """
 
     def __init__(self, ratio: float, image_steps: int, n_slots: int):

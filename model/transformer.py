@@ -189,7 +189,7 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_mask: torch
     lengths, and the explicit form made a toy-tiny SFT step (L = 88, batch 32, one thread, bf16 autocast)
     1.26x faster, with scores and softmax in fp32 as the kernel keeps them (`benchmarks/sft_recipe.py
     --speed-only --batch 32` prints the side-by-side figure). Forward-only, the kernel is the faster one
-    (the toy sampler's best mode spent 29% of its time in the explicit form, 15% in SDPA).
+    (the toy sampler's best mode spent 29% of its time in the explicit form, 18-22% in SDPA).
     """
     B, H, Lq, hd = q.shape
     if q.device.type != "cpu" or k.shape[2] > EXPLICIT_ATTENTION_MAX_KEYS or not torch.is_grad_enabled():
