@@ -52,7 +52,8 @@ each row running only its own columns instead of the union over the batch. What 
 20-step timeline and 48 output slots leave a cache little to skip (a dual cache with refresh r still
 runs a full pass every r steps, and with one text block every masked slot is recomputed each step),
 and this checkpoint loses OA under threshold decoding. At the paper layout on CPU the 4M model's
-attention over 2,373 positions is now most of a step. The 8B GPU columns (`--gpu`) are unmeasured: no GPU was lent to this project.
+attention over 2,373 positions is now most of a step. The 8B GPU columns (`--gpu`) are unmeasured: no
+GPU was lent to this project.
 """
 import argparse
 import copy
