@@ -28,7 +28,11 @@ the paper-layout ones predate the last two changes, which do not touch batch 1 a
   bf16 + dual r8 4.77x (-1.6); bf16 + dual r8 + image logit cache 0.9 4.63x (-1.0); threshold decoding
   costs this checkpoint 3-24 points (bf16 + dual 6 + text & image threshold 0.9: 6.14x at -3.2). A
   second run of a few rows: bf16 + dual r4 3.95x (+0.6), + image logit cache 0.9 4.53x (-0.1), with
-  upstream at 496 tokens/s. OA moves by ~0.5 per item, and settings whose tokens differ from the
+  upstream at 496 tokens/s. With `--batch 64` (the same rows; a row's tokens no longer depend on its
+  batch, so the OA column is unchanged): exact 1.46x, bf16 + dual r4 4.71x (+0.6), + image logit
+  cache 0.9 4.99x (-0.1); `--batch 96`: 5.36-5.42x, but the modes' own rate stays at ~2,100-2,200
+  tokens/s and upstream's moved between 397 and 496 tokens/s across these runs (batch 1 on a shared
+  machine), which is most of the difference. OA moves by ~0.5 per item, and settings whose tokens differ from the
   reference's in most rows move it by up to +-2.5 between neighbours, so read single differences
   below ~2 points as noise. Per sample, upstream runs 1,760 columns through the blocks (20 full passes
   of 88); a batched dual cache runs 751 at refresh 4, 612 at r8, 479 refreshing only once: without
