@@ -175,6 +175,13 @@ def image_position_ids(input_ids: torch.Tensor, soi_id: int, grid: tuple[int, in
     return k // w, k % w, inside
 
 
+def take_cols(t: torch.Tensor, cols: torch.Tensor | None) -> torch.Tensor:
+    """(B, L) -> (B, A): the columns `cols`, (A,) shared by every row or (B, A) per row; None keeps all."""
+    if cols is None:
+        return t
+    return t[:, cols] if cols.dim() == 1 else t.gather(1, cols)
+
+
 EXPLICIT_ATTENTION_MAX_KEYS = 512
 """On CPU, attention over at most this many keys runs as explicit fp32 matmuls (attention()), not SDPA."""
 
@@ -352,13 +359,12 @@ class DiffusionLM(nn.Module):
         """
         t = self.model.transformer
         B, L = input_ids.shape
-        pick = (lambda t: t[:, cols]) if cols.dim() == 1 else (lambda t: t.gather(1, cols))  # (B, L) -> (B, A)
         if attention_mask is None:
             positions = cols.expand(B, -1)  # (B, A)
             key_mask = None
         else:
             attention_mask = attention_mask.bool()
-            positions = pick((attention_mask.long().cumsum(-1) - 1).clamp(min=0))  # (B, A)
+            positions = take_cols((attention_mask.long().cumsum(-1) - 1).clamp(min=0), cols)  # (B, A)
             key_mask = attention_mask[:, None, None, :]
         cos, sin = rope_cos_sin(positions, self.config.d_model // self.config.n_heads, self.config.rope_theta)
         x = self.embed(input_ids, cols)  # (B, A, D)
@@ -374,12 +380,10 @@ class DiffusionLM(nn.Module):
         """Token embeddings (B, L, D), plus the image row/column embeddings with image_pos_grid;
         with cols (A,) or (B, A), only those columns (B, A, D) (the block offsets still read the whole row)."""
         t, cfg = self.model.transformer, self.config
-        pick = (lambda v: v) if cols is None else (lambda v: v[:, cols]) if cols.dim() == 1 else \
-            (lambda v: v.gather(1, cols))  # (B, L) -> (B, A)
-        x = t.wte(pick(input_ids))
+        x = t.wte(take_cols(input_ids, cols))
         if cfg.image_pos_grid is not None:
             row, col, inside = image_position_ids(input_ids, cfg.soi_id, cfg.image_pos_grid)  # (B, L) each
-            row, col, inside = pick(row), pick(col), pick(inside)
+            row, col, inside = (take_cols(v, cols) for v in (row, col, inside))
             x = x + (t.wpe_row(row) + t.wpe_col(col)) * inside[..., None].to(x.dtype)
         return x
 
