@@ -245,6 +245,22 @@ def _check_images_drawn(shot: Image.Image, imgs: list[dict], embedded: list[Imag
     assert compared or not embedded, (page, "no image drawn unscaled in the viewport", imgs)
 
 
+def _capture_drawn(call, path: str, embedded: list[Image.Image], page: str, timeout_s: float = 20.0) -> None:
+    """Screenshot once the page has settled: an image can be decoded (complete) a frame or two before it is
+    painted, and the layout can still move as the page finishes, so the <img> boxes are read right after the
+    capture and the comparison is retried until it holds or timeout_s has passed (then it fails as it is)."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        shot = _check_screenshot(browser.capture(call, path))
+        imgs = browser.page_images(call)
+        try:
+            return _check_images_drawn(shot, imgs, embedded, page)
+        except AssertionError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(1.0)
+
+
 @pytest.mark.skipif(browser.browser_path() is None, reason=NO_CHROMIUM)
 def test_ui_pages_show_the_run_in_headless_chromium(server, tmp_path):
     from prefect.client.orchestration import SyncPrefectClient
@@ -274,7 +290,6 @@ def test_ui_pages_show_the_run_in_headless_chromium(server, tmp_path):
                 page = f"{url}/{prefix}artifacts/artifact/{a.id}"
                 browser.goto(call, page)
                 browser.wait_for_text(call, [a.key, a.description, *expect[a.key]])
-                imgs = browser.wait_for_images(call, len(embedded))
-                shot = _check_screenshot(browser.capture(call, str(shots / f"{name}-{a.key}.png")))
-                _check_images_drawn(shot, imgs, embedded, page)
+                browser.wait_for_images(call, len(embedded))
+                _capture_drawn(call, str(shots / f"{name}-{a.key}.png"), embedded, page)
     print(f"screenshots: {shots}")

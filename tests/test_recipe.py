@@ -51,7 +51,7 @@ def test_flags_override_with_types_and_help_lists_every_field():
     for field in ("--sft.lr", "--sft.total_steps", "--seq.text_tokens", "--sampler.image_steps", "--init-from",
                   "--image-tokenizer", "--categories", "--kinds", "--eval-clip"):
         assert field in text
-    assert "Peak learning rate of AdamW. [default: 0.003]" in " ".join(text.split())
+    assert "Peak learning rate of AdamW. [default: 0.0015]" in " ".join(text.split())
     assert field_docs(Recipe)["init_from"].startswith("Checkpoint folder to fine-tune")
 
 
