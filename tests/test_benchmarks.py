@@ -20,12 +20,13 @@ def test_sampler_benchmark_toy_table_and_drift(sft_checkpoint):
 
     keep = {"exact: batched, CFG rows joined, idle steps skipped", "approx: dual 4 + text & image threshold 0.9"}
     out = _run("benchmarks/sampler.py", "--checkpoint", ckpt, "--items", "6", "--batch", "3", "--skip-speed",
-               "--threads", "1", "--skip-modes", *[m[0] for m in bench.MODES if m[0] not in keep])
+               "--threads", "1", "--modes", *sorted(keep))
     left_out = re.search(r"(\d+) of 300 toy ParaBench items do not fit", out)
     assert left_out and 0 < int(left_out.group(1)) < 300, out  # three edit families: the others are left out
     assert re.search(r"toy ParaBench 6 of \d+ items", out), out
     exact = next(ln for ln in out.splitlines() if ln.startswith("exact: batched"))
-    assert exact.endswith("+0.0 100.0% of rows"), exact  # same OA and tokens as the upstream-equivalent
+    assert re.search(r"\+0\.0\s+\+0\.0 100\.0% of rows$", exact), exact  # same OA, TQ and tokens as upstream's
+    assert not any(m[0] in out for m in bench.MODES if m[0] not in keep), out  # --modes keeps only those
     assert "approx: dual 4 + text & image threshold 0.9" in out
     drift = out[out.index("## drift"):]
     assert re.search(r"exact \(no cache\)\s+0\.00e\+00\s+0\.00e\+00\s+0\.00%", drift), drift
