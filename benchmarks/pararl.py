@@ -6,6 +6,7 @@ over several seeds, and scores the final policy on the same held-out val tasks (
   output-k3-clip  the final output's reward credited at the same 3 steps (Table 4's output-level RL)
   traj-k{1,2,5}-clip  other K (Table 5; K = 1 is the final step only)
   traj-k3-exact   the exact toy agreement as the reward instead of CLIP
+  traj-k3-graded  the exact toy agreement with partial credit for nearly right objects (cell distance)
   traj-k3-clip-step  credit only the tokens decoded at each sampled step (the literal Eq. 3 reading)
 Every other arm credits the window (s_{k-1}, s_k] (RLConfig.credit = "window").
 Prints held-out text-image agreement / exact image / text correct (mean and spread over seeds)
@@ -47,6 +48,7 @@ ARMS = {
     "traj-k2-clip": dict(sampled_steps=2, reward_mode="trajectory", reward="clip"),
     "traj-k5-clip": dict(sampled_steps=5, reward_mode="trajectory", reward="clip"),
     "traj-k3-exact": dict(sampled_steps=3, reward_mode="trajectory", reward="exact"),
+    "traj-k3-graded": dict(sampled_steps=3, reward_mode="trajectory", reward="graded"),
     "traj-k3-clip-step": dict(sampled_steps=3, reward_mode="trajectory", reward="clip", credit="step"),
 }
 METRICS = ("agreement", "exact_image", "text_correct")
@@ -70,7 +72,8 @@ def run_arm(name: str, seed: int, a, paths: dict, clip: str) -> dict:
     shutil.rmtree(out, ignore_errors=True)
     cfg = RLConfig(**{**json.loads(a.config), **ARMS[name], "rounds": a.rounds, "seed": seed,
                       "eval_every": a.rounds, "checkpoint_every": a.rounds})
-    reward = {"kind": "exact", "preset": paths["preset"]} if cfg.reward == "exact" else {"kind": "clip", "clip_folder": clip}
+    reward = ({"kind": cfg.reward, "preset": paths["preset"]} if cfg.reward in ("exact", "graded")
+              else {"kind": "clip", "clip_folder": clip})
     t0 = time.perf_counter()
     res = run_rl(a.checkpoint, paths, cfg, out, out, f"{name}-s{seed}", reward_kwargs=reward)
     h, last = res["history"], res["history"][-1]

@@ -121,10 +121,11 @@ def pararl(checkpoint: str, root: str = "data", dataset: str = "toy-tiny", out: 
     # a link such as runs/default/sft/final is recorded as the checkpoint it points at
     checkpoint, out = os.path.realpath(checkpoint), os.path.abspath(out)
     paths = prepare(checkpoint, root, dataset, out, tuple(categories) if categories else None)
-    if cfg.reward == "exact" and "preset" not in paths:
-        raise ValueError(f"reward='exact' scores toy-world facts, but {dataset!r} is not a toy dataset; use reward='clip'")
-    if cfg.reward == "exact":
-        reward_kwargs = {"kind": "exact", "preset": paths["preset"]}
+    if cfg.reward in ("exact", "graded") and "preset" not in paths:
+        raise ValueError(f"reward={cfg.reward!r} scores toy-world facts, but {dataset!r} is not a toy dataset; "
+                         f"use reward='clip'")
+    if cfg.reward in ("exact", "graded"):
+        reward_kwargs = {"kind": cfg.reward, "preset": paths["preset"]}
     elif clip_folder or clip_model:
         if clip_folder and "preset" in paths:
             check_clip_preset(clip_folder, paths["preset"])

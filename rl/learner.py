@@ -21,7 +21,7 @@ from model.tokens import Vocab
 from rl.grpo import RewardStats, entropy_from_logits, group_advantages, normalise_rewards, policy_loss, token_weights
 from rl.replay import image_slots, replay_logprobs
 
-REWARDS = ("clip", "exact")
+REWARDS = ("clip", "exact", "graded")
 MODES = ("trajectory", "output")
 CREDITS = ("window", "step")
 
@@ -46,7 +46,8 @@ class RLConfig:
     (s_{k-1}, s_k], each replayed at its own step: the change the step's reward observed. Costs S
     instead of K replayed states per rollout; on the toy world only window learns (benchmarks/pararl.py)."""
     reward: str = "clip"
-    """clip: CLIP text-image similarity (open_clip); exact: toy-world agreement of stated and shown facts."""
+    """clip: CLIP text-image similarity (open_clip); exact: toy-world agreement of stated and shown facts;
+    graded: the same with partial credit for a nearly right object (colour, shape, row / column distance)."""
     reward_clip: float = 3.0
     """c: standardised rewards are clipped to [-c, c] and scaled to [0, 1]."""
     norm_fraction: float = 0.01

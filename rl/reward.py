@@ -305,7 +305,24 @@ def _shown_objects(image: np.ndarray, preset, tolerance: float, fill) -> tuple[s
     return shown, int((~known).sum())
 
 
-def toy_agreement(text: str, image, preset, tolerance: float = 0.0, fill: tuple[int, int, int] = GREY) -> float:
+def _graded_tp(stated: set, shown: set, grid: int) -> float:
+    """Soft true positives: stated and shown objects paired one to one, most alike first; a pair scores
+    a quarter each for the same colour, the same shape (and size), and the row / column distance (1 at the same
+    row or column, 0 at the far edge). An exact pair scores 1."""
+    far = max(1, grid - 1)
+    pairs = sorted(((0.25 * (s.colour == o.colour) + 0.25 * ((s.shape, s.size) == (o.shape, o.size))
+                     + 0.25 * (1 - abs(s.row - o.row) / far) + 0.25 * (1 - abs(s.col - o.col) / far), i, j)
+                    for i, s in enumerate(sorted(stated)) for j, o in enumerate(sorted(shown))), reverse=True)
+    used_s, used_o, tp = set(), set(), 0.0
+    for sim, i, j in pairs:
+        if i not in used_s and j not in used_o:
+            used_s.add(i), used_o.add(j)
+            tp += sim
+    return tp
+
+
+def toy_agreement(text: str, image, preset, tolerance: float = 0.0, fill: tuple[int, int, int] = GREY,
+                  graded: bool = False) -> float:
     """Graded exact agreement in [0, 1] between what a (partial) trace states and a (partial) image shows.
 
     Stated: each comma-separated item after the last "result:" that parses as "colour shape cell"
@@ -319,6 +336,9 @@ def toy_agreement(text: str, image, preset, tolerance: float = 0.0, fill: tuple[
     side names an object, the fraction of cells that are known (1.0 for a full render). A stated
     object in an unknown cell is not shown, so partial images score below 1. On a full render the
     score is 1.0 exactly when tasks.toy.text_image_agreement(text, image, preset, tolerance) holds.
+    graded: tp counts partial matches too (_graded_tp: colour, shape, row and column distance), so
+    two wrong statements are told apart by how near they are ("c3" for "d3" beats "a3"); a richer
+    RL signal when most samples of a group name a wrong cell. Never below the exact score.
 
     Args:
         text: a trace (possibly partial, e.g. from partial_text).
@@ -339,14 +359,15 @@ def toy_agreement(text: str, image, preset, tolerance: float = 0.0, fill: tuple[
     shown, unknown = _shown_objects(image, preset, tolerance, fill)
     if not objects and not wrong and not shown:
         return 1.0 - unknown / preset.grid ** 2
-    tp = len(set(objects) & shown)
+    tp = _graded_tp(set(objects), shown, preset.grid) if graded else len(set(objects) & shown)
     return 2.0 * tp / (len(objects) + wrong + len(shown))
 
 
 # --- ray actor body -------------------------------------------------------------------------------
 
 class RewardWorker:
-    """Scores (image, text) batches with a CLIP model ("clip") or toy_agreement ("exact").
+    """Scores (image, text) batches with a CLIP model ("clip") or toy_agreement ("exact", or "graded" for its
+    partial-credit form).
 
     A plain class: wrap it with ray.remote(RewardWorker) to run it as an actor.
     """
@@ -356,8 +377,9 @@ class RewardWorker:
                  crash_marker: str | None = None):
         from tasks.toy.scene import PRESETS
 
-        if kind not in ("clip", "exact"):
-            raise ValueError(f"kind={kind!r}; use 'clip' (CLIP similarity) or 'exact' (toy_agreement)")
+        if kind not in ("clip", "exact", "graded"):
+            raise ValueError(f"kind={kind!r}; use 'clip' (CLIP similarity), 'exact' (toy_agreement) or 'graded' "
+                             f"(toy_agreement with partial credit)")
         if preset not in PRESETS:
             raise ValueError(f"preset={preset!r}; use one of {sorted(PRESETS)}")
         self.kind, self.preset, self.scorer, self.crash_marker = kind, PRESETS[preset], None, crash_marker
@@ -378,7 +400,7 @@ class RewardWorker:
         else:
             if len(images) != len(texts):
                 raise ValueError(f"{len(images)} images but {len(texts)} texts; pass one text per image")
-            scores = [toy_agreement(t, im, self.preset) for im, t in zip(images, texts)]
+            scores = [toy_agreement(t, im, self.preset, graded=self.kind == "graded") for im, t in zip(images, texts)]
             stats = {"pairs": len(texts), "split_texts": 0, "split_rate": 0.0, "chunks": 0}
         return {"scores": scores, "stats": {**stats, "seconds": time.perf_counter() - t0}}
 

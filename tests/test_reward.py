@@ -162,6 +162,27 @@ def test_toy_agreement_is_graded_for_partial_images_and_texts():
         toy_agreement(text, image.astype(np.float32), TINY)
 
 
+def test_graded_toy_agreement_gives_partial_credit_by_attribute_and_distance():
+    image = render(_scene((2, 3, "square", "green")), TINY)  # green square d3 on a 4 x 4 grid
+    graded = lambda t: toy_agreement(t, image, TINY, graded=True)  # noqa: E731
+    assert graded("result: green square d3.") == toy_agreement("result: green square d3.", image, TINY) == 1.0
+    # colour + shape + row match, column 1 of 3 away: 0.25 * (1 + 1 + 1 + 2 / 3)
+    assert graded("result: green square c3.") == pytest.approx(11 / 12)
+    assert graded("result: green square a3.") == pytest.approx(0.75)  # column at the far edge
+    assert graded("result: red circle a1.") == pytest.approx(0.25 * (1 / 3 + 0))  # only the row, 2 of 3 away
+    # an extra wrong item lowers precision: tp 11/12 over stated 2 + shown 1
+    assert graded("result: green square c3, red circle a1.") == pytest.approx(2 * (11 / 12) / 3)
+    assert graded("note: no result yet.") == 0.0 and graded("result: empty.") == 0.0
+    # one to one, best pairs first: the exact pair keeps its full credit
+    two = render(_scene((0, 0, "circle", "red"), (0, 1, "circle", "red")), TINY)  # red circles a1, b1
+    assert toy_agreement("result: red circle a1, red circle c1.", two, TINY, graded=True) == pytest.approx(
+        2 * (1 + 11 / 12) / 4)
+    for i, task in enumerate(sample_tasks(TINY, 30, "test", seed=5)):  # never below the exact score
+        image = render(task.output_scene, TINY)
+        text = write_trace(task, TINY, seed=i, error_rate=0.5).text
+        assert toy_agreement(text, image, TINY, graded=True) >= toy_agreement(text, image, TINY)
+
+
 # --- toy CLIP -------------------------------------------------------------------------------------
 
 def test_fit_tiny_clip_small_budget_learns_the_toy_world(fitted):
@@ -192,6 +213,9 @@ def test_folder_round_trips_and_reward_workers_score_without_ray(fitted):
     got = exact.score(images, texts[1:] + texts[:1])
     assert got["scores"] == [toy_agreement(t, im, TINY) for im, t in zip(images, texts[1:] + texts[:1])]
     assert exact.score(images, texts)["scores"] == [1.0] * 6
+    graded = RewardWorker("graded").score(images, texts[1:] + texts[:1])["scores"]
+    assert graded == [toy_agreement(t, im, TINY, graded=True) for im, t in zip(images, texts[1:] + texts[:1])]
+    assert all(g >= e for g, e in zip(graded, got["scores"])) and graded != got["scores"]
     assert exact.ping() == os.getpid() == clip.ping()
     with pytest.raises(ValueError, match="kind="):
         RewardWorker("bleu")
