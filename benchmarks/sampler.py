@@ -121,6 +121,8 @@ MODES = [
                                                                 image_threshold=0.9), True, True, False),
     ("approx: bf16 + dual 8 + text & image threshold 0.9", dict(cache="dual", cache_refresh=8, text_threshold=0.9,
                                                                 image_threshold=0.9), True, True, False),
+    ("approx: bf16 + dual 20 + text & image threshold 0.9", dict(cache="dual", cache_refresh=20, text_threshold=0.9,
+                                                                 image_threshold=0.9), True, True, False),
     ("approx: bf16 + dual 6 + text & image threshold 0.8", dict(cache="dual", cache_refresh=6, text_threshold=0.8,
                                                                 image_threshold=0.8), True, True, False),
     ("approx: dual 4 + image logit cache 0.9 (ML-Cache)", dict(cache="dual", cache_refresh=4, image_cache_ratio=0.9),

@@ -174,11 +174,13 @@ class StepForward:
                     for j in (0, 1):
                         dst = h.kv[layer][j]  # (B, Hkv, L, hd)
                         at_kv = c[:, None, :, None].expand(-1, dst.shape[1], -1, dst.shape[3])
-                        vals = fresh[j][part].gather(2, at_kv)
+                        vals = fresh[j][part].gather(2, at_kv)  # (r, Hkv, width, hd)
                         if idx is None:
                             dst.scatter_(2, at_kv, vals)
-                        else:
-                            dst[idx] = dst[idx].scatter(2, at_kv, vals)
+                        else:  # in place at (row, head, column, dim): no copy of the rows' whole cache
+                            heads = torch.arange(dst.shape[1], device=dst.device)[None, :, None, None]
+                            dims = torch.arange(dst.shape[3], device=dst.device)[None, None, None, :]
+                            dst.index_put_((idx[:, None, None, None], heads, c[:, None, :, None], dims), vals)
             if idx is None:
                 h.written.scatter_(1, c, ids[part].gather(1, c))
             else:
