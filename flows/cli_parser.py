@@ -251,7 +251,8 @@ def _rl_eval_parsers(sub, cli) -> None:
     rl.add_argument("--group-size", type=int, default=None, help="samples per prompt (G) [RLConfig.group_size]")
     rl.add_argument("--k", type=int, default=None, help="sampled (rewarded) denoising steps per rollout (K) "
                     "[RLConfig.sampled_steps]")
-    rl.add_argument("--reward", choices=("clip", "exact", "graded"), default=None, help="reward model [RLConfig.reward]")
+    rl.add_argument("--reward", choices=("clip", "exact", "graded"), default=None,
+                    help="reward model [RLConfig.reward]")
     rl.add_argument("--mode", choices=("trajectory", "output"), default=None,
                     help="reward every sampled step (trajectory) or the final output only [RLConfig.reward_mode]")
     rl.add_argument("--lr", type=float, default=None, help="learning rate [RLConfig.lr]")

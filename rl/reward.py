@@ -307,8 +307,8 @@ def _shown_objects(image: np.ndarray, preset, tolerance: float, fill) -> tuple[s
 
 def _graded_tp(stated: set, shown: set, grid: int) -> float:
     """Soft true positives: stated and shown objects paired one to one, most alike first; a pair scores
-    a quarter each for the same colour, the same shape (and size), and the row / column distance (1 at the same
-    row or column, 0 at the far edge). An exact pair scores 1."""
+    a quarter each for the same colour, the same shape (and size), and the row / column distance (1 at
+    the same row or column, 0 at the far edge). An exact pair scores 1."""
     far = max(1, grid - 1)
     pairs = sorted(((0.25 * (s.colour == o.colour) + 0.25 * ((s.shape, s.size) == (o.shape, o.size))
                      + 0.25 * (1 - abs(s.row - o.row) / far) + 0.25 * (1 - abs(s.col - o.col) / far), i, j)
@@ -316,7 +316,8 @@ def _graded_tp(stated: set, shown: set, grid: int) -> float:
     used_s, used_o, tp = set(), set(), 0.0
     for sim, i, j in pairs:
         if i not in used_s and j not in used_o:
-            used_s.add(i), used_o.add(j)
+            used_s.add(i)
+            used_o.add(j)
             tp += sim
     return tp
 
