@@ -29,14 +29,14 @@ the paper-layout ones predate the last two changes, which do not touch batch 1 a
   6.15x (+0.9). With `--batch 64` (a row's tokens do not depend on its batch, so the OA column is the
   same): bf16 + dual 6 + text & image threshold 0.9 6.50x (+0.9), and in three runs of only a few rows
   (`--modes ...`) 7.54x, 8.09x and 8.13x (+0.9 OA, -1.0 TQ): the 8x target within 1 point, on this
-  checkpoint, in two runs of four. With `--toy-repeats 3` (each timing the fastest of three; upstream's
-  own rate still moved 423-481 tokens/s between runs): bf16 + dual 20 + text & image threshold 0.9
-  8.16x, 8.24x, 8.30x, 8.69x (+2.2 OA, +0.7 TQ), dual 6 7.30-8.15x. Thresholds 0.8 ran 7.90-9.75x at -0.6 OA
-  but -11.6 TQ (garbled words), which OA alone does not show; hence the dTQ column. Other checkpoints fall
-  short: on the seed 1 and seed 2 checkpoints of the same recipe the same rows ran 6.2-7.8x and 6.2-7.4x (seed
-  1's best within 1 point 7.51x at +1.5; seed 2 lost 4.4-5.8 in every row; dual 20 7.00x / 7.22x), and the
-  earlier 3e-3 checkpoint lost 3.2-11.5. Threshold decoding pays when the model is sure of itself; a less sure
-  checkpoint commits fewer slots per step (slower) and errs where it does.
+  checkpoint, in two runs of four. With `--toy-repeats 3` (each timing the fastest of three; upstream's own
+  rate still moved 423-481 tokens/s between runs): bf16 + dual 20 + text & image threshold 0.9 8.16x, 8.24x,
+  8.30x, 8.69x (+2.2 OA, +0.7 TQ), dual 6 7.30-8.15x; at `--batch 16` 7.22x and 6.60x. Thresholds 0.8 ran
+  7.90-9.75x at -0.6 OA but -11.6 TQ (garbled words), which OA alone does not show; hence the dTQ column.
+  Other checkpoints fall short: on the seed 1 and seed 2 checkpoints of the same recipe the same rows ran
+  6.2-7.8x and 6.2-7.4x (seed 1's best within 1 point 7.51x at +1.5; seed 2 lost 4.4-5.8 in every row; dual 20
+  7.00x / 7.22x), and the earlier 3e-3 checkpoint lost 3.2-11.5. Threshold decoding pays when the model is
+  sure of itself; a less sure checkpoint commits fewer slots per step (slower) and errs where it does.
 - Toy, the earlier 3e-3 checkpoint (same command, 4 min): upstream 449 tokens/s at 32.2 OA; exact 1.40x;
   prefix r4 2.15x (-0.1); dual r4 3.18x (-0.2); bf16 + dual r4 4.31x (+0.6, its best within 1 point);
   bf16 + dual r8 4.77x (-1.6); bf16 + dual r8 + image logit cache 0.9 4.63x (-1.0); threshold decoding
