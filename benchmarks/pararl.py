@@ -65,14 +65,14 @@ def baseline(ckpt: str, paths: dict) -> dict:
 
 
 def run_arm(name: str, seed: int, a, paths: dict, clip: str) -> dict:
-    from rl.learner import RLConfig
+    from rl.learner import TOY_REWARDS, RLConfig
     from tasks.pararl.pararl import run_rl
 
     out = os.path.join(a.out, f"{name}-s{seed}")
     shutil.rmtree(out, ignore_errors=True)
     cfg = RLConfig(**{**json.loads(a.config), **ARMS[name], "rounds": a.rounds, "seed": seed,
                       "eval_every": a.rounds, "checkpoint_every": a.rounds})
-    reward = ({"kind": cfg.reward, "preset": paths["preset"]} if cfg.reward in ("exact", "graded")
+    reward = ({"kind": cfg.reward, "preset": paths["preset"]} if cfg.reward in TOY_REWARDS
               else {"kind": "clip", "clip_folder": clip})
     t0 = time.perf_counter()
     res = run_rl(a.checkpoint, paths, cfg, out, out, f"{name}-s{seed}", reward_kwargs=reward)

@@ -304,18 +304,18 @@ def toy_section(a) -> None:
     secs, toks = {"up": 0.0}, {"up": []}
     half = copy.deepcopy(model).to(torch.bfloat16)
 
-    def best_of(m, cfg, batch, seed) -> tuple[torch.Tensor, float]:
+    def best_of(m, P, U, cfg, batch, seed) -> tuple[torch.Tensor, float]:
         """The fastest of --toy-repeats runs (greedy decoding: the tokens are the same every time)."""
         runs = [timed_generate(m, vocab, shape, P, U, cfg, batch, "cpu", seed=seed) for _ in range(a.toy_repeats)]
         return runs[0][0], min(s for _, s in runs)
 
     for start in range(0, len(items), a.batch):  # interleaved, so load changes hit every mode alike
         P, U = prompts[start:start + a.batch], uncond[start:start + a.batch]
-        t, s = best_of(FullHead(model), up_cfg, 1, start)
+        t, s = best_of(FullHead(model), P, U, up_cfg, 1, start)
         secs["up"] += s
         toks["up"].append(t)
         for name, over, batched, bf16, exact in modes:
-            t, s = best_of(half if bf16 else model, _mode_cfg(base, over), a.batch, start)
+            t, s = best_of(half if bf16 else model, P, U, _mode_cfg(base, over), a.batch, start)
             secs[name] = secs.get(name, 0.0) + s
             toks.setdefault(name, []).append(t)
     n_tok = len(items) * (shape.image_tokens + shape.text_tokens)
@@ -358,6 +358,8 @@ def main() -> None:
     unknown = sorted(set(a.modes + a.skip_modes) - {m[0] for m in MODES})
     if unknown:
         ap.error(f"--modes / --skip-modes: no mode named {unknown}; the names are: {[m[0] for m in MODES]}")
+    if a.toy_repeats < 1:
+        ap.error(f"--toy-repeats {a.toy_repeats}: time each chunk at least once; use 1 or more (3 steadies ratios)")
     if a.checkpoint and not os.path.isfile(os.path.join(a.checkpoint, "config.json")):
         ap.error(f"--checkpoint {a.checkpoint!r}: no config.json there; pass an SFT checkpoint folder "
                  f"(make run's is runs/default/sft/final)")

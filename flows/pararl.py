@@ -15,7 +15,7 @@ from prefect import flow, task
 from prefect.artifacts import create_markdown_artifact, create_progress_artifact, create_table_artifact
 from prefect.artifacts import update_progress_artifact
 
-from rl.learner import RLConfig
+from rl.learner import TOY_REWARDS, RLConfig
 from tasks.pararl.pararl import prepare_rl, run_rl
 from tasks.pipeline.progress import bar as progress_bar
 from tasks.pipeline.ui_artifacts import publish_markdown, rl_metrics_markdown, run_key, stable_key, trajectory_markdown
@@ -121,10 +121,10 @@ def pararl(checkpoint: str, root: str = "data", dataset: str = "toy-tiny", out: 
     # a link such as runs/default/sft/final is recorded as the checkpoint it points at
     checkpoint, out = os.path.realpath(checkpoint), os.path.abspath(out)
     paths = prepare(checkpoint, root, dataset, out, tuple(categories) if categories else None)
-    if cfg.reward in ("exact", "graded") and "preset" not in paths:
+    if cfg.reward in TOY_REWARDS and "preset" not in paths:
         raise ValueError(f"reward={cfg.reward!r} scores toy-world facts, but {dataset!r} is not a toy dataset; "
                          f"use reward='clip'")
-    if cfg.reward in ("exact", "graded"):
+    if cfg.reward in TOY_REWARDS:
         reward_kwargs = {"kind": cfg.reward, "preset": paths["preset"]}
     elif clip_folder or clip_model:
         if clip_folder and "preset" in paths:

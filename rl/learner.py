@@ -21,7 +21,9 @@ from model.tokens import Vocab
 from rl.grpo import RewardStats, entropy_from_logits, group_advantages, normalise_rewards, policy_loss, token_weights
 from rl.replay import image_slots, replay_logprobs
 
-REWARDS = ("clip", "exact", "graded")
+TOY_REWARDS = ("exact", "graded")
+"""Rewards scored from toy-world facts (rl.reward.toy_agreement): toy datasets only."""
+REWARDS = ("clip", *TOY_REWARDS)
 MODES = ("trajectory", "output")
 CREDITS = ("window", "step")
 
